@@ -1,0 +1,88 @@
+//! The command-line part every program shares: `--config`, `--print-config`,
+//! `--log-level`, `--log-format`, and turning a resolved configuration or a
+//! failure into what the user sees and the exit status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::config::{env_var, resolve, Resolved, Sources, EXIT_USAGE};
+use crate::settings::LogFormat;
+
+/// Exit status: a request failed.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit status: usage or configuration error (`EX_USAGE`).
+pub const EXIT_CONFIG: u8 = EXIT_USAGE as u8;
+/// Exit status: a needed service is unreachable (`EX_UNAVAILABLE`).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+/// Flags every program has. Flatten it into the program's `clap` arguments;
+/// it serializes only the flags that are settings, and only when given.
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+pub struct CommonArgs {
+    /// YAML configuration file (also <PREFIX>_CONFIG)
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Print the resolved configuration, with where each value came from, and exit
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
+
+    /// Log filter such as info, debug or tunnel=debug (default: RUST_LOG, then info)
+    #[arg(long, value_name = "FILTER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+
+    /// Log format
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// What a program does after loading its configuration.
+pub enum Loaded<T> {
+    /// Go on and run with these settings.
+    Run(Resolved<T>),
+    /// Stop now with this status (after `--print-config`, or an error that
+    /// was already printed).
+    Exit(ExitCode),
+}
+
+/// Resolves a program's configuration from its defaults, `--config` file or
+/// `<PREFIX>_CONFIG`, environment and `flags` (the program's parsed
+/// arguments). Errors are printed, every one, to stderr; `--print-config`
+/// prints the result to stdout.
+pub fn load<T, F>(program: &'static str, common: &CommonArgs, flags: &F) -> Loaded<T>
+where
+    T: Serialize + DeserializeOwned + Default,
+    F: Serialize,
+{
+    let file = common.config.clone().or_else(|| {
+        std::env::var_os(env_var(program, "config"))
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    let sources = Sources {
+        program,
+        file,
+        flags,
+        env_ignore: &["config"],
+    };
+    match resolve::<T, _>(&sources) {
+        Ok(resolved) => {
+            if common.print_config {
+                print!("{}", resolved.describe());
+                return Loaded::Exit(ExitCode::SUCCESS);
+            }
+            Loaded::Run(resolved)
+        }
+        Err(errors) => {
+            eprintln!("{program}: {errors}");
+            Loaded::Exit(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}

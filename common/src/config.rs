@@ -1,0 +1,928 @@
+//! Layered configuration: built-in defaults < YAML file < `<PREFIX>_*`
+//! environment < command-line flags, resolved through figment.
+//!
+//! Every value remembers where it came from, so `--print-config` can show the
+//! origin of each setting and every bad value is reported with its key, its
+//! value and its origin (file and line, environment variable or flag). All
+//! problems are collected before giving up: a bad key is reported, taken out
+//! of every layer, and the rest is checked again, so one run shows them all.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::error::Kind;
+use figment::providers::{Env, Format, Serialized, Yaml};
+use figment::value::{Dict, Map, Tag, Value};
+use figment::{Figment, Metadata, Profile, Provider, Source};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// The exit status for a usage or configuration error (`EX_USAGE`).
+pub const EXIT_USAGE: i32 = 64;
+
+/// The environment variable prefix of a program: its name in upper case with
+/// `-` as `_`, followed by `_` (`echo-server` gives `ECHO_SERVER_`).
+pub fn env_prefix(program: &str) -> String {
+    let mut prefix: String = program
+        .chars()
+        .map(|c| {
+            if c == '-' {
+                '_'
+            } else {
+                c.to_ascii_uppercase()
+            }
+        })
+        .collect();
+    prefix.push('_');
+    prefix
+}
+
+/// The environment variable that sets `key` for `program` (`listen` of
+/// `echo-server` is `ECHO_SERVER_LISTEN`).
+pub fn env_var(program: &str, key: &str) -> String {
+    format!(
+        "{}{}",
+        env_prefix(program),
+        key.replace('.', "__").to_ascii_uppercase()
+    )
+}
+
+/// The command-line flag that sets a top-level `key` (`idle_timeout` is
+/// `--idle-timeout`).
+pub fn flag_name(key: &str) -> String {
+    format!("--{}", key.replace('_', "-"))
+}
+
+/// One resolved value's place of origin, as a user would go and fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The program's built-in default.
+    Default,
+    /// A YAML configuration file, with the line when it could be found.
+    File {
+        /// The file's path as given.
+        path: PathBuf,
+        /// 1-based line of the key, when found.
+        line: Option<usize>,
+    },
+    /// An environment variable.
+    Env(String),
+    /// A command-line flag.
+    Flag(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("built-in default"),
+            Origin::File {
+                path,
+                line: Some(line),
+            } => write!(f, "{} line {line}", path.display()),
+            Origin::File { path, line: None } => write!(f, "{}", path.display()),
+            Origin::Env(var) => write!(f, "environment variable {var}"),
+            Origin::Flag(flag) => write!(f, "flag {flag}"),
+        }
+    }
+}
+
+/// One problem with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The dotted key (`routes.0.listen`); empty for a whole-file problem.
+    pub key: String,
+    /// The offending value as written, when there is one.
+    pub value: Option<String>,
+    /// Where the value came from.
+    pub origin: Option<Origin>,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.key.is_empty() {
+            write!(f, "{}", self.key)?;
+            if let Some(value) = &self.value {
+                write!(f, " = {value}")?;
+            }
+        }
+        if let Some(origin) = &self.origin {
+            if self.key.is_empty() {
+                write!(f, "{origin}")?;
+            } else {
+                write!(f, " (from {origin})")?;
+            }
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in one configuration, reported together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [one] => write!(f, "invalid configuration: {one}"),
+            many => {
+                write!(f, "invalid configuration, {} problems:", many.len())?;
+                for e in many {
+                    write!(f, "\n  {e}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl ConfigErrors {
+    /// A single problem that has no key (a missing file, say).
+    pub fn single(origin: Option<Origin>, message: impl Into<String>) -> Self {
+        ConfigErrors(vec![ConfigError {
+            key: String::new(),
+            value: None,
+            origin,
+            message: message.into(),
+        }])
+    }
+}
+
+/// Where to look for configuration, besides the built-in defaults.
+#[derive(Debug, Clone)]
+pub struct Sources<F> {
+    /// The program's name (`echo-server`); gives the environment prefix.
+    pub program: &'static str,
+    /// The YAML file from `--config` or `<PREFIX>_CONFIG`, if any.
+    pub file: Option<PathBuf>,
+    /// Values given as flags: a struct of `Option`s that skips `None`s.
+    pub flags: F,
+    /// Environment variables with the prefix that are not settings (they
+    /// are read by the command line, such as `CONFIG`), lower case.
+    pub env_ignore: &'static [&'static str],
+}
+
+/// A configuration that resolved cleanly, with the record of where each value
+/// came from.
+#[derive(Debug)]
+pub struct Resolved<T> {
+    /// The typed settings.
+    pub settings: T,
+    program: &'static str,
+    figment: Figment,
+    file: Option<(PathBuf, String)>,
+}
+
+/// A layer of configuration whose keys can be taken out one by one; it keeps
+/// the metadata of the provider it was read from.
+struct Layer {
+    metadata: Metadata,
+    data: Map<Profile, Dict>,
+}
+
+impl Provider for Layer {
+    fn metadata(&self) -> Metadata {
+        self.metadata.clone()
+    }
+
+    fn data(&self) -> figment::Result<Map<Profile, Dict>> {
+        Ok(self.data.clone())
+    }
+}
+
+impl Layer {
+    fn read(provider: impl Provider) -> figment::Result<Layer> {
+        Ok(Layer {
+            metadata: provider.metadata(),
+            data: provider.data()?,
+        })
+    }
+
+    /// Takes `path` out of this layer; true when something was removed.
+    fn remove(&mut self, path: &[String]) -> bool {
+        let mut removed = false;
+        for dict in self.data.values_mut() {
+            removed |= remove_from_dict(dict, path);
+        }
+        removed
+    }
+}
+
+fn remove_from_dict(dict: &mut Dict, path: &[String]) -> bool {
+    match path {
+        [] => false,
+        [last] => dict.remove(last).is_some(),
+        [first, rest @ ..] => match dict.get_mut(first) {
+            Some(value) => remove_from_value(value, rest),
+            None => false,
+        },
+    }
+}
+
+fn remove_from_value(value: &mut Value, path: &[String]) -> bool {
+    match value {
+        Value::Dict(_, dict) => remove_from_dict(dict, path),
+        Value::Array(_, items) => {
+            let Some(index) = path.first().and_then(|i| i.parse::<usize>().ok()) else {
+                return false;
+            };
+            if index >= items.len() {
+                return false;
+            }
+            if path.len() == 1 {
+                // Removing an element would shift the others' indices.
+                false
+            } else {
+                remove_from_value(&mut items[index], &path[1..])
+            }
+        }
+        _ => false,
+    }
+}
+
+fn flags_metadata() -> Metadata {
+    Metadata::named("command-line flags")
+        .interpolater(|_: &Profile, keys: &[&str]| flag_name(keys.first().copied().unwrap_or("")))
+}
+
+/// Resolves the configuration of type `T` from its sources, reporting every
+/// problem at once.
+pub fn resolve<T, F>(sources: &Sources<F>) -> Result<Resolved<T>, ConfigErrors>
+where
+    T: Serialize + DeserializeOwned + Default,
+    F: Serialize,
+{
+    let mut defaults = Layer::read(Serialized::defaults(T::default()))
+        .map_err(|e| ConfigErrors::single(None, e.to_string()))?;
+    defaults.metadata = Metadata::named("built-in default");
+    let mut layers = vec![defaults];
+
+    let mut file = None;
+    if let Some(path) = &sources.file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            let what = if e.kind() == std::io::ErrorKind::NotFound {
+                "does not exist".to_string()
+            } else {
+                format!("cannot be read ({e})")
+            };
+            ConfigErrors::single(
+                None,
+                format!(
+                    "configuration file {} {what}; check --config or {}",
+                    path.display(),
+                    env_var(sources.program, "config")
+                ),
+            )
+        })?;
+        let origin = Some(Origin::File {
+            path: path.clone(),
+            line: None,
+        });
+        if !text.trim().is_empty() {
+            // serde_yaml's own message carries the line and column.
+            if let Err(e) = serde_yaml::from_str::<serde_yaml::Value>(&text) {
+                return Err(ConfigErrors::single(origin, format!("not valid YAML: {e}")));
+            }
+            let layer = Layer::read(Yaml::file_exact(path))
+                .map_err(|e| ConfigErrors::single(origin.clone(), e.to_string()))?;
+            layers.push(layer);
+        }
+        file = Some((path.clone(), text));
+    }
+
+    let env = Env::prefixed(&env_prefix(sources.program))
+        .ignore(sources.env_ignore)
+        .split("__");
+    layers.push(Layer::read(env).map_err(|e| ConfigErrors::single(None, e.to_string()))?);
+    let flags = Serialized::defaults(&sources.flags);
+    let mut flag_layer =
+        Layer::read(flags).map_err(|e| ConfigErrors::single(None, e.to_string()))?;
+    flag_layer.metadata = flags_metadata();
+    layers.push(flag_layer);
+
+    let mut errors: Vec<ConfigError> = Vec::new();
+    let mut removed: Vec<Vec<String>> = Vec::new();
+    // Each pass removes at least one key; a bound keeps a surprise from
+    // looping forever.
+    for _ in 0..256 {
+        let figment = layers
+            .iter()
+            .fold(Figment::new(), |fig, layer| fig.merge(LayerRef(layer)));
+        let merged = figment.find_value("").ok();
+        match figment.extract::<T>() {
+            Ok(settings) => {
+                if let Some(merged) = &merged {
+                    if let Ok(shape) = Value::serialize(&settings) {
+                        let mut unknown = Vec::new();
+                        unknown_keys(merged, &shape, &mut Vec::new(), &mut unknown);
+                        for (path, known) in unknown {
+                            errors.push(describe(
+                                sources.program,
+                                &figment,
+                                merged,
+                                &file,
+                                &path,
+                                format!("unknown setting; known here: {}", known.join(", ")),
+                            ));
+                        }
+                    }
+                }
+                if errors.is_empty() {
+                    return Ok(Resolved {
+                        settings,
+                        program: sources.program,
+                        figment,
+                        file,
+                    });
+                }
+                return Err(ConfigErrors(errors));
+            }
+            Err(err) => {
+                let mut progress = false;
+                for e in err {
+                    let mut path = e.path.clone();
+                    if path.is_empty() {
+                        // serde's `flatten` loses the key of an error inside
+                        // a flattened struct; find it by elimination.
+                        if let Some(key) = merged
+                            .as_ref()
+                            .and_then(|m| culprit::<T>(&layers, m, &e.kind))
+                        {
+                            path = vec![key];
+                        }
+                    }
+                    if let Kind::UnknownField(field, _) = &e.kind {
+                        path.push(field.clone());
+                    }
+                    if let Kind::MissingField(_) = &e.kind {
+                        // A required field inside something we already took
+                        // apart: drop the whole top-level setting rather than
+                        // report a made-up problem.
+                        if removed
+                            .iter()
+                            .any(|r| r.len() > 1 && path.starts_with(&r[..1]))
+                        {
+                            let top = path[..1].to_vec();
+                            for layer in &mut layers {
+                                progress |= layer.remove(&top);
+                            }
+                            continue;
+                        }
+                    }
+                    let message = kind_message(&e.kind);
+                    if errors
+                        .iter()
+                        .any(|known| known.key == path.join(".") && known.message == message)
+                    {
+                        continue;
+                    }
+                    if let Some(merged) = &merged {
+                        errors.push(describe(
+                            sources.program,
+                            &figment,
+                            merged,
+                            &file,
+                            &path,
+                            message,
+                        ));
+                    } else {
+                        errors.push(ConfigError {
+                            key: path.join("."),
+                            value: None,
+                            origin: None,
+                            message,
+                        });
+                    }
+                    for layer in &mut layers {
+                        progress |= layer.remove(&path);
+                    }
+                    removed.push(path);
+                }
+                if !progress {
+                    return Err(ConfigErrors(errors));
+                }
+            }
+        }
+    }
+    Err(ConfigErrors(errors))
+}
+
+/// The top-level key whose removal makes the error `kind` go away.
+fn culprit<T: DeserializeOwned>(layers: &[Layer], merged: &Value, kind: &Kind) -> Option<String> {
+    let Value::Dict(_, dict) = merged else {
+        return None;
+    };
+    dict.keys()
+        .find(|key| {
+            let without = [key.to_string()];
+            let figment = layers.iter().fold(Figment::new(), |fig, layer| {
+                let mut data = layer.data.clone();
+                for d in data.values_mut() {
+                    remove_from_dict(d, &without);
+                }
+                fig.merge(Layer {
+                    metadata: layer.metadata.clone(),
+                    data,
+                })
+            });
+            match figment.extract::<T>() {
+                Ok(_) => true,
+                Err(err) => err
+                    .into_iter()
+                    .all(|e| e.kind.to_string() != kind.to_string()),
+            }
+        })
+        .cloned()
+}
+
+/// Lets a [`Layer`] be merged by reference, so the layers can be changed and
+/// merged again.
+struct LayerRef<'a>(&'a Layer);
+
+impl Provider for LayerRef<'_> {
+    fn metadata(&self) -> Metadata {
+        self.0.metadata()
+    }
+    fn data(&self) -> figment::Result<Map<Profile, Dict>> {
+        self.0.data()
+    }
+}
+
+fn kind_message(kind: &Kind) -> String {
+    match kind {
+        Kind::Message(m) => m.clone(),
+        Kind::InvalidType(actual, expected) => format!("expected {expected}, found {actual}"),
+        Kind::InvalidValue(actual, expected) => format!("expected {expected}, found {actual}"),
+        Kind::InvalidLength(len, expected) => format!("expected {expected}, found {len} items"),
+        Kind::UnknownVariant(v, expected) => {
+            format!(
+                "unknown value \"{v}\"; expected one of: {}",
+                expected.join(", ")
+            )
+        }
+        Kind::UnknownField(_, expected) => {
+            format!("unknown setting; known here: {}", expected.join(", "))
+        }
+        Kind::MissingField(field) => format!("required setting {field} is missing"),
+        Kind::DuplicateField(field) => format!("setting {field} is given twice"),
+        other => other.to_string(),
+    }
+}
+
+/// Finds the value at `path` in `value`, with array indices as numbers.
+fn lookup<'v>(value: &'v Value, path: &[String]) -> Option<&'v Value> {
+    let mut current = value;
+    for key in path {
+        current = match current {
+            Value::Dict(_, dict) => dict.get(key)?,
+            Value::Array(_, items) => items.get(key.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(current)
+}
+
+fn describe(
+    program: &str,
+    figment: &Figment,
+    merged: &Value,
+    file: &Option<(PathBuf, String)>,
+    path: &[String],
+    message: String,
+) -> ConfigError {
+    let found = lookup(merged, path);
+    ConfigError {
+        key: path.join("."),
+        value: found.map(display_value),
+        origin: found.and_then(|v| origin_of(program, figment, file, v.tag(), path)),
+        message,
+    }
+}
+
+fn origin_of(
+    program: &str,
+    figment: &Figment,
+    file: &Option<(PathBuf, String)>,
+    tag: Tag,
+    path: &[String],
+) -> Option<Origin> {
+    let metadata = figment.get_metadata(tag)?;
+    Some(match &metadata.source {
+        Some(Source::File(_)) => {
+            let (path_buf, text) = file.as_ref()?;
+            Origin::File {
+                path: path_buf.clone(),
+                line: yaml_line(text, path),
+            }
+        }
+        _ if metadata.name.starts_with("`") || metadata.name.contains("environment") => {
+            Origin::Env(env_var(program, &path.join(".")))
+        }
+        _ if metadata.name == "command-line flags" => {
+            Origin::Flag(flag_name(path.first().map(String::as_str).unwrap_or("")))
+        }
+        _ => Origin::Default,
+    })
+}
+
+/// A value as a user would write it: strings quoted, lists in brackets.
+pub fn display_value(value: &Value) -> String {
+    match value {
+        Value::String(_, s) => format!("{s:?}"),
+        Value::Char(_, c) => format!("{:?}", c.to_string()),
+        Value::Bool(_, b) => b.to_string(),
+        Value::Num(_, n) => match (n.to_i128(), n.to_f64()) {
+            (Some(i), _) => i.to_string(),
+            (None, Some(f)) => f.to_string(),
+            _ => format!("{n:?}"),
+        },
+        Value::Empty(_, _) => "null".to_string(),
+        Value::Array(_, items) => {
+            let inner: Vec<String> = items.iter().map(display_value).collect();
+            format!("[{}]", inner.join(", "))
+        }
+        Value::Dict(_, dict) => {
+            let inner: Vec<String> = dict
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", display_value(v)))
+                .collect();
+            format!("{{{}}}", inner.join(", "))
+        }
+    }
+}
+
+/// Collects the keys present in `given` that the typed settings do not have.
+fn unknown_keys(
+    given: &Value,
+    shape: &Value,
+    path: &mut Vec<String>,
+    out: &mut Vec<(Vec<String>, Vec<String>)>,
+) {
+    match (given, shape) {
+        (Value::Dict(_, given), Value::Dict(_, shape)) => {
+            for (key, value) in given {
+                path.push(key.clone());
+                match shape.get(key) {
+                    Some(known) => unknown_keys(value, known, path, out),
+                    None => out.push((path.clone(), shape.keys().cloned().collect())),
+                }
+                path.pop();
+            }
+        }
+        (Value::Array(_, given), Value::Array(_, shape)) => {
+            for (i, (g, s)) in given.iter().zip(shape).enumerate() {
+                path.push(i.to_string());
+                unknown_keys(g, s, path, out);
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Finds the 1-based line of a key path in a YAML document, following
+/// indentation; list indices count `- ` items.
+pub fn yaml_line(text: &str, path: &[String]) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut start = 0;
+    let mut min_indent: isize = -1;
+    let mut found = None;
+    for segment in path {
+        let mut hit = None;
+        if let Ok(index) = segment.parse::<usize>() {
+            // The index-th list item at the first list indentation below.
+            let mut count = 0;
+            let mut item_indent = None;
+            for (n, line) in lines.iter().enumerate().skip(start) {
+                let body = line.trim_start();
+                if body.is_empty() || body.starts_with('#') {
+                    continue;
+                }
+                let indent = (line.len() - body.len()) as isize;
+                if indent <= min_indent && !body.starts_with("- ") && !body.starts_with('-') {
+                    break;
+                }
+                if body.starts_with('-') {
+                    let expected = *item_indent.get_or_insert(indent);
+                    if indent == expected {
+                        if count == index {
+                            hit = Some((n, indent));
+                            break;
+                        }
+                        count += 1;
+                    }
+                }
+            }
+            let (n, indent) = hit?;
+            found = Some(n);
+            // Keys of the item start on its own line, after the dash.
+            start = n;
+            min_indent = indent;
+            continue;
+        }
+        let mut child_indent = None;
+        for (n, line) in lines.iter().enumerate().skip(start) {
+            let body = line.trim_start();
+            if body.is_empty() || body.starts_with('#') {
+                continue;
+            }
+            let mut indent = (line.len() - body.len()) as isize;
+            let mut key_part = body;
+            if let Some(rest) = key_part.strip_prefix("- ") {
+                indent += 2;
+                key_part = rest.trim_start();
+            }
+            if indent <= min_indent && n != start {
+                break;
+            }
+            // Only keys at the first indentation below the parent are its own.
+            if indent != *child_indent.get_or_insert(indent) {
+                continue;
+            }
+            let key_matches = key_part
+                .strip_prefix(segment.as_str())
+                .or_else(|| {
+                    key_part
+                        .strip_prefix('"')
+                        .and_then(|k| k.strip_prefix(segment.as_str()))
+                        .and_then(|k| k.strip_prefix('"'))
+                })
+                .is_some_and(|rest| rest.trim_start().starts_with(':'));
+            if key_matches && indent > min_indent {
+                hit = Some((n, indent));
+                break;
+            }
+        }
+        let (n, indent) = hit?;
+        found = Some(n);
+        start = n + 1;
+        min_indent = indent;
+    }
+    found.map(|n| n + 1)
+}
+
+impl<T: Serialize> Resolved<T> {
+    /// The resolved configuration, one `key = value` line per setting with
+    /// where it came from, as `--print-config` shows it.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        if let Ok(merged) = self.figment.find_value("") {
+            let mut lines = Vec::new();
+            self.leaves(&merged, &mut Vec::new(), &mut lines);
+            let width = lines.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+            for (line, origin) in lines {
+                out.push_str(&format!("{line:width$}  # {origin}\n"));
+            }
+        }
+        out
+    }
+
+    fn leaves(&self, value: &Value, path: &mut Vec<String>, out: &mut Vec<(String, String)>) {
+        match value {
+            Value::Dict(_, dict) if !dict.is_empty() => {
+                for (key, v) in dict {
+                    path.push(key.clone());
+                    self.leaves(v, path, out);
+                    path.pop();
+                }
+            }
+            Value::Array(_, items) if items.iter().any(|i| matches!(i, Value::Dict(..))) => {
+                for (i, v) in items.iter().enumerate() {
+                    path.push(i.to_string());
+                    self.leaves(v, path, out);
+                    path.pop();
+                }
+            }
+            _ => {
+                let origin = origin_of(self.program, &self.figment, &self.file, value.tag(), path)
+                    .map(|o| o.to_string())
+                    .unwrap_or_else(|| "unknown".to_string());
+                out.push((
+                    format!("{} = {}", path.join("."), display_value(value)),
+                    origin,
+                ));
+            }
+        }
+    }
+
+    /// Where the value of a top-level `key` came from.
+    pub fn origin(&self, key: &str) -> Option<Origin> {
+        let path: Vec<String> = key.split('.').map(str::to_string).collect();
+        let merged = self.figment.find_value("").ok()?;
+        let value = lookup(&merged, &path)?;
+        origin_of(self.program, &self.figment, &self.file, value.tag(), &path)
+    }
+
+    /// The configuration file that was read, if any.
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_ref().map(|(p, _)| p.as_path())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::{ListenAddr, Seconds, ServeSettings};
+    use serde::Deserialize;
+    use std::io::Write;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    #[serde(default)]
+    struct Settings {
+        listen: ListenAddr,
+        greeting: String,
+        #[serde(flatten)]
+        serve: ServeSettings,
+        routes: Vec<Route>,
+    }
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct Route {
+        name: String,
+        listen: ListenAddr,
+        #[serde(default)]
+        idle_timeout: Option<Seconds>,
+    }
+
+    impl Default for Settings {
+        fn default() -> Self {
+            Settings {
+                listen: "0.0.0.0:1234".parse().unwrap(),
+                greeting: "hello".into(),
+                serve: ServeSettings::default(),
+                routes: Vec::new(),
+            }
+        }
+    }
+
+    #[derive(Serialize, Default)]
+    struct Flags {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        listen: Option<String>,
+    }
+
+    fn yaml(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn sources(program: &'static str, file: Option<&Path>, flags: Flags) -> Sources<Flags> {
+        Sources {
+            program,
+            file: file.map(Path::to_path_buf),
+            flags,
+            env_ignore: &["config"],
+        }
+    }
+
+    #[test]
+    fn layers_override_in_order_and_remember_their_origin() {
+        let file = yaml("greeting: from file\nlisten: 127.0.0.1:1\nidle_timeout: 2m\n");
+        std::env::set_var("CFGTEST_LAYERS_LISTEN", "127.0.0.1:2");
+        std::env::set_var("CFGTEST_LAYERS_MAX_CONNECTIONS", "7");
+        let flags = Flags {
+            listen: Some("127.0.0.1:3".into()),
+        };
+        let resolved: Resolved<Settings> =
+            resolve(&sources("cfgtest-layers", Some(file.path()), flags)).unwrap();
+        let s = &resolved.settings;
+        assert_eq!(s.listen.to_string(), "127.0.0.1:3");
+        assert_eq!(s.greeting, "from file");
+        assert_eq!(s.serve.idle_timeout, Seconds::from_secs(120));
+        assert_eq!(s.serve.max_connections, 7);
+        assert_eq!(s.serve.shutdown_grace, Seconds::from_secs(10));
+        assert_eq!(
+            resolved.origin("listen"),
+            Some(Origin::Flag("--listen".into()))
+        );
+        assert_eq!(
+            resolved.origin("max_connections"),
+            Some(Origin::Env("CFGTEST_LAYERS_MAX_CONNECTIONS".into()))
+        );
+        assert_eq!(
+            resolved.origin("idle_timeout"),
+            Some(Origin::File {
+                path: file.path().to_path_buf(),
+                line: Some(3)
+            })
+        );
+        assert_eq!(resolved.origin("shutdown_grace"), Some(Origin::Default));
+        let printed = resolved.describe();
+        assert!(printed.contains("listen = \"127.0.0.1:3\""), "{printed}");
+        assert!(printed.contains("# flag --listen"), "{printed}");
+        assert!(
+            printed.contains("# environment variable CFGTEST_LAYERS_MAX_CONNECTIONS"),
+            "{printed}"
+        );
+        assert!(printed.contains(" line 1"), "{printed}");
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once_with_key_value_and_origin() {
+        let file = yaml(
+            "greeting: fine\nidle_timeout: soonish\nlistn: 1.2.3.4:5\nroutes:\n  - name: db\n    listen: nowhere\n  - name: ok\n    listen: 127.0.0.1:9\n",
+        );
+        std::env::set_var("CFGTEST_MANY_MAX_CONNECTIONS", "lots");
+        let flags = Flags {
+            listen: Some("127.0.0.1:99999".into()),
+        };
+        let errors = resolve::<Settings, _>(&sources("cfgtest-many", Some(file.path()), flags))
+            .unwrap_err()
+            .0;
+        let path = file.path().display().to_string();
+        let find = |key: &str| {
+            errors
+                .iter()
+                .find(|e| e.key == key)
+                .unwrap_or_else(|| panic!("no error for {key} in {errors:#?}"))
+        };
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+        let timeout = find("idle_timeout");
+        assert_eq!(timeout.value.as_deref(), Some("\"soonish\""));
+        assert_eq!(
+            timeout.origin.as_ref().unwrap().to_string(),
+            format!("{path} line 2")
+        );
+        assert!(timeout.message.contains("30s"), "{}", timeout.message);
+        let unknown = find("listn");
+        assert_eq!(
+            unknown.origin.as_ref().unwrap().to_string(),
+            format!("{path} line 3")
+        );
+        assert!(unknown.message.contains("listen"), "{}", unknown.message);
+        let route = find("routes.0.listen");
+        assert_eq!(
+            route.origin.as_ref().unwrap().to_string(),
+            format!("{path} line 6")
+        );
+        let env = find("max_connections");
+        assert_eq!(
+            env.origin,
+            Some(Origin::Env("CFGTEST_MANY_MAX_CONNECTIONS".into()))
+        );
+        assert_eq!(env.value.as_deref(), Some("\"lots\""));
+        let flag = find("listen");
+        assert_eq!(flag.origin, Some(Origin::Flag("--listen".into())));
+        assert!(flag.message.contains("port"), "{}", flag.message);
+        let shown = ConfigErrors(errors.clone()).to_string();
+        assert!(
+            shown.starts_with("invalid configuration, 5 problems:"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_environment_variable_with_the_prefix_is_named() {
+        std::env::set_var("CFGTEST_ENVTYPO_LISTN", "1.2.3.4:5");
+        let errors = resolve::<Settings, _>(&sources("cfgtest-envtypo", None, Flags::default()))
+            .unwrap_err();
+        assert_eq!(errors.0.len(), 1);
+        assert_eq!(
+            errors.0[0].origin,
+            Some(Origin::Env("CFGTEST_ENVTYPO_LISTN".into()))
+        );
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        let missing = Path::new("/nonexistent/config.yaml");
+        let errors =
+            resolve::<Settings, _>(&sources("cfgtest-missing", Some(missing), Flags::default()))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            errors.contains("/nonexistent/config.yaml does not exist"),
+            "{errors}"
+        );
+        assert!(errors.contains("CFGTEST_MISSING_CONFIG"), "{errors}");
+    }
+
+    #[test]
+    fn a_yaml_syntax_error_names_the_line() {
+        let file = yaml("greeting: ok\nlisten: [unclosed\n");
+        let errors = resolve::<Settings, _>(&sources(
+            "cfgtest-syntax",
+            Some(file.path()),
+            Flags::default(),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(errors.contains("not valid YAML"), "{errors}");
+        assert!(errors.contains("line"), "{errors}");
+    }
+
+    #[test]
+    fn yaml_lines_follow_nesting_and_list_items() {
+        let text =
+            "a: 1\nroutes:\n  - name: x\n    listen: 1\n  - name: y\n    listen: 2\nlisten: 3\n";
+        let p = |s: &str| s.split('.').map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(yaml_line(text, &p("routes.1.listen")), Some(6));
+        assert_eq!(yaml_line(text, &p("routes.0.name")), Some(3));
+        assert_eq!(yaml_line(text, &p("listen")), Some(7));
+        assert_eq!(yaml_line(text, &p("routes.2")), None);
+    }
+}

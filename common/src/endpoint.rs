@@ -1,0 +1,91 @@
+//! Named endpoints and binding them with errors that say what to do.
+//!
+//! As in the original platform, a role's endpoints have names
+//! (`EchoEndpoint`, `Incoming`); each is set by a configuration key, so a
+//! bind error can name the flag and the environment variable that move it.
+
+use std::io;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+
+use crate::config::{env_var, flag_name};
+use crate::settings::ListenAddr;
+
+/// A named listening endpoint of a program.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The program's name (`echo-server`).
+    pub program: &'static str,
+    /// The endpoint's name (`EchoEndpoint`).
+    pub name: &'static str,
+    /// The configuration key that sets it (`listen`).
+    pub key: &'static str,
+    /// The address to bind.
+    pub addr: ListenAddr,
+}
+
+impl Endpoint {
+    /// Binds the endpoint, with a listen backlog of 1024 and address reuse
+    /// so a restart does not wait for old connections in TIME_WAIT.
+    pub fn bind(&self) -> anyhow::Result<TcpListener> {
+        bind_listener(self.addr).map_err(|e| anyhow::anyhow!(self.explain(&e)))
+    }
+
+    /// A bind failure in words a user can act on.
+    pub fn explain(&self, e: &io::Error) -> String {
+        let addr = self.addr;
+        let fix = format!(
+            "pass {} or set {}",
+            flag_name(self.key),
+            env_var(self.program, self.key)
+        );
+        match e.kind() {
+            io::ErrorKind::AddrInUse => format!("{addr} is already in use; {fix}"),
+            io::ErrorKind::PermissionDenied => format!(
+                "no permission to listen on {addr} (ports below 1024 need root or CAP_NET_BIND_SERVICE); {fix}"
+            ),
+            io::ErrorKind::AddrNotAvailable => {
+                format!("{addr} is not an address of this machine; {fix}")
+            }
+            _ => format!("cannot listen on {addr} for {} ({e}); {fix}", self.name),
+        }
+    }
+}
+
+/// Binds a TCP listener the way every program here does.
+pub fn bind_listener(addr: ListenAddr) -> io::Result<TcpListener> {
+    let addr = addr.0;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // `[::]` takes IPv4 clients too, whatever the system default.
+        let _ = socket.set_only_v6(false);
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn address_in_use_names_the_flag_and_variable() {
+        let taken = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let endpoint = Endpoint {
+            program: "echo-server",
+            name: "EchoEndpoint",
+            key: "listen",
+            addr: ListenAddr(taken.local_addr().unwrap()),
+        };
+        let message = endpoint.bind().unwrap_err().to_string();
+        let addr = taken.local_addr().unwrap();
+        assert_eq!(
+            message,
+            format!("{addr} is already in use; pass --listen or set ECHO_SERVER_LISTEN")
+        );
+    }
+}

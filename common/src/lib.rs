@@ -1,0 +1,20 @@
+//! The role runtime every program here shares.
+//!
+//! - [`config`]: layered configuration (defaults < YAML file < environment <
+//!   flags) with the origin of every value and every error reported at once;
+//! - [`settings`]: the setting types (durations, CIDR lists, listen
+//!   addresses) and the serving and logging settings all programs have;
+//! - [`endpoint`]: named endpoints and binding them with errors that say what
+//!   to do;
+//! - [`serve`]: the accept loop with a connection cap, access lists, a span
+//!   per connection and graceful shutdown;
+//! - [`telemetry`], [`signal`], [`cli`]: logging, shutdown signals, and the
+//!   flags every program has.
+
+pub mod cli;
+pub mod config;
+pub mod endpoint;
+pub mod serve;
+pub mod settings;
+pub mod signal;
+pub mod telemetry;

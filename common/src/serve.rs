@@ -1,0 +1,239 @@
+//! The accept loop every service shares.
+//!
+//! A permit from the connection cap is taken *before* `accept`, so a full
+//! server leaves new clients in the kernel's backlog instead of accepting
+//! and dropping them. Accept errors (out of descriptors, say) back off and
+//! retry instead of ending the server. Each connection runs in its own task
+//! inside a span with its id and peer; the access list is checked right after
+//! accept. On shutdown the listener closes at once, handlers are told to
+//! finish (`Conn::draining`), and whatever is still running when the grace
+//! period ends is closed.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::settings::{AccessRules, ServeSettings};
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A new connection id, unique in the process.
+pub fn next_connection_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// What a handler knows about its connection.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    /// Process-wide connection id, also in the log span.
+    pub id: u64,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The local address the client reached.
+    pub local: SocketAddr,
+    /// Cancelled when the server begins shutting down: finish soon.
+    pub draining: CancellationToken,
+    /// The configured idle timeout.
+    pub idle_timeout: Duration,
+}
+
+/// A service behind the accept loop.
+pub trait Handler: Send + Sync + 'static {
+    /// Serves one connection; an error is logged in the connection's span.
+    fn handle(
+        self: Arc<Self>,
+        stream: TcpStream,
+        conn: Conn,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Called for a client the access list refused, after the connection is
+    /// dropped. The default logs it.
+    fn refused(&self, id: u64, peer: SocketAddr) {
+        info!(conn = id, %peer, "refused by access list");
+    }
+}
+
+/// How the accept loop runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Most connections at once.
+    pub max_connections: usize,
+    /// Who may connect.
+    pub access: AccessRules,
+    /// Handed to handlers in [`Conn::idle_timeout`].
+    pub idle_timeout: Duration,
+    /// How long live connections may take to finish after shutdown begins.
+    pub grace: Duration,
+}
+
+impl From<&ServeSettings> for ServeOptions {
+    fn from(s: &ServeSettings) -> Self {
+        ServeOptions {
+            max_connections: s.max_connections.max(1),
+            access: s.access().into(),
+            idle_timeout: s.idle_timeout.0,
+            grace: s.shutdown_grace.0,
+        }
+    }
+}
+
+/// Serves `listener` with `handler` until `shutdown` completes, then drains:
+/// returns once every connection has finished or been closed at the end of
+/// the grace period.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    options: ServeOptions,
+    handler: Arc<H>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let connections = Connections::new(options.grace);
+    accept_until(&listener, &options, &handler, &connections, shutdown).await;
+    drop(listener);
+    connections.drain().await;
+}
+
+/// The live connections of one or more accept loops, so that they can be
+/// drained together.
+#[derive(Debug, Clone)]
+pub struct Connections {
+    tracker: TaskTracker,
+    draining: CancellationToken,
+    closing: CancellationToken,
+    grace: Duration,
+}
+
+impl Connections {
+    /// An empty set whose drain waits at most `grace`.
+    pub fn new(grace: Duration) -> Self {
+        Connections {
+            tracker: TaskTracker::new(),
+            draining: CancellationToken::new(),
+            closing: CancellationToken::new(),
+            grace,
+        }
+    }
+
+    /// How many connections are live.
+    pub fn len(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Whether no connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.tracker.is_empty()
+    }
+
+    /// Tells every connection to finish, waits up to the grace period, then
+    /// closes the rest.
+    pub async fn drain(&self) {
+        self.tracker.close();
+        self.draining.cancel();
+        let live = self.tracker.len();
+        if live > 0 {
+            info!(connections = live, grace = ?self.grace, "draining connections");
+        }
+        if tokio::time::timeout(self.grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                connections = self.tracker.len(),
+                grace = ?self.grace,
+                "grace period over; closing the connections still open"
+            );
+            self.closing.cancel();
+            self.tracker.wait().await;
+        }
+    }
+}
+
+/// Accepts on `listener` until `stop` completes, running each connection in
+/// `connections`. The listener stays open for the caller (a reload can hand
+/// it to a new loop).
+pub async fn accept_until<H: Handler>(
+    listener: &TcpListener,
+    options: &ServeOptions,
+    handler: &Arc<H>,
+    connections: &Connections,
+    stop: impl Future<Output = ()>,
+) {
+    let limit = Arc::new(Semaphore::new(options.max_connections));
+    let mut backoff = Duration::from_millis(5);
+    tokio::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = &mut stop => return,
+            permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => {
+                    backoff = Duration::from_millis(5);
+                    pair
+                }
+                Err(e) if is_per_connection(&e) => {
+                    debug!(error = %e, "accept failed for one connection");
+                    continue;
+                }
+                Err(e) => {
+                    error!(error = %e, retry_in = ?backoff, "accept failed; retrying");
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let id = next_connection_id();
+        if !options.access.permits(peer.ip()) {
+            drop(stream);
+            handler.refused(id, peer);
+            continue;
+        }
+        let local = stream.local_addr().unwrap_or(peer);
+        let _ = stream.set_nodelay(true);
+        let conn = Conn {
+            id,
+            peer,
+            local,
+            draining: connections.draining.clone(),
+            idle_timeout: options.idle_timeout,
+        };
+        let closing = connections.closing.clone();
+        let handler = handler.clone();
+        let span = tracing::info_span!("conn", id, %peer);
+        connections.tracker.spawn(
+            async move {
+                debug!("accepted");
+                tokio::select! {
+                    result = handler.handle(stream, conn) => match result {
+                        Ok(()) => debug!("closed"),
+                        Err(e) => info!(error = %format!("{e:#}"), "connection ended with an error"),
+                    },
+                    _ = closing.cancelled() => debug!("closed at the end of the grace period"),
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Errors that concern only the connection being accepted, not the listener.
+fn is_per_connection(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted)
+}

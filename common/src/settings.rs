@@ -1,0 +1,380 @@
+//! Setting types every program shares: durations, address lists, listen
+//! addresses, and the serving and telemetry settings.
+//!
+//! Each type reads the forms a person would write in YAML, an environment
+//! variable or a flag (`5m` or `300` for a duration, `10.0.0.0/8, ::1` for a
+//! list) and says what it expected when it cannot.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// A duration written as `300ms`, `30s`, `5m`, `1h 30m`, or a whole number
+/// of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Seconds(pub Duration);
+
+impl Seconds {
+    /// The duration of `secs` seconds.
+    pub const fn from_secs(secs: u64) -> Self {
+        Seconds(Duration::from_secs(secs))
+    }
+    /// The duration of `ms` milliseconds.
+    pub const fn from_millis(ms: u64) -> Self {
+        Seconds(Duration::from_millis(ms))
+    }
+}
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl FromStr for Seconds {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Ok(secs) = s.parse::<u64>() {
+            return Ok(Seconds::from_secs(secs));
+        }
+        humantime::parse_duration(s)
+            .map(Seconds)
+            .map_err(|e| format!("not a duration ({e}); write it like 30s, 5m, 1h or 250ms"))
+    }
+}
+
+impl Serialize for Seconds {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Seconds;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration such as 30s, 5m or 1h")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seconds, E> {
+                Ok(Seconds::from_secs(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seconds, E> {
+                u64::try_from(v)
+                    .map(Seconds::from_secs)
+                    .map_err(|_| E::custom("a duration cannot be negative"))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Seconds, E> {
+                Duration::try_from_secs_f64(v)
+                    .map(Seconds)
+                    .map_err(|_| E::custom("a duration must be a positive number of seconds"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Seconds, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A list of networks in CIDR form (`10.0.0.0/8`, `2001:db8::/32`); a bare
+/// address is a network of one. Written as a YAML list or as one string with
+/// commas or spaces between the items.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CidrList(pub Vec<IpNet>);
+
+impl CidrList {
+    /// Parses one item: a CIDR network or a single address.
+    pub fn parse_item(item: &str) -> Result<IpNet, String> {
+        let item = item.trim();
+        if let Ok(net) = item.parse::<IpNet>() {
+            return Ok(net.trunc());
+        }
+        item.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+            format!("{item:?} is not a network; write an address or CIDR such as 10.0.0.0/8 or ::1")
+        })
+    }
+
+    /// Whether `ip` lies in one of the networks. An IPv4-mapped IPv6 address
+    /// (`::ffff:10.1.2.3`) is matched as the IPv4 address it carries.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Whether the list has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromStr for CidrList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|item| !item.is_empty())
+            .map(CidrList::parse_item)
+            .collect::<Result<Vec<_>, _>>()
+            .map(CidrList)
+    }
+}
+
+impl Serialize for CidrList {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|n| n.to_string()))
+    }
+}
+
+impl<'de> Deserialize<'de> for CidrList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CidrList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of networks such as [10.0.0.0/8, ::1]")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<CidrList, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<CidrList, A::Error> {
+                let mut nets = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    nets.push(CidrList::parse_item(&item).map_err(de::Error::custom)?);
+                }
+                Ok(CidrList(nets))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Client address rules: with an allow list, only matching clients get in;
+/// a client on the deny list never does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessList {
+    /// When not empty, the only networks let in.
+    pub allow: CidrList,
+    /// Networks always refused.
+    pub deny: CidrList,
+}
+
+impl AccessList {
+    /// Whether a client at `ip` may connect.
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        (self.allow.is_empty() || self.allow.contains(ip)) && !self.deny.contains(ip)
+    }
+
+    /// This list tightened by `other`: both must permit a client.
+    pub fn and(&self, other: &AccessList) -> AccessRules {
+        AccessRules(vec![self.clone(), other.clone()])
+    }
+}
+
+/// Several access lists that must all permit a client (global rules, then a
+/// route's own).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessRules(pub Vec<AccessList>);
+
+impl AccessRules {
+    /// Whether every list permits `ip`.
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        self.0.iter().all(|list| list.permits(ip))
+    }
+}
+
+impl From<AccessList> for AccessRules {
+    fn from(list: AccessList) -> Self {
+        AccessRules(vec![list])
+    }
+}
+
+/// An address to listen on, `IP:PORT` (`0.0.0.0:1234`, `[::]:1234`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(ListenAddr(addr));
+        }
+        if let Some(port) = s
+            .strip_prefix(':')
+            .or(Some(s))
+            .and_then(|p| p.parse::<u16>().ok())
+        {
+            return Ok(ListenAddr(SocketAddr::from(([0, 0, 0, 0], port))));
+        }
+        if let Some((host, port)) = s.rsplit_once(':') {
+            if host == "localhost" {
+                if let Ok(port) = port.parse::<u16>() {
+                    return Ok(ListenAddr(SocketAddr::from(([127, 0, 0, 1], port))));
+                }
+            }
+            if port.parse::<u16>().is_err() {
+                return Err(format!(
+                    "{port:?} is not a port number (0 to 65535); write IP:PORT such as 0.0.0.0:1234"
+                ));
+            }
+        }
+        Err(
+            "not a listen address; write IP:PORT such as 0.0.0.0:1234, [::]:1234 or 127.0.0.1:1234"
+                .to_string(),
+        )
+    }
+}
+
+impl Serialize for ListenAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ListenAddr;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a listen address IP:PORT")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ListenAddr, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ListenAddr, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ListenAddr, E> {
+                self.visit_str(&v.to_string())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// How a program serves connections: the part of every program's settings
+/// the shared accept loop reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServeSettings {
+    /// Most connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Client networks allowed in (empty: everyone).
+    pub allow: CidrList,
+    /// Client networks refused.
+    pub deny: CidrList,
+    /// A connection with no traffic for this long is closed.
+    pub idle_timeout: Seconds,
+    /// On SIGINT/SIGTERM, how long live connections may take to finish.
+    pub shutdown_grace: Seconds,
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        ServeSettings {
+            max_connections: 10_000,
+            allow: CidrList::default(),
+            deny: CidrList::default(),
+            idle_timeout: Seconds::from_secs(300),
+            shutdown_grace: Seconds::from_secs(10),
+        }
+    }
+}
+
+impl ServeSettings {
+    /// The allow and deny lists as one access list.
+    pub fn access(&self) -> AccessList {
+        AccessList {
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings every program has.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LogSettings {
+    /// A tracing filter (`info`, `debug`, `tunnel=debug,info`); when unset,
+    /// `RUST_LOG`, then `info`.
+    pub log_level: Option<String>,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_the_forms_people_write() {
+        assert_eq!("30".parse::<Seconds>().unwrap(), Seconds::from_secs(30));
+        assert_eq!("5m".parse::<Seconds>().unwrap(), Seconds::from_secs(300));
+        assert_eq!(
+            "250ms".parse::<Seconds>().unwrap(),
+            Seconds::from_millis(250)
+        );
+        assert!("soon".parse::<Seconds>().unwrap_err().contains("30s"));
+    }
+
+    #[test]
+    fn access_lists_match_mapped_addresses_as_ipv4() {
+        let list = AccessList {
+            allow: "10.0.0.0/8, ::1".parse().unwrap(),
+            deny: "10.9.9.9".parse().unwrap(),
+        };
+        assert!(list.permits("10.1.2.3".parse().unwrap()));
+        assert!(list.permits("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(list.permits("::1".parse().unwrap()));
+        assert!(!list.permits("10.9.9.9".parse().unwrap()));
+        assert!(!list.permits("::ffff:10.9.9.9".parse().unwrap()));
+        assert!(!list.permits("192.168.1.1".parse().unwrap()));
+        assert!(AccessList::default().permits("203.0.113.5".parse().unwrap()));
+    }
+
+    #[test]
+    fn bad_networks_are_named() {
+        let err = "10.0.0.0/8, tenfour".parse::<CidrList>().unwrap_err();
+        assert!(err.contains("\"tenfour\""), "{err}");
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!("0.0.0.0:1234".parse::<ListenAddr>().unwrap().0.port(), 1234);
+        assert_eq!("[::]:80".parse::<ListenAddr>().unwrap().0.port(), 80);
+        assert_eq!(
+            ":99".parse::<ListenAddr>().unwrap().to_string(),
+            "0.0.0.0:99"
+        );
+        assert!("1.2.3.4:99999"
+            .parse::<ListenAddr>()
+            .unwrap_err()
+            .contains("port"));
+        assert!("nonsense".parse::<ListenAddr>().is_err());
+    }
+}
