@@ -107,14 +107,13 @@ impl fmt::Display for ConfigError {
                 write!(f, " = {value}")?;
             }
         }
-        if let Some(origin) = &self.origin {
-            if self.key.is_empty() {
-                write!(f, "{origin}")?;
-            } else {
-                write!(f, " (from {origin})")?;
-            }
+        match (&self.origin, self.key.is_empty()) {
+            (Some(origin), true) => write!(f, "{origin}: ")?,
+            (Some(origin), false) => write!(f, " (from {origin}): ")?,
+            (None, true) => {}
+            (None, false) => f.write_str(": ")?,
         }
-        write!(f, ": {}", self.message)
+        f.write_str(&self.message)
     }
 }
 
@@ -534,9 +533,10 @@ pub fn display_value(value: &Value) -> String {
         Value::String(_, s) => format!("{s:?}"),
         Value::Char(_, c) => format!("{:?}", c.to_string()),
         Value::Bool(_, b) => b.to_string(),
-        Value::Num(_, n) => match (n.to_i128(), n.to_f64()) {
-            (Some(i), _) => i.to_string(),
-            (None, Some(f)) => f.to_string(),
+        Value::Num(_, n) => match (n.to_u128(), n.to_i128(), n.to_f64()) {
+            (Some(u), _, _) => u.to_string(),
+            (None, Some(i), _) => i.to_string(),
+            (None, None, Some(f)) => f.to_string(),
             _ => format!("{n:?}"),
         },
         Value::Empty(_, _) => "null".to_string(),

@@ -1,1 +1,408 @@
-//! x
+//! The date/time service people reach with `telnet`.
+//!
+//! On connect a client sees a greeting naming the host and the instance, a
+//! numbered menu and a prompt: `1` answers `Current date: YYYY-MM-DD`, `2`
+//! answers `Current time: HH:MM:SS` (24-hour), `9` says goodbye and closes.
+//! Anything else gets one line saying what was wrong, then the menu again.
+//! A session is bounded: a line longer than the limit ends it, and so does a
+//! client that sends nothing for the idle timeout; neither affects any other
+//! session. On shutdown every connected user is told before the connection
+//! closes.
+
+pub mod telnet;
+
+use std::fmt;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use common::serve::{serve, Conn, Handler, ServeOptions};
+use common::settings::{ListenAddr, LogSettings, ServeSettings};
+use jiff::tz::TimeZone;
+use jiff::{Timestamp, Zoned};
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::telnet::{Input, LineReader};
+
+/// The program's name: its configuration prefix is `ECHO_SERVER_`.
+pub const PROGRAM: &str = "echo-server";
+/// The endpoint's name, as in the original service definition.
+pub const ENDPOINT: &str = "EchoEndpoint";
+
+/// The service's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Where to listen (the `EchoEndpoint`).
+    pub listen: ListenAddr,
+    /// This instance's id, shown in the greeting.
+    pub instance: String,
+    /// Answer in UTC instead of the local time zone.
+    pub utc: bool,
+    /// Answer in this IANA time zone (`Europe/Amsterdam`) instead of the
+    /// local one.
+    pub time_zone: Option<ZoneName>,
+    /// Longest accepted input line, in bytes.
+    pub max_line: usize,
+    /// Connection cap, access lists, idle timeout, shutdown grace.
+    #[serde(flatten)]
+    pub serve: ServeSettings,
+    /// Log level and format.
+    #[serde(flatten)]
+    pub log: LogSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: ListenAddr(([0, 0, 0, 0], 1234).into()),
+            instance: format!("{PROGRAM}_IN_0"),
+            utc: false,
+            time_zone: None,
+            max_line: 1024,
+            serve: ServeSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+/// An IANA time zone name that this machine (or the built-in database)
+/// knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneName(pub String);
+
+impl FromStr for ZoneName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        TimeZone::get(s)
+            .map(|_| ZoneName(s.to_string()))
+            .map_err(|_| {
+                format!("unknown time zone {s:?}; use an IANA name such as UTC or Europe/Amsterdam")
+            })
+    }
+}
+
+impl Serialize for ZoneName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ZoneName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// Which clock the service reads.
+#[derive(Debug, Clone)]
+pub struct Clock {
+    zone: TimeZone,
+    name: String,
+}
+
+impl Clock {
+    /// The clock the settings ask for: UTC, a named zone, or the system's.
+    pub fn from_settings(settings: &Settings) -> anyhow::Result<Clock> {
+        if settings.utc {
+            return Ok(Clock {
+                zone: TimeZone::UTC,
+                name: "UTC".into(),
+            });
+        }
+        if let Some(ZoneName(name)) = &settings.time_zone {
+            let zone = TimeZone::get(name).with_context(|| format!("time zone {name}"))?;
+            return Ok(Clock {
+                zone,
+                name: name.clone(),
+            });
+        }
+        let zone = TimeZone::system();
+        let name = zone
+            .iana_name()
+            .map(str::to_string)
+            .unwrap_or_else(|| "the server's local time".into());
+        Ok(Clock { zone, name })
+    }
+
+    /// The current moment on this clock.
+    pub fn now(&self) -> Zoned {
+        Timestamp::now().to_zoned(self.zone.clone())
+    }
+
+    /// The zone's name, as shown to users.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// What one session says; kept in one place so tests read the same words.
+pub mod text {
+    /// The menu, after the greeting and after a wrong choice.
+    pub const MENU: &str = "  1  current date\r\n  2  current time\r\n  9  quit\r\n";
+    /// The prompt, with no line end so the answer goes beside it.
+    pub const PROMPT: &str = "Your choice: ";
+    /// The answer to `1` starts with this.
+    pub const DATE: &str = "Current date: ";
+    /// The answer to `2` starts with this.
+    pub const TIME: &str = "Current time: ";
+    /// The answer to `9`.
+    pub const GOODBYE: &str = "Goodbye.\r\n";
+    /// Told to every user when the service stops.
+    pub const GOING_DOWN: &str = "The service is going down now; goodbye.\r\n";
+}
+
+/// The service: one instance serves every connection.
+#[derive(Debug)]
+pub struct DateTime {
+    greeting: String,
+    clock: Clock,
+    max_line: usize,
+}
+
+impl DateTime {
+    /// The service with `settings`, greeting as `host`.
+    pub fn new(settings: &Settings, host: &str) -> anyhow::Result<Self> {
+        let clock = Clock::from_settings(settings)?;
+        let greeting = format!(
+            "Welcome to the date/time service on {host}, instance {}.\r\nTimes are in {}.\r\n\r\n",
+            settings.instance,
+            clock.name()
+        );
+        Ok(DateTime {
+            greeting,
+            clock,
+            max_line: settings.max_line.max(1),
+        })
+    }
+
+    /// Runs one session on any byte stream until the user quits, the line
+    /// limit or idle timeout ends it, or the service drains.
+    pub async fn session<S>(&self, stream: S, conn: &Conn) -> anyhow::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        let idle = conn.idle_timeout;
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(self.greeting.as_bytes());
+        out.extend_from_slice(text::MENU.as_bytes());
+        out.extend_from_slice(text::PROMPT.as_bytes());
+        send(&mut writer, &mut out, idle).await?;
+
+        let mut lines = LineReader::new(self.max_line);
+        let mut buf = vec![0u8; 4096];
+        let mut inputs = Vec::new();
+        loop {
+            let read = tokio::select! {
+                _ = conn.draining.cancelled() => {
+                    out.extend_from_slice(b"\r\n");
+                    out.extend_from_slice(text::GOING_DOWN.as_bytes());
+                    return close(&mut writer, &mut out, idle).await;
+                }
+                read = tokio::time::timeout(idle, reader.read(&mut buf)) => read,
+            };
+            let n = match read {
+                Err(_) => {
+                    out.extend_from_slice(
+                        format!(
+                            "\r\nNo input for {}; closing the connection.\r\n",
+                            Minutes(idle)
+                        )
+                        .as_bytes(),
+                    );
+                    tracing::info!(timeout = ?idle, "idle timeout");
+                    return close(&mut writer, &mut out, idle).await;
+                }
+                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return Err(e).context("reading from the client"),
+            };
+            lines.feed(&buf[..n], &mut inputs, &mut out);
+            for input in inputs.drain(..) {
+                match input {
+                    Input::TooLong => {
+                        out.extend_from_slice(
+                            format!(
+                                "\r\nLine too long (over {} bytes); closing the connection.\r\n",
+                                self.max_line
+                            )
+                            .as_bytes(),
+                        );
+                        tracing::info!(limit = self.max_line, "line too long");
+                        return close(&mut writer, &mut out, idle).await;
+                    }
+                    Input::Line(line) => {
+                        if self.answer(&line, &mut out) == Next::Quit {
+                            return close(&mut writer, &mut out, idle).await;
+                        }
+                    }
+                }
+            }
+            send(&mut writer, &mut out, idle).await?;
+        }
+    }
+
+    /// Appends the answer to one line; says whether the session goes on.
+    fn answer(&self, line: &[u8], out: &mut Vec<u8>) -> Next {
+        let choice = String::from_utf8_lossy(line);
+        match choice.trim() {
+            "1" => {
+                let now = self.clock.now();
+                out.extend_from_slice(
+                    format!("{}{}\r\n", text::DATE, now.strftime("%Y-%m-%d")).as_bytes(),
+                );
+            }
+            "2" => {
+                let now = self.clock.now();
+                out.extend_from_slice(
+                    format!("{}{}\r\n", text::TIME, now.strftime("%H:%M:%S")).as_bytes(),
+                );
+            }
+            "9" => {
+                out.extend_from_slice(text::GOODBYE.as_bytes());
+                return Next::Quit;
+            }
+            "" => {}
+            other => {
+                out.extend_from_slice(
+                    format!(
+                        "{} is not on the menu; type 1, 2 or 9 and press Enter.\r\n",
+                        shorten(other)
+                    )
+                    .as_bytes(),
+                );
+                out.extend_from_slice(text::MENU.as_bytes());
+            }
+        }
+        out.extend_from_slice(text::PROMPT.as_bytes());
+        Next::Continue
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Continue,
+    Quit,
+}
+
+/// User input as it can be shown safely: quoted, control characters
+/// escaped, at most 40 characters.
+fn shorten(input: &str) -> String {
+    let escaped: String = input.chars().flat_map(char::escape_debug).collect();
+    if escaped.chars().count() > 40 {
+        let head: String = escaped.chars().take(37).collect();
+        format!("\"{head}...\"")
+    } else {
+        format!("\"{escaped}\"")
+    }
+}
+
+/// A duration in the words of a message to a user.
+struct Minutes(Duration);
+
+impl fmt::Display for Minutes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.0.as_secs();
+        match secs {
+            s if s >= 60 && s % 60 == 0 && s / 60 == 1 => f.write_str("1 minute"),
+            s if s >= 60 && s % 60 == 0 => write!(f, "{} minutes", s / 60),
+            1 => f.write_str("1 second"),
+            0 => write!(f, "{} ms", self.0.as_millis()),
+            s => write!(f, "{s} seconds"),
+        }
+    }
+}
+
+/// Writes what is pending; a client that stops reading is bounded by the
+/// idle timeout too.
+async fn send<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    out: &mut Vec<u8>,
+    idle: Duration,
+) -> anyhow::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    tokio::time::timeout(idle, writer.write_all(out))
+        .await
+        .context("the client stopped reading")?
+        .context("writing to the client")?;
+    out.clear();
+    Ok(())
+}
+
+async fn close<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    out: &mut Vec<u8>,
+    idle: Duration,
+) -> anyhow::Result<()> {
+    send(writer, out, idle).await?;
+    let _ = writer.shutdown().await;
+    Ok(())
+}
+
+impl Handler for DateTime {
+    async fn handle(self: Arc<Self>, stream: TcpStream, conn: Conn) -> anyhow::Result<()> {
+        self.session(stream, &conn).await
+    }
+}
+
+/// Serves the date/time service on `listener` until `shutdown` completes,
+/// then tells every connected user and drains.
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let service = Arc::new(DateTime::new(&settings, &host)?);
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        instance = %settings.instance,
+        zone = %service.clock.name(),
+        "date/time service ready"
+    );
+    serve(
+        listener,
+        ServeOptions::from(&settings.serve),
+        service,
+        shutdown,
+    )
+    .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_input_is_escaped_and_short() {
+        assert_eq!(shorten("abc"), "\"abc\"");
+        assert_eq!(shorten("a\u{1b}[2J"), "\"a\\u{1b}[2J\"");
+        assert_eq!(
+            shorten(&"x".repeat(100)),
+            format!("\"{}...\"", "x".repeat(37))
+        );
+    }
+
+    #[test]
+    fn durations_for_people() {
+        assert_eq!(Minutes(Duration::from_secs(300)).to_string(), "5 minutes");
+        assert_eq!(Minutes(Duration::from_secs(60)).to_string(), "1 minute");
+        assert_eq!(Minutes(Duration::from_secs(90)).to_string(), "90 seconds");
+        assert_eq!(Minutes(Duration::from_millis(200)).to_string(), "200 ms");
+    }
+
+    #[test]
+    fn unknown_zones_are_refused_with_an_example() {
+        assert!("Europe/Amsterdam".parse::<ZoneName>().is_ok());
+        let err = "Mars/Olympus".parse::<ZoneName>().unwrap_err();
+        assert!(err.contains("Mars/Olympus") && err.contains("UTC"), "{err}");
+    }
+}

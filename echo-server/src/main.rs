@@ -1,1 +1,86 @@
-fn main() {}
+//! `echo-server`: the date/time service, with its configuration resolved
+//! by the shared role runtime.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use common::cli::{load, CommonArgs, Loaded, EXIT_CONFIG};
+use common::endpoint::Endpoint;
+use echo_server::{run, Settings, ENDPOINT, PROGRAM};
+use serde::Serialize;
+
+/// The date/time service: connect with `telnet HOST 1234` and pick from the menu.
+///
+/// Every setting can also come from a YAML file (--config) or from an
+/// ECHO_SERVER_* environment variable (ECHO_SERVER_LISTEN, ECHO_SERVER_UTC,
+/// ECHO_SERVER_IDLE_TIMEOUT, ...); flags win over both.
+#[derive(Debug, Parser, Serialize)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Address to listen on [default: 0.0.0.0:1234]
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+
+    /// Answer in UTC instead of the server's local time zone
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    utc: bool,
+
+    /// Answer in this IANA time zone, such as Europe/Amsterdam
+    #[arg(long, value_name = "ZONE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time_zone: Option<String>,
+
+    /// This instance's id, shown in the greeting [default: echo-server_IN_0]
+    #[arg(long, value_name = "ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instance: Option<String>,
+
+    /// Close a session after this long without input [default: 5m]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_timeout: Option<String>,
+
+    /// Most sessions at once [default: 10000]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections: Option<usize>,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonArgs,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let resolved = match load::<Settings, _>(PROGRAM, &args.common, &args) {
+        Loaded::Run(resolved) => resolved,
+        Loaded::Exit(code) => return code,
+    };
+    let settings = resolved.settings;
+    common::telemetry::init(&settings.log);
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    runtime.block_on(async move {
+        let endpoint = Endpoint {
+            program: PROGRAM,
+            name: ENDPOINT,
+            key: "listen",
+            addr: settings.listen,
+        };
+        let listener = match endpoint.bind() {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("{PROGRAM}: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        match run(listener, settings, common::signal::shutdown()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{PROGRAM}: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
