@@ -46,7 +46,7 @@ pub struct CommonArgs {
 /// What a program does after loading its configuration.
 pub enum Loaded<T> {
     /// Go on and run with these settings.
-    Run(Resolved<T>),
+    Run(Box<Resolved<T>>),
     /// Stop now with this status (after `--print-config`, or an error that
     /// was already printed).
     Exit(ExitCode),
@@ -78,7 +78,7 @@ where
                 print!("{}", resolved.describe());
                 return Loaded::Exit(ExitCode::SUCCESS);
             }
-            Loaded::Run(resolved)
+            Loaded::Run(Box::new(resolved))
         }
         Err(errors) => {
             eprintln!("{program}: {errors}");

@@ -193,10 +193,12 @@ impl Provider for Layer {
 }
 
 impl Layer {
-    fn read(provider: impl Provider) -> figment::Result<Layer> {
+    fn read(provider: impl Provider) -> Result<Layer, ConfigErrors> {
         Ok(Layer {
             metadata: provider.metadata(),
-            data: provider.data()?,
+            data: provider
+                .data()
+                .map_err(|e| ConfigErrors::single(None, e.to_string()))?,
         })
     }
 
@@ -254,8 +256,7 @@ where
     T: Serialize + DeserializeOwned + Default,
     F: Serialize,
 {
-    let mut defaults = Layer::read(Serialized::defaults(T::default()))
-        .map_err(|e| ConfigErrors::single(None, e.to_string()))?;
+    let mut defaults = Layer::read(Serialized::defaults(T::default()))?;
     defaults.metadata = Metadata::named("built-in default");
     let mut layers = vec![defaults];
 
@@ -285,9 +286,7 @@ where
             if let Err(e) = serde_yaml::from_str::<serde_yaml::Value>(&text) {
                 return Err(ConfigErrors::single(origin, format!("not valid YAML: {e}")));
             }
-            let layer = Layer::read(Yaml::file_exact(path))
-                .map_err(|e| ConfigErrors::single(origin.clone(), e.to_string()))?;
-            layers.push(layer);
+            layers.push(Layer::read(Yaml::file_exact(path))?);
         }
         file = Some((path.clone(), text));
     }

@@ -88,11 +88,9 @@ impl LineReader {
                 State::Iac => {
                     self.state = State::Data;
                     match b {
-                        IAC => {
-                            if !self.push(b, inputs) {
-                                return;
-                            }
-                        }
+                        // IAC IAC is a data byte 255.
+                        IAC if !self.push(b, inputs) => return,
+                        IAC => {}
                         WILL | WONT | DO | DONT => self.state = State::Option(b),
                         SB => self.state = State::Sub,
                         EC => {
