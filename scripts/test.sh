@@ -11,12 +11,17 @@ declare -A packages=(
     [expect]=expect
     [nc]=netcat-openbsd
     [ip]=iproute2
+    [setpriv]=util-linux
+    [kill]=procps
 )
 
 missing=()
 for command in "${!packages[@]}"; do
     command -v "$command" >/dev/null 2>&1 || missing+=("${packages[$command]}")
 done
+# psql and pgbench alone come without a server; the tunnel's end-to-end
+# test runs a real PostgreSQL server.
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || missing+=(postgresql)
 if ((${#missing[@]})); then
     echo "== installing ${missing[*]}"
     sudo=""

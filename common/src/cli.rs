@@ -43,6 +43,37 @@ pub struct CommonArgs {
     pub log_format: Option<LogFormat>,
 }
 
+/// Parses the command line. A usage error is printed with clap's help and
+/// gives status 64 (clap's own is 2); `--help` and `--version` print and
+/// give 0.
+pub fn parse_args<A: clap::Parser>() -> Result<A, ExitCode> {
+    A::try_parse().map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            ExitCode::from(EXIT_CONFIG)
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
+}
+
+/// Where a program's configuration comes from: the `--config` file or
+/// `<PREFIX>_CONFIG`, the environment, and `flags`. A program that reloads
+/// its configuration resolves these again.
+pub fn sources<'a, F>(program: &'static str, common: &CommonArgs, flags: &'a F) -> Sources<&'a F> {
+    let file = common.config.clone().or_else(|| {
+        std::env::var_os(env_var(program, "config"))
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    Sources {
+        program,
+        file,
+        flags,
+        env_ignore: &["config"],
+    }
+}
+
 /// What a program does after loading its configuration.
 pub enum Loaded<T> {
     /// Go on and run with these settings.
@@ -61,18 +92,7 @@ where
     T: Serialize + DeserializeOwned + Default,
     F: Serialize,
 {
-    let file = common.config.clone().or_else(|| {
-        std::env::var_os(env_var(program, "config"))
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    });
-    let sources = Sources {
-        program,
-        file,
-        flags,
-        env_ignore: &["config"],
-    };
-    match resolve::<T, _>(&sources) {
+    match resolve::<T, _>(&sources(program, common, flags)) {
         Ok(resolved) => {
             if common.print_config {
                 print!("{}", resolved.describe());

@@ -41,6 +41,9 @@ pub struct Conn {
     pub local: SocketAddr,
     /// Cancelled when the server begins shutting down: finish soon.
     pub draining: CancellationToken,
+    /// Cancelled when the grace period is over: the connection is dropped
+    /// right after, so a handler that wants a last word says it now.
+    pub closing: CancellationToken,
     /// The configured idle timeout.
     pub idle_timeout: Duration,
 }
@@ -210,6 +213,7 @@ pub async fn accept_until<H: Handler>(
             peer,
             local,
             draining: connections.draining.clone(),
+            closing: connections.closing.clone(),
             idle_timeout: options.idle_timeout,
         };
         let closing = connections.closing.clone();
@@ -219,6 +223,8 @@ pub async fn accept_until<H: Handler>(
             async move {
                 debug!("accepted");
                 tokio::select! {
+                    // The handler first: it may finish (and log) on `closing`.
+                    biased;
                     result = handler.handle(stream, conn) => match result {
                         Ok(()) => debug!("closed"),
                         Err(e) => info!(error = %format!("{e:#}"), "connection ended with an error"),

@@ -266,6 +266,77 @@ impl<'de> Deserialize<'de> for ListenAddr {
     }
 }
 
+/// A peer to connect to, `HOST:PORT`: a host name or address and a port.
+/// A name is kept as written and resolved at each connect, so a peer that
+/// moves is followed. IPv6 addresses are written in brackets (`[::1]:5432`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port, 1 to 65535.
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for HostPort {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let usage = "write HOST:PORT such as db.internal:5432, 127.0.0.1:2345 or [::1]:2345";
+        let Some((host, port)) = s.rsplit_once(':') else {
+            return Err(format!("{s:?} has no port; {usage}"));
+        };
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{port:?} is not a port number (1 to 65535); {usage}"))?;
+        let bracketed = host.starts_with('[') && host.ends_with(']');
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if bare.is_empty()
+            || (host.contains(':') && !bracketed)
+            || bare.contains(|c: char| c.is_whitespace() || c == '/' || c == '[' || c == ']')
+        {
+            return Err(format!("{host:?} is not a host name or address; {usage}"));
+        }
+        Ok(HostPort {
+            host: bare.to_string(),
+            port,
+        })
+    }
+}
+
+impl Serialize for HostPort {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = HostPort;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("HOST:PORT")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HostPort, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 /// How a program serves connections: the part of every program's settings
 /// the shared accept loop reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -361,6 +432,28 @@ mod tests {
     fn bad_networks_are_named() {
         let err = "10.0.0.0/8, tenfour".parse::<CidrList>().unwrap_err();
         assert!(err.contains("\"tenfour\""), "{err}");
+    }
+
+    #[test]
+    fn host_and_port() {
+        let t: HostPort = "db.internal:5432".parse().unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("db.internal", 5432));
+        let v6: HostPort = "[::1]:2345".parse().unwrap();
+        assert_eq!(v6.host, "::1");
+        assert_eq!(v6.to_string(), "[::1]:2345");
+        assert!("db.internal"
+            .parse::<HostPort>()
+            .unwrap_err()
+            .contains("no port"));
+        assert!("db:0"
+            .parse::<HostPort>()
+            .unwrap_err()
+            .contains("port number"));
+        assert!("::1:5432"
+            .parse::<HostPort>()
+            .unwrap_err()
+            .contains("not a host"));
+        assert!(":5432".parse::<HostPort>().is_err());
     }
 
     #[test]

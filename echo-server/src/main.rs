@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use common::cli::{load, CommonArgs, Loaded, EXIT_CONFIG};
+use common::cli::{load, parse_args, CommonArgs, Loaded, EXIT_CONFIG};
 use common::endpoint::Endpoint;
 use echo_server::{run, Settings, ENDPOINT, PROGRAM};
 use serde::Serialize;
@@ -53,7 +53,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match parse_args::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     let resolved = match load::<Settings, _>(PROGRAM, &args.common, &args) {
         Loaded::Run(resolved) => resolved,
         Loaded::Exit(code) => return code,

@@ -2,26 +2,49 @@
 //! workspace's real binaries against real peers (the `telnet` client,
 //! PostgreSQL, the square client).
 //!
-//! The binaries are the ones `cargo build --workspace` put next to the test
-//! executables; the test script builds them first.
+//! [`binary`] builds the workspace's binaries once per test run, in the
+//! tests' own profile and target directory, so a test never runs a stale
+//! one.
 
+pub mod netns;
+pub mod postgres;
+
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// The path of a workspace binary built in the same profile as the tests.
+/// The path of a workspace binary, built once per test run with the
+/// profile and target directory of the tests, so it is never stale.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace` before the end-to-end tests",
-        path.display()
-    );
-    path
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // A test runs as <target>/<profile>/deps/<test>-<hash>.
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let target = profile_dir.parent().expect("target dir");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace");
+        let mut build = Command::new(env!("CARGO"));
+        build
+            .current_dir(workspace)
+            .env("CARGO_TARGET_DIR", target)
+            .args(["build", "--quiet", "--workspace", "--bins"]);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo runs");
+        assert!(status.success(), "building the workspace binaries failed");
+        profile_dir
+    });
+    dir.join(name)
 }
 
 /// A loopback port that was free a moment ago.
@@ -48,12 +71,16 @@ pub fn wait_listening(addr: SocketAddr, child: &mut Child) {
     panic!("nothing listens on {addr} after 20 s");
 }
 
-/// A child process that is killed when the test ends, pass or fail.
+/// A child process that is killed when the test ends, pass or fail. Its
+/// stderr is read as it comes (a busy server's log must never fill the
+/// pipe and stall it) and kept for [`Running::stop`].
 pub struct Running {
     /// The process.
     pub child: Child,
     /// Where it listens.
     pub addr: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -66,8 +93,33 @@ impl Running {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the server");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let reader = child.stderr.take().map(|mut pipe| {
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            })
+        });
         wait_listening(addr, &mut child);
-        Running { child, addr }
+        Running {
+            child,
+            addr,
+            stderr,
+            reader,
+        }
+    }
+
+    /// What the process has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
     }
 
     /// Sends `signal` (by name, as `kill -s` takes it).
@@ -85,12 +137,11 @@ impl Running {
         let end = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                let mut err = String::new();
-                if let Some(mut stderr) = self.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = stderr.read_to_string(&mut err);
+                // The pipe closes with the process: take in the last lines.
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
                 }
-                return (status.code(), err);
+                return (status.code(), self.stderr());
             }
             assert!(Instant::now() < end, "the server ignored SIGTERM for 20 s");
             std::thread::sleep(Duration::from_millis(20));

@@ -1,3 +1,269 @@
-//! The TCP tunnel (issue 3): forwards connections from listening endpoints to
-//! targets, in the spirit of rinetd, on the shared role runtime in `common`.
-//! Not built yet: this crate holds no forwarding code so far.
+//! The TCP tunnel: forwards connections from listening endpoints to targets,
+//! in the spirit of rinetd, on the shared role runtime in `common`.
+//!
+//! A [`Tunnel`] runs a set of [`Route`]s. [`Tunnel::apply`] replaces the set
+//! while connections keep running: listeners whose address is unchanged are
+//! handed to the new accept loops, new addresses are bound first, and if any
+//! bind fails nothing changes. [`Tunnel::shutdown`] stops accepting and
+//! drains within the grace period.
+
+pub mod access_log;
+pub mod connect;
+pub mod relay;
+pub mod rinetd;
+pub mod settings;
+pub mod splice;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::endpoint::bind_listener;
+use common::serve::{accept_until, Conn, Connections, Handler, ServeOptions};
+use common::settings::{AccessRules, ListenAddr};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::access_log::{AccessLog, Entry};
+pub use crate::settings::{Route, Settings, Target};
+
+/// Serves one route's connections: connect to the target, relay, log.
+#[derive(Debug)]
+pub struct RouteHandler {
+    route: Route,
+    log: Arc<AccessLog>,
+}
+
+impl Handler for RouteHandler {
+    async fn handle(self: Arc<Self>, mut client: TcpStream, conn: Conn) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let route = &self.route;
+        let keepalive = route.keepalive.time();
+        connect::tune(&client, keepalive);
+        let connecting = tokio::select! {
+            biased;
+            c = connect::connect(&route.target, route.connect_timeout.0) => c,
+            _ = conn.closing.cancelled() => Err(connect::Unreachable("shutdown while connecting".into())),
+        };
+        let (mut target, target_addr) = match connecting {
+            Ok(pair) => pair,
+            Err(connect::Unreachable(why)) => {
+                tracing::warn!(target = %route.target, error = %why, "target unreachable");
+                self.log.record(&Entry {
+                    route: &route.name,
+                    client: conn.peer,
+                    target: route.target.to_string(),
+                    sent: 0,
+                    received: 0,
+                    duration: started.elapsed(),
+                    end: "target unreachable",
+                    detail: Some(why),
+                });
+                return Ok(());
+            }
+        };
+        connect::tune(&target, keepalive);
+        let outcome = relay::relay_tcp(
+            &mut client,
+            &mut target,
+            route.idle_timeout.0,
+            &conn.closing,
+        )
+        .await;
+        self.log.record(&Entry {
+            route: &route.name,
+            client: conn.peer,
+            target: target_addr.to_string(),
+            sent: outcome.sent,
+            received: outcome.received,
+            duration: started.elapsed(),
+            end: outcome.end.as_str(),
+            detail: outcome.error.map(|e| e.to_string()),
+        });
+        Ok(())
+    }
+
+    fn refused(&self, _id: u64, peer: std::net::SocketAddr) {
+        self.log.record(&Entry {
+            route: &self.route.name,
+            client: peer,
+            target: self.route.target.to_string(),
+            sent: 0,
+            received: 0,
+            duration: Duration::ZERO,
+            end: "refused by access list",
+            detail: None,
+        });
+    }
+}
+
+/// A route that is running: its listeners and accept loops.
+struct Running {
+    route: Route,
+    listeners: Vec<(ListenAddr, Arc<TcpListener>)>,
+    stop: CancellationToken,
+    loops: Vec<JoinHandle<()>>,
+}
+
+/// A set of routes being served, replaceable while connections run.
+pub struct Tunnel {
+    running: Mutex<Vec<Running>>,
+    connections: Connections,
+    log: Arc<AccessLog>,
+}
+
+/// Why a new set of routes could not be applied; the old set still runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyError(pub Vec<String>);
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("; "))
+    }
+}
+
+impl std::error::Error for ApplyError {}
+
+impl Tunnel {
+    /// A tunnel with no routes yet; `grace` bounds the drain on shutdown.
+    pub fn new(grace: Duration, log: AccessLog) -> Self {
+        Tunnel {
+            running: Mutex::new(Vec::new()),
+            connections: Connections::new(grace),
+            log: Arc::new(log),
+        }
+    }
+
+    /// How many relayed connections are open.
+    pub fn connections(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// The addresses each route listens on, by route name.
+    pub async fn listening(&self) -> HashMap<String, Vec<std::net::SocketAddr>> {
+        let running = self.running.lock().await;
+        running
+            .iter()
+            .map(|r| {
+                let addrs = r
+                    .listeners
+                    .iter()
+                    .filter_map(|(_, l)| l.local_addr().ok())
+                    .collect();
+                (r.route.name.clone(), addrs)
+            })
+            .collect()
+    }
+
+    /// Makes `routes` the running set. Listeners in `bound` (by the address
+    /// a route names) are used as they are, so tests can pass listeners bound
+    /// to port 0; listeners of the running set are kept for the same
+    /// address; anything else is bound now. On any bind failure the running
+    /// set is left as it was.
+    pub async fn apply(
+        &self,
+        routes: Vec<Route>,
+        mut bound: HashMap<ListenAddr, TcpListener>,
+    ) -> Result<(), ApplyError> {
+        let mut running = self.running.lock().await;
+        let mut held: HashMap<ListenAddr, Arc<TcpListener>> = running
+            .iter()
+            .flat_map(|r| r.listeners.iter().cloned())
+            .collect();
+        let mut planned = Vec::new();
+        let mut errors = Vec::new();
+        for route in routes {
+            let mut listeners = Vec::new();
+            for addr in &route.listen {
+                let listener = if let Some(l) = held.remove(addr) {
+                    l
+                } else if let Some(l) = bound.remove(addr) {
+                    Arc::new(l)
+                } else {
+                    match bind_listener(*addr) {
+                        Ok(l) => Arc::new(l),
+                        Err(e) => {
+                            errors.push(explain_bind(&route.name, *addr, &e));
+                            continue;
+                        }
+                    }
+                };
+                listeners.push((*addr, listener));
+            }
+            planned.push((route, listeners));
+        }
+        if !errors.is_empty() {
+            return Err(ApplyError(errors));
+        }
+        // Stop the old accept loops (their connections go on), then start
+        // the new ones on the planned listeners.
+        for old in running.drain(..) {
+            old.stop.cancel();
+            for task in old.loops {
+                let _ = task.await;
+            }
+        }
+        for (route, listeners) in planned {
+            running.push(self.start(route, listeners));
+        }
+        Ok(())
+    }
+
+    fn start(&self, route: Route, listeners: Vec<(ListenAddr, Arc<TcpListener>)>) -> Running {
+        let stop = CancellationToken::new();
+        let options = ServeOptions {
+            max_connections: route.max_connections.max(1),
+            access: AccessRules(route.access.clone()),
+            idle_timeout: route.idle_timeout.0,
+            grace: Duration::ZERO,
+        };
+        let handler = Arc::new(RouteHandler {
+            route: route.clone(),
+            log: self.log.clone(),
+        });
+        let loops = listeners
+            .iter()
+            .map(|(addr, listener)| {
+                tracing::info!(route = %route.name, listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| addr.to_string()), target = %route.target, "route ready");
+                let (listener, options, handler, connections, stop) =
+                    (listener.clone(), options.clone(), handler.clone(), self.connections.clone(), stop.clone());
+                tokio::spawn(async move {
+                    accept_until(&listener, &options, &handler, &connections, stop.cancelled()).await;
+                })
+            })
+            .collect();
+        Running {
+            route,
+            listeners,
+            stop,
+            loops,
+        }
+    }
+
+    /// Stops accepting on every route, lets connections finish within the
+    /// grace period, then closes the rest.
+    pub async fn shutdown(&self) {
+        let mut running = self.running.lock().await;
+        for old in running.drain(..) {
+            old.stop.cancel();
+            for task in old.loops {
+                let _ = task.await;
+            }
+        }
+        drop(running);
+        self.connections.drain().await;
+    }
+}
+
+fn explain_bind(route: &str, addr: ListenAddr, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!("route {route}: {addr} is already in use; pick another listen address"),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "route {route}: no permission to listen on {addr} (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        ),
+        std::io::ErrorKind::AddrNotAvailable => format!("route {route}: {addr} is not an address of this machine"),
+        _ => format!("route {route}: cannot listen on {addr}: {e}"),
+    }
+}

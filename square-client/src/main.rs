@@ -1,0 +1,68 @@
+//! `square-client`: parses arguments and configuration and runs
+//! [`square_client::cli::run`].
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use common::cli::{load, parse_args, CommonArgs, Loaded};
+use serde::Serialize;
+use square_client::cli::{Format, PROGRAM};
+use square_client::settings::Settings;
+
+/// Ask the square service for the exact squares of numbers.
+///
+/// Prints each square on its own line. With no NUMBER, squares every line of
+/// standard input, pipelined. Exit status: 0 all squared, 1 a number was
+/// refused, 64 usage or configuration error, 69 the server is unreachable.
+#[derive(Debug, Parser, Serialize)]
+#[command(name = "square-client", version)]
+struct Args {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonArgs,
+
+    /// The square server, HOST:PORT [default: 127.0.0.1:2345] (also SQUARE_CLIENT_SERVER)
+    #[arg(long, value_name = "HOST:PORT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server: Option<String>,
+
+    /// How long to wait for the server to accept, such as 5s or 500ms [default: 5s] (also SQUARE_CLIENT_CONNECT_TIMEOUT)
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connect_timeout: Option<String>,
+
+    /// Print one JSON object per line: {"input":"12","square":"144"} or {"input":"x","error":"..."}
+    #[arg(long)]
+    #[serde(skip)]
+    json: bool,
+
+    /// Numbers to square (integers or decimals, any size up to the server's limit)
+    #[arg(value_name = "NUMBER", allow_negative_numbers = true)]
+    #[serde(skip)]
+    numbers: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    let settings = match load::<Settings, _>(PROGRAM, &args.common, &args) {
+        Loaded::Run(resolved) => resolved.settings,
+        Loaded::Exit(code) => return code,
+    };
+    common::telemetry::init(&settings.log);
+    let format = if args.json {
+        Format::Json
+    } else {
+        Format::Plain
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{PROGRAM}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(square_client::cli::run(&settings, args.numbers, format))
+}

@@ -1,0 +1,68 @@
+//! `square-server`: parses arguments and configuration, binds
+//! `SquareEndpoint` and runs the square service until SIGINT or SIGTERM.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use common::cli::{load, parse_args, CommonArgs, Loaded, EXIT_CONFIG};
+use common::endpoint::Endpoint;
+use serde::Serialize;
+use square_server::{Settings, ENDPOINT, PROGRAM};
+
+/// The square service: send one number per line, get its exact square back.
+///
+/// Every setting can also come from a YAML file (--config) or an environment
+/// variable SQUARE_SERVER_<KEY> (SQUARE_SERVER_MAX_DIGITS=20000).
+#[derive(Debug, Parser, Serialize)]
+#[command(name = "square-server", version)]
+struct Args {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonArgs,
+
+    /// Address for SquareEndpoint, IP:PORT [default: 0.0.0.0:2345] (also SQUARE_SERVER_LISTEN)
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+
+    /// Most digits in a number [default: 10000] (also SQUARE_SERVER_MAX_DIGITS)
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_digits: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    let settings = match load::<Settings, _>(PROGRAM, &args.common, &args) {
+        Loaded::Run(resolved) => resolved.settings,
+        Loaded::Exit(code) => return code,
+    };
+    common::telemetry::init(&settings.log);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{PROGRAM}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let endpoint = Endpoint {
+            program: PROGRAM,
+            name: ENDPOINT,
+            key: "listen",
+            addr: settings.listen,
+        };
+        let listener = match endpoint.bind() {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("{PROGRAM}: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        square_server::run(listener, settings, common::signal::shutdown()).await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,98 @@
+//! One line per connection: time, route, client, target, bytes each way,
+//! duration, and how it ended. Lines go to the log (target `access`) and,
+//! when configured, are appended to a file, like rinetd's `logfile`.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// How a connection ended, in the access log's words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry<'a> {
+    /// The route's name.
+    pub route: &'a str,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The target as connected (an address), or as configured when no
+    /// connection was made.
+    pub target: String,
+    /// Bytes from the client to the target.
+    pub sent: u64,
+    /// Bytes from the target to the client.
+    pub received: u64,
+    /// From accept to close.
+    pub duration: Duration,
+    /// How it ended: `closed by client`, `closed by target`, `idle timeout`,
+    /// `refused by access list`, `target unreachable`, ...
+    pub end: &'a str,
+    /// More about a failure.
+    pub detail: Option<String>,
+}
+
+impl Entry<'_> {
+    /// The entry as one line, without the time stamp.
+    pub fn line(&self) -> String {
+        let mut line = format!(
+            "route={} client={} target={} sent={} received={} duration={:.3}s end=\"{}\"",
+            self.route,
+            self.client,
+            self.target,
+            self.sent,
+            self.received,
+            self.duration.as_secs_f64(),
+            self.end
+        );
+        if let Some(detail) = &self.detail {
+            line.push_str(&format!(" detail=\"{}\"", detail.replace('"', "'")));
+        }
+        line
+    }
+}
+
+/// Where access-log lines go.
+#[derive(Debug, Default)]
+pub struct AccessLog {
+    file: Option<Mutex<File>>,
+}
+
+impl AccessLog {
+    /// Lines only to the log.
+    pub fn to_log() -> Self {
+        AccessLog { file: None }
+    }
+
+    /// Lines to the log and appended to `path`.
+    pub fn to_file(path: &Path) -> std::io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(AccessLog {
+            file: Some(Mutex::new(file)),
+        })
+    }
+
+    /// Records one connection.
+    pub fn record(&self, entry: &Entry<'_>) {
+        tracing::info!(
+            target: "access",
+            route = entry.route,
+            client = %entry.client,
+            target_addr = %entry.target,
+            sent = entry.sent,
+            received = entry.received,
+            duration_ms = entry.duration.as_millis() as u64,
+            end = entry.end,
+            detail = entry.detail.as_deref().unwrap_or(""),
+            "connection"
+        );
+        if let Some(file) = &self.file {
+            let stamp = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.3fZ");
+            let line = format!("{stamp} {}\n", entry.line());
+            if let Ok(mut file) = file.lock() {
+                // One write per line keeps lines whole between threads.
+                let _ = file.write_all(line.as_bytes());
+            }
+        }
+    }
+}

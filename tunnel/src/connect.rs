@@ -1,0 +1,86 @@
+//! Connecting to a target: the host name is resolved at every connect (the
+//! target may move), each address is tried in turn within one connect
+//! timeout, and the socket gets `TCP_NODELAY` and keepalive.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::settings::Target;
+
+/// Why a target could not be reached, in words for the access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreachable(pub String);
+
+/// Connects to `target` within `timeout`.
+pub async fn connect(
+    target: &Target,
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), Unreachable> {
+    let deadline = Instant::now() + timeout;
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout_at(
+        deadline,
+        tokio::net::lookup_host((target.host.as_str(), target.port)),
+    )
+    .await
+    {
+        Err(_) => {
+            return Err(Unreachable(format!(
+                "{} did not resolve within {timeout:?}",
+                target.host
+            )))
+        }
+        Ok(Err(e)) => {
+            return Err(Unreachable(format!(
+                "{} does not resolve: {e}",
+                target.host
+            )))
+        }
+        Ok(Ok(addrs)) => addrs.collect(),
+    };
+    if addrs.is_empty() {
+        return Err(Unreachable(format!(
+            "{} resolves to no address",
+            target.host
+        )));
+    }
+    let mut last = None;
+    for addr in &addrs {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => return Ok((stream, *addr)),
+            Ok(Err(e)) => last = Some(format!("{addr}: {}", describe(&e))),
+            Err(_) => {
+                last = Some(format!("{addr}: no answer within {timeout:?}"));
+                break;
+            }
+        }
+    }
+    Err(Unreachable(
+        last.unwrap_or_else(|| format!("{target}: no address tried")),
+    ))
+}
+
+fn describe(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        io::ErrorKind::TimedOut => "timed out".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Sets what every relayed socket needs: no Nagle delay (interactive
+/// protocols such as PostgreSQL's would wait for delayed ACKs) and, when
+/// configured, keepalive probes so dead peers are found.
+pub fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
+    let _ = stream.set_nodelay(true);
+    if let Some(time) = keepalive {
+        let probes = TcpKeepalive::new()
+            .with_time(time)
+            .with_interval(Duration::from_secs(10).min(time));
+        let _ = SockRef::from(stream).set_tcp_keepalive(&probes);
+    }
+}

@@ -1,0 +1,199 @@
+//! `tunnel`: forwards TCP connections to a target, or many routes from a
+//! configuration file; SIGHUP reloads it, SIGTERM drains.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use common::cli::{parse_args, sources, CommonArgs, EXIT_CONFIG};
+use common::config::{resolve, ConfigErrors};
+use serde::Serialize;
+use tokio::signal::unix::{signal, SignalKind};
+use tunnel::access_log::AccessLog;
+use tunnel::settings::{Route, Settings, PROGRAM};
+use tunnel::{rinetd, Tunnel};
+
+/// Forward TCP connections to a target behind a firewall.
+///
+/// Quick form: `tunnel --listen 0.0.0.0:1001 --target db.internal:5432`, or
+/// set TUNNEL_HOST and TUNNEL_PORT. Many routes: `--config FILE` (YAML) or
+/// rinetd's own format with `--rinetd-conf FILE`. Every setting can also come
+/// from a TUNNEL_* environment variable. SIGHUP reloads the configuration;
+/// SIGTERM or Ctrl-C stops accepting and lets connections finish.
+#[derive(Debug, Parser, Serialize)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Address(es) to listen on, IP:PORT [default: 0.0.0.0:1001]
+    #[arg(long, value_name = "ADDR", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    listen: Vec<String>,
+
+    /// Where to forward connections, HOST:PORT (or TUNNEL_HOST and TUNNEL_PORT)
+    #[arg(long, value_name = "HOST:PORT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
+
+    /// Read rinetd's configuration format instead of YAML
+    #[arg(long, value_name = "FILE", conflicts_with = "config")]
+    #[serde(skip)]
+    rinetd_conf: Option<PathBuf>,
+
+    /// Also append one line per connection to this file
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_log: Option<String>,
+
+    /// How long to wait for the target to accept [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connect_timeout: Option<String>,
+
+    /// Close connections idle this long in both directions [default: 1h]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idle_timeout: Option<String>,
+
+    /// Most connections at once per route [default: 10000]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections: Option<usize>,
+
+    /// How long connections may take to finish on SIGTERM [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shutdown_grace: Option<String>,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonArgs,
+}
+
+/// Reads the settings and the routes they make, every problem at once.
+fn configure(args: &Args) -> Result<(Settings, Vec<Route>), ConfigErrors> {
+    let settings = match &args.rinetd_conf {
+        Some(path) => {
+            let mut settings = rinetd::read(path)?;
+            // Flags still apply on top of a rinetd file.
+            if let Some(level) = &args.common.log_level {
+                settings.log.log_level = Some(level.clone());
+            }
+            if let Some(format) = args.common.log_format {
+                settings.log.log_format = format;
+            }
+            if let Some(path) = &args.access_log {
+                settings.access_log = Some(path.clone());
+            }
+            settings
+        }
+        None => {
+            let resolved = resolve::<Settings, _>(&sources(PROGRAM, &args.common, args))?;
+            let routes = resolved.settings.routes().map_err(|errors| {
+                // Point at where the route's values were written.
+                ConfigErrors(
+                    errors
+                        .into_iter()
+                        .map(|mut e| {
+                            if e.origin.is_none() {
+                                e.origin = resolved.origin(&e.key).or_else(|| {
+                                    e.key
+                                        .rsplit_once('.')
+                                        .and_then(|(parent, _)| resolved.origin(parent))
+                                });
+                            }
+                            e
+                        })
+                        .collect(),
+                )
+            })?;
+            return Ok((resolved.settings, routes));
+        }
+    };
+    let routes = settings.routes().map_err(ConfigErrors)?;
+    Ok((settings, routes))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    let (settings, routes) = match configure(&args) {
+        Ok(pair) => pair,
+        Err(errors) => {
+            eprintln!("{PROGRAM}: {errors}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.common.print_config {
+        if args.rinetd_conf.is_some() {
+            // The YAML a rinetd user would write instead.
+            print!("{}", serde_yaml::to_string(&settings).unwrap_or_default());
+        } else if let Ok(resolved) = resolve::<Settings, _>(&sources(PROGRAM, &args.common, &args))
+        {
+            print!("{}", resolved.describe());
+        }
+        return ExitCode::SUCCESS;
+    }
+    common::telemetry::init(&settings.log);
+    let log = match &settings.access_log {
+        Some(path) => match AccessLog::to_file(path.as_ref()) {
+            Ok(log) => log,
+            Err(e) => {
+                eprintln!("{PROGRAM}: cannot open access log {path}: {e}; check access_log or --access-log");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => AccessLog::to_log(),
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    runtime.block_on(serve(args, settings, routes, log))
+}
+
+async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLog) -> ExitCode {
+    let tunnel = Tunnel::new(settings.shutdown_grace.0, log);
+    if let Err(e) = tunnel.apply(routes, HashMap::new()).await {
+        eprintln!("{PROGRAM}: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if let Some(pid_file) = &settings.pid_file {
+        if let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id())) {
+            tracing::warn!(file = %pid_file, error = %e, "cannot write the pid file");
+        }
+    }
+    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    let shutdown = common::signal::shutdown();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = hangup.recv() => reload(&args, &settings, &tunnel).await,
+        }
+    }
+    tunnel.shutdown().await;
+    if let Some(pid_file) = &settings.pid_file {
+        let _ = std::fs::remove_file(pid_file);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Applies the configuration as it is now; on any problem the running
+/// routes stay as they are.
+async fn reload(args: &Args, first: &Settings, tunnel: &Tunnel) {
+    tracing::info!("SIGHUP: reloading the configuration");
+    let (settings, routes) = match configure(args) {
+        Ok(pair) => pair,
+        Err(errors) => {
+            tracing::error!("reload failed, the running configuration stays: {errors}");
+            return;
+        }
+    };
+    if settings.access_log != first.access_log || settings.shutdown_grace != first.shutdown_grace {
+        tracing::warn!("access_log and shutdown_grace changes take effect at the next start");
+    }
+    let names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
+    match tunnel.apply(routes, HashMap::new()).await {
+        Ok(()) => tracing::info!(routes = ?names, "reloaded"),
+        Err(e) => tracing::error!("reload failed, the running configuration stays: {e}"),
+    }
+}

@@ -1,0 +1,410 @@
+//! Copying bytes both ways between a client and its target.
+//!
+//! The relay propagates a half-close: when one side finishes sending, the
+//! other side's write half is shut down and the opposite direction keeps
+//! flowing, so a client that shuts down its write side still receives the
+//! whole reply. Idle connections hold no buffer: bytes are read into a
+//! per-thread scratch buffer and written straight on; only what the
+//! receiver cannot take at once is kept, and freed as soon as it is sent.
+//! A connection with no traffic either way for the idle timeout is closed.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+
+/// Size of the per-thread scratch buffer each read goes through.
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// How a relayed connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The client finished first (and then the target).
+    ClosedByClient,
+    /// The target finished first (and then the client).
+    ClosedByTarget,
+    /// No traffic either way for the idle timeout.
+    IdleTimeout,
+    /// A read or write failed (reset by a peer, say).
+    Error,
+    /// Still open when the shutdown grace period ended.
+    Shutdown,
+}
+
+impl End {
+    /// The words of the access log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::ClosedByClient => "closed by client",
+            End::ClosedByTarget => "closed by target",
+            End::IdleTimeout => "idle timeout",
+            End::Error => "connection error",
+            End::Shutdown => "closed at shutdown",
+        }
+    }
+}
+
+/// What went through a relayed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Bytes from the client to the target.
+    pub sent: u64,
+    /// Bytes from the target to the client.
+    pub received: u64,
+    /// How it ended.
+    pub end: End,
+    /// The error, when `end` is [`End::Error`].
+    pub error: Option<io::ErrorKind>,
+}
+
+/// One direction of a buffered relay.
+#[derive(Debug, Default)]
+pub(crate) struct Direction {
+    /// Bytes read but not yet written; empty (and unallocated) when idle.
+    pending: Vec<u8>,
+    sent: usize,
+    read_done: bool,
+    shut_down: bool,
+    needs_flush: bool,
+    pub(crate) bytes: u64,
+}
+
+impl Direction {
+    pub(crate) fn done(&self) -> bool {
+        self.shut_down
+    }
+
+    /// Moves bytes from `reader` to `writer` until either would block.
+    /// Returns Ready once `writer` has been shut down after EOF.
+    pub(crate) fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+        active: &mut bool,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.sent < self.pending.len() {
+                let n = ready!(writer.as_mut().poll_write(cx, &self.pending[self.sent..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.sent += n;
+                self.bytes += n as u64;
+                self.needs_flush = true;
+                *active = true;
+                if self.sent == self.pending.len() {
+                    // Give the memory back: an idle connection keeps none.
+                    self.pending = Vec::new();
+                    self.sent = 0;
+                }
+                continue;
+            }
+            if !self.read_done {
+                let read = SCRATCH_BUF.with(|scratch| {
+                    let mut scratch = scratch.borrow_mut();
+                    let mut buf = ReadBuf::new(&mut scratch[..]);
+                    match reader.as_mut().poll_read(cx, &mut buf) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Ready(Ok(())) => {
+                            let data = buf.filled();
+                            if data.is_empty() {
+                                return Poll::Ready(Ok(None));
+                            }
+                            // Write straight on; keep only what does not fit.
+                            let written = match writer.as_mut().poll_write(cx, data) {
+                                Poll::Ready(Ok(n)) => n,
+                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                                Poll::Pending => 0,
+                            };
+                            if written < data.len() {
+                                self.pending = data[written..].to_vec();
+                                self.sent = 0;
+                            }
+                            Poll::Ready(Ok(Some(written)))
+                        }
+                    }
+                });
+                match read {
+                    Poll::Pending => {
+                        if self.needs_flush {
+                            ready!(writer.as_mut().poll_flush(cx))?;
+                            self.needs_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(None)) => self.read_done = true,
+                    Poll::Ready(Ok(Some(written))) => {
+                        self.bytes += written as u64;
+                        self.needs_flush |= written > 0;
+                        *active = true;
+                    }
+                }
+                continue;
+            }
+            if !self.shut_down {
+                ready!(writer.as_mut().poll_shutdown(cx))?;
+                self.shut_down = true;
+            }
+            return Poll::Ready(Ok(()));
+        }
+    }
+}
+
+/// The two directions of a relay, each moved forward by a poll.
+pub(crate) trait Pump {
+    /// Client to target; Ready once it has ended.
+    fn poll_up(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<io::Result<()>>;
+    /// Target to client; Ready once it has ended.
+    fn poll_down(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<io::Result<()>>;
+    /// Whether each direction has ended: (up, down).
+    fn done(&self) -> (bool, bool);
+    /// Bytes moved: (up, down).
+    fn bytes(&self) -> (u64, u64);
+}
+
+/// Copies through user space; works for any stream (TLS included).
+struct Buffered<'a, C: ?Sized, T: ?Sized> {
+    client: &'a mut C,
+    target: &'a mut T,
+    up: Direction,
+    down: Direction,
+}
+
+impl<C, T> Pump for Buffered<'_, C, T>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    T: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    fn poll_up(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<io::Result<()>> {
+        self.up.poll_copy(
+            cx,
+            Pin::new(&mut *self.client),
+            Pin::new(&mut *self.target),
+            active,
+        )
+    }
+    fn poll_down(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<io::Result<()>> {
+        self.down.poll_copy(
+            cx,
+            Pin::new(&mut *self.target),
+            Pin::new(&mut *self.client),
+            active,
+        )
+    }
+    fn done(&self) -> (bool, bool) {
+        (self.up.done(), self.down.done())
+    }
+    fn bytes(&self) -> (u64, u64) {
+        (self.up.bytes, self.down.bytes)
+    }
+}
+
+/// Relays between `client` and `target` until both directions have ended,
+/// either side fails, nothing moves for `idle`, or `closing` is cancelled.
+/// Any stream type: bytes pass through user space.
+pub async fn relay<C, T>(
+    client: &mut C,
+    target: &mut T,
+    idle: Duration,
+    closing: &CancellationToken,
+) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    T: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let pump = Buffered {
+        client,
+        target,
+        up: Direction::default(),
+        down: Direction::default(),
+    };
+    run(pump, idle, closing).await
+}
+
+/// Like [`relay`] for two TCP sockets: on Linux the bytes never leave the
+/// kernel (`splice(2)`).
+pub async fn relay_tcp(
+    client: &mut tokio::net::TcpStream,
+    target: &mut tokio::net::TcpStream,
+    idle: Duration,
+    closing: &CancellationToken,
+) -> Outcome {
+    let pump = crate::splice::Spliced::new(client, target);
+    run(pump, idle, closing).await
+}
+
+pub(crate) async fn run<P: Pump + Unpin>(
+    pump: P,
+    idle: Duration,
+    closing: &CancellationToken,
+) -> Outcome {
+    let mut relay = Relay {
+        pump,
+        first_done: None,
+        idle,
+        deadline: Box::pin(tokio::time::sleep(idle)),
+        last_active: Instant::now(),
+    };
+    tokio::select! {
+        biased;
+        outcome = &mut relay => outcome,
+        _ = closing.cancelled() => relay.outcome(End::Shutdown, None),
+    }
+}
+
+struct Relay<P> {
+    pump: P,
+    first_done: Option<End>,
+    idle: Duration,
+    deadline: Pin<Box<Sleep>>,
+    last_active: Instant,
+}
+
+impl<P: Pump> Relay<P> {
+    fn outcome(&self, end: End, error: Option<io::ErrorKind>) -> Outcome {
+        let (sent, received) = self.pump.bytes();
+        Outcome {
+            sent,
+            received,
+            end,
+            error,
+        }
+    }
+}
+
+impl<P: Pump + Unpin> Future for Relay<P> {
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let this = self.get_mut();
+        let mut active = false;
+        if !this.pump.done().0 {
+            match this.pump.poll_up(cx, &mut active) {
+                Poll::Ready(Ok(())) => {
+                    this.first_done.get_or_insert(End::ClosedByClient);
+                }
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(this.outcome(End::Error, Some(e.kind())))
+                }
+                Poll::Pending => {}
+            }
+        }
+        if !this.pump.done().1 {
+            match this.pump.poll_down(cx, &mut active) {
+                Poll::Ready(Ok(())) => {
+                    this.first_done.get_or_insert(End::ClosedByTarget);
+                }
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(this.outcome(End::Error, Some(e.kind())))
+                }
+                Poll::Pending => {}
+            }
+        }
+        if this.pump.done() == (true, true) {
+            let end = this.first_done.unwrap_or(End::ClosedByClient);
+            return Poll::Ready(this.outcome(end, None));
+        }
+        if active {
+            // Moving the timer on every read costs more than checking it
+            // when it fires; it is only re-armed then.
+            this.last_active = Instant::now();
+        }
+        loop {
+            match this.deadline.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) => {
+                    let due = this.last_active + this.idle;
+                    if due <= Instant::now() {
+                        return Poll::Ready(this.outcome(End::IdleTimeout, None));
+                    }
+                    this.deadline.as_mut().reset(due);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+
+    /// The buffered relay over in-memory pipes (the path TLS streams take):
+    /// a half-close passes through and the reply still arrives, with small
+    /// pipes so the pending buffer is used.
+    #[tokio::test]
+    async fn buffered_relay_passes_half_close_and_keeps_unsent_bytes() {
+        let (mut client_app, mut client_side) = duplex(1024);
+        let (mut target_side, mut target_app) = duplex(1024);
+        let closing = CancellationToken::new();
+        let relaying = tokio::spawn(async move {
+            relay(
+                &mut client_side,
+                &mut target_side,
+                Duration::from_secs(10),
+                &closing,
+            )
+            .await
+        });
+        let target = tokio::spawn(async move {
+            let mut request = Vec::new();
+            target_app.read_to_end(&mut request).await.unwrap();
+            let reply = vec![7u8; 200_000];
+            target_app.write_all(&reply).await.unwrap();
+            target_app.shutdown().await.unwrap();
+            request.len()
+        });
+        client_app.write_all(&[1u8; 50_000]).await.unwrap();
+        client_app.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        client_app.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply.len(), 200_000);
+        assert_eq!(target.await.unwrap(), 50_000);
+        let outcome = relaying.await.unwrap();
+        assert_eq!((outcome.sent, outcome.received), (50_000, 200_000));
+        assert_eq!(outcome.end, End::ClosedByClient);
+    }
+
+    #[tokio::test]
+    async fn buffered_relay_ends_when_idle_and_on_closing() {
+        let (_client_app, mut client_side) = duplex(64);
+        let (mut target_side, _target_app) = duplex(64);
+        let closing = CancellationToken::new();
+        let outcome = relay(
+            &mut client_side,
+            &mut target_side,
+            Duration::from_millis(100),
+            &closing,
+        )
+        .await;
+        assert_eq!(outcome.end, End::IdleTimeout);
+
+        let closing = CancellationToken::new();
+        closing.cancel();
+        let outcome = relay(
+            &mut client_side,
+            &mut target_side,
+            Duration::from_secs(60),
+            &closing,
+        )
+        .await;
+        assert_eq!(outcome.end, End::Shutdown);
+    }
+}

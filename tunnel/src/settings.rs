@@ -1,0 +1,362 @@
+//! The tunnel's settings: global defaults, and routes, each a name, the
+//! addresses it listens on and the target it forwards to.
+//!
+//! The quick form (`--listen` and `--target`, or the original `TUNNEL_HOST`
+//! and `TUNNEL_PORT` settings) makes one route named `default`; a
+//! configuration file can hold many. Per-route values left out take the
+//! global ones.
+
+use std::fmt;
+
+use common::config::ConfigError;
+use common::settings::{AccessList, CidrList, ListenAddr, LogSettings, Seconds};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The program's name: its configuration prefix is `TUNNEL_`.
+pub const PROGRAM: &str = "tunnel";
+
+/// A target to connect to: `HOST:PORT`, resolved at every connect.
+pub use common::settings::HostPort as Target;
+
+/// One or more listen addresses: a single string or a list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenList(pub Vec<ListenAddr>);
+
+impl Serialize for ListenList {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(ToString::to_string))
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ListenList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a listen address IP:PORT, or a list of them")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ListenList, E> {
+                v.split(|c: char| c == ',' || c.is_whitespace())
+                    .filter(|a| !a.is_empty())
+                    .map(|a| a.parse::<ListenAddr>().map_err(E::custom))
+                    .collect::<Result<_, _>>()
+                    .map(ListenList)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ListenList, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ListenList, A::Error> {
+                let mut all = Vec::new();
+                while let Some(a) = seq.next_element::<String>()? {
+                    all.push(a.parse::<ListenAddr>().map_err(de::Error::custom)?);
+                }
+                Ok(ListenList(all))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// TCP keepalive: off, or the idle time before the first probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Keepalive {
+    /// No keepalive probes.
+    Off,
+    /// Probe after this long idle.
+    #[default]
+    Default,
+    /// Probe after this long idle.
+    After(Seconds),
+}
+
+impl Keepalive {
+    /// The idle time before probes, if on.
+    pub fn time(self) -> Option<std::time::Duration> {
+        match self {
+            Keepalive::Off => None,
+            Keepalive::Default => Some(std::time::Duration::from_secs(60)),
+            Keepalive::After(s) => Some(s.0),
+        }
+    }
+}
+
+impl Serialize for Keepalive {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Keepalive::Off => s.serialize_bool(false),
+            Keepalive::Default => s.serialize_str("60s"),
+            Keepalive::After(d) => d.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Keepalive {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Keepalive;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("false, or the idle time before keepalive probes (60s)")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Keepalive, E> {
+                Ok(if v {
+                    Keepalive::Default
+                } else {
+                    Keepalive::Off
+                })
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Keepalive, E> {
+                Ok(Keepalive::After(Seconds::from_secs(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Keepalive, E> {
+                match v.trim() {
+                    "false" | "off" | "no" => Ok(Keepalive::Off),
+                    "true" | "on" | "yes" => Ok(Keepalive::Default),
+                    other => other.parse().map(Keepalive::After).map_err(E::custom),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One route as written: what is left out takes the global value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RouteSettings {
+    /// The route's name, in logs and metrics.
+    pub name: String,
+    /// Where clients connect.
+    pub listen: ListenList,
+    /// Where their connections go.
+    pub target: Option<Target>,
+    /// Client networks let in, on top of the global lists.
+    pub allow: CidrList,
+    /// Client networks refused, on top of the global lists.
+    pub deny: CidrList,
+    /// How long to wait for the target to accept.
+    pub connect_timeout: Option<Seconds>,
+    /// Close a connection with no traffic either way for this long.
+    pub idle_timeout: Option<Seconds>,
+    /// TCP keepalive on both sides.
+    pub keepalive: Option<Keepalive>,
+    /// Most connections at once on this route.
+    pub max_connections: Option<usize>,
+}
+
+/// The tunnel's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Quick form: where to listen (the `Incoming` endpoint).
+    pub listen: ListenList,
+    /// Quick form: where to forward, `HOST:PORT`.
+    pub target: Option<Target>,
+    /// The original setting: the target's host (with `port`).
+    pub host: Option<String>,
+    /// The original setting: the target's port (with `host`).
+    pub port: Option<u16>,
+    /// Routes from a configuration file.
+    pub routes: Vec<RouteSettings>,
+    /// Client networks let in on every route (empty: everyone).
+    pub allow: CidrList,
+    /// Client networks refused on every route.
+    pub deny: CidrList,
+    /// Default connect timeout.
+    pub connect_timeout: Seconds,
+    /// Default idle timeout.
+    pub idle_timeout: Seconds,
+    /// Default TCP keepalive.
+    pub keepalive: Keepalive,
+    /// Default connection cap per route.
+    pub max_connections: usize,
+    /// How long live connections may take to finish on SIGTERM.
+    pub shutdown_grace: Seconds,
+    /// Where access-log lines go besides the log: a file path, or none.
+    pub access_log: Option<String>,
+    /// A file to write the process id to.
+    pub pid_file: Option<String>,
+    /// Log level and format.
+    #[serde(flatten)]
+    pub log: LogSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: ListenList(vec![ListenAddr(([0, 0, 0, 0], 1001).into())]),
+            target: None,
+            host: None,
+            port: None,
+            routes: Vec::new(),
+            allow: CidrList::default(),
+            deny: CidrList::default(),
+            connect_timeout: Seconds::from_secs(5),
+            idle_timeout: Seconds::from_secs(3600),
+            keepalive: Keepalive::Default,
+            max_connections: 10_000,
+            shutdown_grace: Seconds::from_secs(30),
+            access_log: None,
+            pid_file: None,
+            log: LogSettings::default(),
+        }
+    }
+}
+
+/// A route with every value decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The route's name.
+    pub name: String,
+    /// Where clients connect.
+    pub listen: Vec<ListenAddr>,
+    /// Where their connections go.
+    pub target: Target,
+    /// Global rules, then the route's own: both must let a client in.
+    pub access: Vec<AccessList>,
+    /// How long to wait for the target to accept.
+    pub connect_timeout: Seconds,
+    /// Close after this long without traffic.
+    pub idle_timeout: Seconds,
+    /// TCP keepalive on both sides.
+    pub keepalive: Keepalive,
+    /// Most connections at once.
+    pub max_connections: usize,
+}
+
+impl Settings {
+    /// The routes to run, with global values filled in; every problem is
+    /// reported (with the key it concerns).
+    pub fn routes(&self) -> Result<Vec<Route>, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let problem = |key: &str, message: String| ConfigError {
+            key: key.to_string(),
+            value: None,
+            origin: None,
+            message,
+        };
+        let global = AccessList {
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
+        };
+        let mut routes = Vec::new();
+        if self.routes.is_empty() {
+            let target = match (&self.target, &self.host, self.port) {
+                (Some(target), _, _) => Some(target.clone()),
+                (None, Some(host), Some(port)) => match format!("{host}:{port}").parse() {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        errors.push(problem("host", e));
+                        None
+                    }
+                },
+                (None, Some(_), None) => {
+                    errors.push(problem("port", "TUNNEL_HOST is set but TUNNEL_PORT is not; set both, or pass --target HOST:PORT".into()));
+                    None
+                }
+                (None, None, Some(_)) => {
+                    errors.push(problem("host", "TUNNEL_PORT is set but TUNNEL_HOST is not; set both, or pass --target HOST:PORT".into()));
+                    None
+                }
+                (None, None, None) => {
+                    errors.push(problem("target", "nothing to forward to: pass --target HOST:PORT, set TUNNEL_HOST and TUNNEL_PORT, or list routes in a --config file".into()));
+                    None
+                }
+            };
+            if self.listen.0.is_empty() {
+                errors.push(problem(
+                    "listen",
+                    "no listen address; pass --listen ADDR".into(),
+                ));
+            }
+            if let Some(target) = target {
+                routes.push(Route {
+                    name: "default".into(),
+                    listen: self.listen.0.clone(),
+                    target,
+                    access: vec![global.clone()],
+                    connect_timeout: self.connect_timeout,
+                    idle_timeout: self.idle_timeout,
+                    keepalive: self.keepalive,
+                    max_connections: self.max_connections,
+                });
+            }
+        } else {
+            if self.target.is_some() || self.host.is_some() {
+                errors.push(problem(
+                    "target",
+                    "both a quick-form target and routes are given; put the target in a route"
+                        .into(),
+                ));
+            }
+            for (i, r) in self.routes.iter().enumerate() {
+                let key = |k: &str| format!("routes.{i}.{k}");
+                let name = if r.name.is_empty() {
+                    format!("route{}", i + 1)
+                } else {
+                    r.name.clone()
+                };
+                if r.listen.0.is_empty() {
+                    errors.push(problem(
+                        &key("listen"),
+                        format!("route {name} has no listen address"),
+                    ));
+                }
+                let Some(target) = &r.target else {
+                    errors.push(problem(
+                        &key("target"),
+                        format!("route {name} has no target; add target: HOST:PORT"),
+                    ));
+                    continue;
+                };
+                routes.push(Route {
+                    name,
+                    listen: r.listen.0.clone(),
+                    target: target.clone(),
+                    access: vec![
+                        global.clone(),
+                        AccessList {
+                            allow: r.allow.clone(),
+                            deny: r.deny.clone(),
+                        },
+                    ],
+                    connect_timeout: r.connect_timeout.unwrap_or(self.connect_timeout),
+                    idle_timeout: r.idle_timeout.unwrap_or(self.idle_timeout),
+                    keepalive: r.keepalive.unwrap_or(self.keepalive),
+                    max_connections: r.max_connections.unwrap_or(self.max_connections),
+                });
+            }
+        }
+        // Names and addresses must be unique across routes.
+        let mut seen_names = std::collections::HashMap::new();
+        let mut seen_addrs = std::collections::HashMap::new();
+        for (i, route) in routes.iter().enumerate() {
+            if let Some(other) = seen_names.insert(route.name.clone(), i) {
+                errors.push(problem(
+                    &format!("routes.{i}.name"),
+                    format!(
+                        "route name {} is used twice (routes {} and {})",
+                        route.name,
+                        other + 1,
+                        i + 1
+                    ),
+                ));
+            }
+            for addr in &route.listen {
+                if let Some(other) = seen_addrs.insert(*addr, route.name.clone()) {
+                    errors.push(problem(
+                        &format!("routes.{i}.listen"),
+                        format!("{addr} is claimed by routes {other} and {}", route.name),
+                    ));
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(routes)
+        } else {
+            Err(errors)
+        }
+    }
+}
