@@ -214,3 +214,45 @@ fn a_listen_address_in_use_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn a_rinetd_conf_runs_as_it_is() {
+    let dir = tempfile_dir("rinetd");
+    let conf = dir.join("rinetd.conf");
+    let log = dir.join("rinetd.log");
+    let target = echo_target();
+    let (open, closed) = (local(free_port()), local(free_port()));
+    std::fs::write(
+        &conf,
+        format!(
+            "# as a rinetd user has it\nallow 127.0.0.*\n\n127.0.0.1 {} 127.0.0.1 {}\n127.0.0.1 {} localhost {}\ndeny 127.*\nlogfile {}\n",
+            open.port(),
+            target.port(),
+            closed.port(),
+            target.port(),
+            log.display()
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(binary("tunnel"));
+    command.arg("--rinetd-conf").arg(&conf);
+    let tunnel = Running::start(command, open);
+    assert_eq!(echo(&mut connect(open), b"allowed"), b"allowed");
+    // The second rule denies loopback clients: closed without a byte.
+    let mut refused = connect(closed);
+    let _ = refused.write_all(b"nope");
+    let mut rest = Vec::new();
+    let _ = refused.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    let (code, stderr) = tunnel.stop();
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let name = format!("route=127.0.0.1:{}", closed.port());
+    assert!(
+        lines
+            .lines()
+            .any(|l| l.contains(&name) && l.contains("end=\"refused by access list\"")),
+        "{lines}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -69,21 +69,65 @@ struct Args {
     common: CommonArgs,
 }
 
+/// rinetd's format has no place for these, so the flags still apply on top
+/// of a rinetd file.
+fn flags_over_rinetd(args: &Args, settings: &mut Settings) -> Result<(), ConfigErrors> {
+    use common::config::{ConfigError, Origin};
+    use common::settings::Seconds;
+    let mut errors = Vec::new();
+    let mut duration = |key: &str, value: &Option<String>, slot: &mut Seconds| {
+        if let Some(text) = value {
+            match text.parse::<Seconds>() {
+                Ok(d) => *slot = d,
+                Err(message) => errors.push(ConfigError {
+                    key: key.into(),
+                    value: Some(format!("{text:?}")),
+                    origin: Some(Origin::Flag(common::config::flag_name(key))),
+                    message,
+                }),
+            }
+        }
+    };
+    duration(
+        "connect_timeout",
+        &args.connect_timeout,
+        &mut settings.connect_timeout,
+    );
+    duration(
+        "idle_timeout",
+        &args.idle_timeout,
+        &mut settings.idle_timeout,
+    );
+    duration(
+        "shutdown_grace",
+        &args.shutdown_grace,
+        &mut settings.shutdown_grace,
+    );
+    if let Some(n) = args.max_connections {
+        settings.max_connections = n;
+    }
+    if let Some(level) = &args.common.log_level {
+        settings.log.log_level = Some(level.clone());
+    }
+    if let Some(format) = args.common.log_format {
+        settings.log.log_format = format;
+    }
+    if let Some(path) = &args.access_log {
+        settings.access_log = Some(path.clone());
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
 /// Reads the settings and the routes they make, every problem at once.
 fn configure(args: &Args) -> Result<(Settings, Vec<Route>), ConfigErrors> {
     let settings = match &args.rinetd_conf {
         Some(path) => {
             let mut settings = rinetd::read(path)?;
-            // Flags still apply on top of a rinetd file.
-            if let Some(level) = &args.common.log_level {
-                settings.log.log_level = Some(level.clone());
-            }
-            if let Some(format) = args.common.log_format {
-                settings.log.log_format = format;
-            }
-            if let Some(path) = &args.access_log {
-                settings.access_log = Some(path.clone());
-            }
+            flags_over_rinetd(args, &mut settings)?;
             settings
         }
         None => {
@@ -127,8 +171,11 @@ fn main() -> ExitCode {
     };
     if args.common.print_config {
         if args.rinetd_conf.is_some() {
-            // The YAML a rinetd user would write instead.
-            print!("{}", serde_yaml::to_string(&settings).unwrap_or_default());
+            // The YAML a rinetd user would write instead, without the
+            // settings left empty.
+            let mut yaml = serde_yaml::to_value(&settings).unwrap_or_default();
+            prune(&mut yaml);
+            print!("{}", serde_yaml::to_string(&yaml).unwrap_or_default());
         } else if let Ok(resolved) = resolve::<Settings, _>(&sources(PROGRAM, &args.common, &args))
         {
             print!("{}", resolved.describe());
@@ -148,6 +195,27 @@ fn main() -> ExitCode {
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(serve(args, settings, routes, log))
+}
+
+/// Drops nulls and empty lists and maps, recursively.
+fn prune(value: &mut serde_yaml::Value) {
+    use serde_yaml::Value;
+    let empty = |v: &Value| match v {
+        Value::Null => true,
+        Value::Sequence(s) => s.is_empty(),
+        Value::Mapping(m) => m.is_empty(),
+        _ => false,
+    };
+    match value {
+        Value::Mapping(map) => {
+            for (_, v) in map.iter_mut() {
+                prune(v);
+            }
+            map.retain(|_, v| !empty(v));
+        }
+        Value::Sequence(items) => items.iter_mut().for_each(prune),
+        _ => {}
+    }
 }
 
 async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLog) -> ExitCode {
