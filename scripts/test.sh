@@ -13,6 +13,7 @@ declare -A packages=(
     [ip]=iproute2
     [setpriv]=util-linux
     [kill]=procps
+    [promtool]=prometheus
 )
 
 missing=()

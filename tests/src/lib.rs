@@ -56,7 +56,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Waits until something accepts connections on `addr`.
+/// Waits until something accepts connections on `addr`, which `child`
+/// serves (so its early exit is reported at once).
 pub fn wait_listening(addr: SocketAddr, child: &mut Child) {
     let end = Instant::now() + Duration::from_secs(20);
     while Instant::now() < end {
@@ -84,6 +85,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// Waits until the process also listens on `other` (a second endpoint).
+    pub fn wait_also(&mut self, other: SocketAddr) {
+        wait_listening(other, &mut self.child);
+    }
+
     /// Starts `command` (stderr kept for [`Running::stop`]) and waits until
     /// it listens on `addr`.
     pub fn start(mut command: Command, addr: SocketAddr) -> Running {

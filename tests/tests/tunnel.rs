@@ -256,3 +256,105 @@ fn a_rinetd_conf_runs_as_it_is() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// GET a path from the admin endpoint with a plain HTTP/1.1 request.
+fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = connect(addr);
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: tunnel\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    (head.to_string(), body.to_string())
+}
+
+#[test]
+fn metrics_pass_promtool_and_count_what_happened() {
+    let promtool = tests::require("promtool");
+    let live = echo_target();
+    // A target that refuses: bound and dropped.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let listen = local(free_port());
+    let admin = local(free_port());
+    let mut command = Command::new(binary("tunnel"));
+    command
+        .args(["--listen", &listen.to_string()])
+        .args(["--target", &format!("{dead},{live}")])
+        .args(["--admin", &admin.to_string()])
+        .env("TUNNEL_DENY", "127.0.0.2");
+    let mut tunnel = Running::start(command, listen);
+    tunnel.wait_also(admin);
+    for i in 0..6 {
+        assert_eq!(
+            echo(&mut connect(listen), format!("hello {i}").as_bytes()),
+            format!("hello {i}").as_bytes()
+        );
+    }
+    // A refused client: from 127.0.0.2, which is denied.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 2], 0)).into())
+        .unwrap();
+    socket.connect(&listen.into()).unwrap();
+    let mut refused: TcpStream = socket.into();
+    refused
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = refused.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+
+    let (head, health) = http_get(admin, "/healthz");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(health, "ok\n");
+    let (head, body) = http_get(admin, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics failed:\n{}{}\n{body}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let value = |series: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+    };
+    let live_t = format!("{{route=\"default\",target=\"{live}\"}}");
+    let dead_t = format!("{{route=\"default\",target=\"{dead}\"}}");
+    // Six echoes, and the probe that saw the tunnel listening.
+    assert_eq!(value(&format!("tunnel_connections_total{live_t}")), 7.0);
+    assert_eq!(value(&format!("tunnel_connections_total{dead_t}")), 0.0);
+    assert!(value(&format!("tunnel_connect_failures_total{dead_t}")) >= 1.0);
+    assert_eq!(value(&format!("tunnel_target_up{live_t}")), 1.0);
+    assert_eq!(value(&format!("tunnel_target_up{dead_t}")), 0.0);
+    assert_eq!(value(&format!("tunnel_sent_bytes_total{live_t}")), 42.0);
+    assert_eq!(value(&format!("tunnel_connections_active{live_t}")), 0.0);
+    assert_eq!(
+        value("tunnel_connections_refused_total{route=\"default\"}"),
+        1.0
+    );
+    drop(tunnel);
+}

@@ -8,7 +8,10 @@
 //! drains within the grace period.
 
 pub mod access_log;
+pub mod admin;
+pub mod balance;
 pub mod connect;
+pub mod metrics;
 pub mod relay;
 pub mod rinetd;
 pub mod settings;
@@ -26,14 +29,27 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::atomic::Ordering;
+
 use crate::access_log::{AccessLog, Entry};
+use crate::balance::Balancer;
+use crate::metrics::{Metrics, RouteStats};
 pub use crate::settings::{Route, Settings, Target};
 
-/// Serves one route's connections: connect to the target, relay, log.
+/// Serves one route's connections: connect to a target, relay, log.
 #[derive(Debug)]
 pub struct RouteHandler {
     route: Route,
+    balancer: Arc<Balancer>,
+    stats: Arc<RouteStats>,
     log: Arc<AccessLog>,
+}
+
+impl RouteHandler {
+    fn targets(&self) -> String {
+        let all: Vec<String> = self.route.targets.iter().map(ToString::to_string).collect();
+        all.join(",")
+    }
 }
 
 impl Handler for RouteHandler {
@@ -44,17 +60,18 @@ impl Handler for RouteHandler {
         connect::tune(&client, keepalive);
         let connecting = tokio::select! {
             biased;
-            c = connect::connect(&route.target, route.connect_timeout.0) => c,
+            c = self.balancer.connect(route.connect_timeout.0) => c,
             _ = conn.closing.cancelled() => Err(connect::Unreachable("shutdown while connecting".into())),
         };
-        let (mut target, target_addr) = match connecting {
-            Ok(pair) => pair,
+        let mut connected = match connecting {
+            Ok(connected) => connected,
             Err(connect::Unreachable(why)) => {
-                tracing::warn!(target = %route.target, error = %why, "target unreachable");
+                self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(route = %route.name, error = %why, "no target reachable");
                 self.log.record(&Entry {
                     route: &route.name,
                     client: conn.peer,
-                    target: route.target.to_string(),
+                    target: self.targets(),
                     sent: 0,
                     received: 0,
                     duration: started.elapsed(),
@@ -64,18 +81,23 @@ impl Handler for RouteHandler {
                 return Ok(());
             }
         };
-        connect::tune(&target, keepalive);
+        connect::tune(&connected.stream, keepalive);
         let outcome = relay::relay_tcp(
             &mut client,
-            &mut target,
+            &mut connected.stream,
             route.idle_timeout.0,
             &conn.closing,
         )
         .await;
+        let stats = &connected.backend.stats;
+        stats.sent.fetch_add(outcome.sent, Ordering::Relaxed);
+        stats
+            .received
+            .fetch_add(outcome.received, Ordering::Relaxed);
         self.log.record(&Entry {
             route: &route.name,
             client: conn.peer,
-            target: target_addr.to_string(),
+            target: connected.addr.to_string(),
             sent: outcome.sent,
             received: outcome.received,
             duration: started.elapsed(),
@@ -86,10 +108,11 @@ impl Handler for RouteHandler {
     }
 
     fn refused(&self, _id: u64, peer: std::net::SocketAddr) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
         self.log.record(&Entry {
             route: &self.route.name,
             client: peer,
-            target: self.route.target.to_string(),
+            target: self.targets(),
             sent: 0,
             received: 0,
             duration: Duration::ZERO,
@@ -102,6 +125,7 @@ impl Handler for RouteHandler {
 /// A route that is running: its listeners and accept loops.
 struct Running {
     route: Route,
+    balancer: Arc<Balancer>,
     listeners: Vec<(ListenAddr, Arc<TcpListener>)>,
     stop: CancellationToken,
     loops: Vec<JoinHandle<()>>,
@@ -112,6 +136,7 @@ pub struct Tunnel {
     running: Mutex<Vec<Running>>,
     connections: Connections,
     log: Arc<AccessLog>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why a new set of routes could not be applied; the old set still runs.
@@ -133,7 +158,22 @@ impl Tunnel {
             running: Mutex::new(Vec::new()),
             connections: Connections::new(grace),
             log: Arc::new(log),
+            metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// The tunnel's counters, for the admin endpoint.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// The balancer of each running route, by name.
+    pub async fn balancers(&self) -> HashMap<String, Arc<Balancer>> {
+        let running = self.running.lock().await;
+        running
+            .iter()
+            .map(|r| (r.route.name.clone(), r.balancer.clone()))
+            .collect()
     }
 
     /// How many relayed connections are open.
@@ -205,6 +245,16 @@ impl Tunnel {
                 let _ = task.await;
             }
         }
+        let configured: Vec<(String, Vec<String>)> = planned
+            .iter()
+            .map(|(r, _)| {
+                (
+                    r.name.clone(),
+                    r.targets.iter().map(ToString::to_string).collect(),
+                )
+            })
+            .collect();
+        self.metrics.retain(&configured);
         for (route, listeners) in planned {
             running.push(self.start(route, listeners));
         }
@@ -219,14 +269,25 @@ impl Tunnel {
             idle_timeout: route.idle_timeout.0,
             grace: Duration::ZERO,
         };
+        let stats = self.metrics.route(&route.name);
+        let balancer = Balancer::new(
+            &route.name,
+            &route.targets,
+            route.balance,
+            route.health,
+            route.checks,
+            &stats,
+        );
         let handler = Arc::new(RouteHandler {
             route: route.clone(),
+            balancer: balancer.clone(),
+            stats,
             log: self.log.clone(),
         });
         let loops = listeners
             .iter()
             .map(|(addr, listener)| {
-                tracing::info!(route = %route.name, listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| addr.to_string()), target = %route.target, "route ready");
+                tracing::info!(route = %route.name, listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| addr.to_string()), targets = %handler.targets(), balance = %route.balance, "route ready");
                 let (listener, options, handler, connections, stop) =
                     (listener.clone(), options.clone(), handler.clone(), self.connections.clone(), stop.clone());
                 tokio::spawn(async move {
@@ -236,6 +297,7 @@ impl Tunnel {
             .collect();
         Running {
             route,
+            balancer,
             listeners,
             stop,
             loops,

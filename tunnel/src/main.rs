@@ -29,10 +29,20 @@ struct Args {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     listen: Vec<String>,
 
-    /// Where to forward connections, HOST:PORT (or TUNNEL_HOST and TUNNEL_PORT)
+    /// Where to forward connections, HOST:PORT; several, comma-separated, are balanced (or TUNNEL_HOST and TUNNEL_PORT)
     #[arg(long, value_name = "HOST:PORT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     target: Option<String>,
+
+    /// How several targets share connections: round-robin, least-connections, first-available
+    #[arg(long, value_name = "POLICY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    balance: Option<String>,
+
+    /// Serve /metrics (Prometheus) and /healthz on this address [default: off]
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin: Option<String>,
 
     /// Read rinetd's configuration format instead of YAML
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
@@ -224,6 +234,23 @@ async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLo
         eprintln!("{PROGRAM}: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = settings.admin {
+        match common::endpoint::bind_listener(addr) {
+            Ok(listener) => {
+                tracing::info!(admin = %addr, "serving /metrics and /healthz");
+                tokio::spawn(tunnel::admin::serve(
+                    listener,
+                    tunnel.metrics(),
+                    admin_stop.clone(),
+                ));
+            }
+            Err(e) => {
+                eprintln!("{PROGRAM}: cannot serve the admin endpoint on {addr}: {e}; pass --admin or set TUNNEL_ADMIN");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
     if let Some(pid_file) = &settings.pid_file {
         if let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id())) {
             tracing::warn!(file = %pid_file, error = %e, "cannot write the pid file");
@@ -239,6 +266,7 @@ async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLo
         }
     }
     tunnel.shutdown().await;
+    admin_stop.cancel();
     if let Some(pid_file) = &settings.pid_file {
         let _ = std::fs::remove_file(pid_file);
     }

@@ -38,7 +38,7 @@ use common::config::{ConfigError, ConfigErrors, Origin};
 use common::settings::{CidrList, ListenAddr};
 use ipnet::{IpNet, Ipv4Net};
 
-use crate::settings::{ListenList, RouteSettings, Settings, Target};
+use crate::settings::{ListenList, RouteSettings, Settings, Target, TargetList};
 
 /// The most networks one allow or deny pattern may expand to.
 pub const MAX_PATTERN_NETWORKS: u64 = 65_536;
@@ -370,7 +370,7 @@ impl Parser<'_> {
         self.settings.routes.push(RouteSettings {
             name: listen.to_string(),
             listen: ListenList(vec![listen]),
-            target: Some(Target { host, port }),
+            target: Some(TargetList(vec![Target { host, port }])),
             ..RouteSettings::default()
         });
         self.last_rule = Some(self.settings.routes.len() - 1);
@@ -869,7 +869,7 @@ deny 192.168.1.100
         let settings = parse("[::1] 2222 [2001:db8::5] 22\n:: 23 fe80::1 23\n").unwrap();
         assert_eq!(settings.routes[0].name, "[::1]:2222");
         assert_eq!(
-            settings.routes[0].target.as_ref().unwrap().host,
+            settings.routes[0].target.as_ref().unwrap().0[0].host,
             "2001:db8::5"
         );
         assert_eq!(
@@ -892,7 +892,7 @@ deny 192.168.1.100
         let settings = parse("0.0.0.0 http 10.0.0.1 postgresql\n").unwrap();
         let route = &settings.routes[0];
         assert_eq!(route.listen.0[0].0.port(), 80);
-        assert_eq!(route.target.as_ref().unwrap().port, 5432);
+        assert_eq!(route.target.as_ref().unwrap().0[0].port, 5432);
 
         let services = services_from(
             "# comment\nfancy\t\t7001/tcp   fancy-alias # mine\nfancy\t7001/udp\nudponly 9999/udp\n",
@@ -900,7 +900,7 @@ deny 192.168.1.100
         let lookup = |name: &str| services.get(name).copied();
         let settings = parse_with("0.0.0.0 fancy 10.0.0.1 fancy-alias", &lookup).unwrap();
         assert_eq!(settings.routes[0].listen.0[0].0.port(), 7001);
-        assert_eq!(settings.routes[0].target.as_ref().unwrap().port, 7001);
+        assert_eq!(settings.routes[0].target.as_ref().unwrap().0[0].port, 7001);
         let err = parse_with("0.0.0.0 udponly 10.0.0.1 1", &lookup).unwrap_err();
         assert_eq!(err[0].line, 1);
         assert!(err[0].message.contains("\"udponly\""), "{err:?}");

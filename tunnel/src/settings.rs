@@ -7,9 +7,12 @@
 //! global ones.
 
 use std::fmt;
+use std::str::FromStr;
 
 use common::config::ConfigError;
 use common::settings::{AccessList, CidrList, ListenAddr, LogSettings, Seconds};
+
+use crate::balance::{HealthCheck, Policy};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -53,6 +56,107 @@ impl<'de> Deserialize<'de> for ListenList {
                     all.push(a.parse::<ListenAddr>().map_err(de::Error::custom)?);
                 }
                 Ok(ListenList(all))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One or more targets: a `HOST:PORT` string (several separated by commas)
+/// or a list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetList(pub Vec<Target>);
+
+impl FromStr for TargetList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|t| !t.is_empty())
+            .map(str::parse::<Target>)
+            .collect::<Result<_, _>>()
+            .map(TargetList)
+    }
+}
+
+impl fmt::Display for TargetList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let all: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&all.join(","))
+    }
+}
+
+impl Serialize for TargetList {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(ToString::to_string))
+    }
+}
+
+impl<'de> Deserialize<'de> for TargetList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TargetList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("HOST:PORT, or a list of them")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TargetList, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TargetList, A::Error> {
+                let mut all = Vec::new();
+                while let Some(t) = seq.next_element::<String>()? {
+                    all.push(t.parse::<Target>().map_err(de::Error::custom)?);
+                }
+                Ok(TargetList(all))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Active health checks: `false`, `true` (the defaults), or the settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthSetting {
+    /// No active checks; failed connects still eject a target.
+    Off,
+    /// Check every target.
+    On(HealthCheck),
+}
+
+impl Serialize for HealthSetting {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HealthSetting::Off => s.serialize_bool(false),
+            HealthSetting::On(h) => h.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HealthSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = HealthSetting;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("false, true, or {interval, timeout, rise, fall}")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<HealthSetting, E> {
+                Ok(if v {
+                    HealthSetting::On(HealthCheck::default())
+                } else {
+                    HealthSetting::Off
+                })
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<HealthSetting, E> {
+                match v {
+                    "true" | "on" => self.visit_bool(true),
+                    "false" | "off" => self.visit_bool(false),
+                    other => Err(E::custom(format!("{other:?} is not a health check setting; write false, true, or {{interval: 2s, timeout: 1s, rise: 2, fall: 3}}"))),
+                }
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<HealthSetting, A::Error> {
+                HealthCheck::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(HealthSetting::On)
             }
         }
         d.deserialize_any(V)
@@ -130,8 +234,14 @@ pub struct RouteSettings {
     pub name: String,
     /// Where clients connect.
     pub listen: ListenList,
-    /// Where their connections go.
-    pub target: Option<Target>,
+    /// Where their connections go: one target or several.
+    pub target: Option<TargetList>,
+    /// The same as `target`, for a list that reads better in the plural.
+    pub targets: Option<TargetList>,
+    /// How several targets share connections.
+    pub balance: Option<Policy>,
+    /// Active health checks of the targets (default: on with several).
+    pub health_check: Option<HealthSetting>,
     /// Client networks let in, on top of the global lists.
     pub allow: CidrList,
     /// Client networks refused, on top of the global lists.
@@ -152,8 +262,8 @@ pub struct RouteSettings {
 pub struct Settings {
     /// Quick form: where to listen (the `Incoming` endpoint).
     pub listen: ListenList,
-    /// Quick form: where to forward, `HOST:PORT`.
-    pub target: Option<Target>,
+    /// Quick form: where to forward, `HOST:PORT` (or several).
+    pub target: Option<TargetList>,
     /// The original setting: the target's host (with `port`).
     pub host: Option<String>,
     /// The original setting: the target's port (with `host`).
@@ -172,6 +282,12 @@ pub struct Settings {
     pub keepalive: Keepalive,
     /// Default connection cap per route.
     pub max_connections: usize,
+    /// Default balancing policy.
+    pub balance: Policy,
+    /// Default health checks (default: on for routes with several targets).
+    pub health_check: Option<HealthSetting>,
+    /// Where to serve `/metrics` and `/healthz` (off when unset).
+    pub admin: Option<ListenAddr>,
     /// How long live connections may take to finish on SIGTERM.
     pub shutdown_grace: Seconds,
     /// Where access-log lines go besides the log: a file path, or none.
@@ -197,6 +313,9 @@ impl Default for Settings {
             idle_timeout: Seconds::from_secs(3600),
             keepalive: Keepalive::Default,
             max_connections: 10_000,
+            balance: Policy::default(),
+            health_check: None,
+            admin: None,
             shutdown_grace: Seconds::from_secs(30),
             access_log: None,
             pid_file: None,
@@ -213,7 +332,13 @@ pub struct Route {
     /// Where clients connect.
     pub listen: Vec<ListenAddr>,
     /// Where their connections go.
-    pub target: Target,
+    pub targets: Vec<Target>,
+    /// How the targets share connections.
+    pub balance: Policy,
+    /// Health check timing; also `fall` for failed connects.
+    pub health: HealthCheck,
+    /// Whether active checks run.
+    pub checks: bool,
     /// Global rules, then the route's own: both must let a client in.
     pub access: Vec<AccessList>,
     /// How long to wait for the target to accept.
@@ -227,6 +352,16 @@ pub struct Route {
 }
 
 impl Settings {
+    /// A route's health checks: its own setting, else the global one, else
+    /// on when it has several targets.
+    fn health(&self, own: Option<HealthSetting>, targets: usize) -> (HealthCheck, bool) {
+        match own.or(self.health_check) {
+            Some(HealthSetting::On(h)) => (h, true),
+            Some(HealthSetting::Off) => (HealthCheck::default(), false),
+            None => (HealthCheck::default(), targets > 1),
+        }
+    }
+
     /// The routes to run, with global values filled in; every problem is
     /// reported (with the key it concerns).
     pub fn routes(&self) -> Result<Vec<Route>, Vec<ConfigError>> {
@@ -243,10 +378,10 @@ impl Settings {
         };
         let mut routes = Vec::new();
         if self.routes.is_empty() {
-            let target = match (&self.target, &self.host, self.port) {
-                (Some(target), _, _) => Some(target.clone()),
+            let targets = match (&self.target, &self.host, self.port) {
+                (Some(targets), _, _) => Some(targets.0.clone()),
                 (None, Some(host), Some(port)) => match format!("{host}:{port}").parse() {
-                    Ok(t) => Some(t),
+                    Ok(t) => Some(vec![t]),
                     Err(e) => {
                         errors.push(problem("host", e));
                         None
@@ -271,11 +406,15 @@ impl Settings {
                     "no listen address; pass --listen ADDR".into(),
                 ));
             }
-            if let Some(target) = target {
+            if let Some(targets) = targets.filter(|t| !t.is_empty()) {
+                let (health, checks) = self.health(None, targets.len());
                 routes.push(Route {
                     name: "default".into(),
                     listen: self.listen.0.clone(),
-                    target,
+                    targets,
+                    balance: self.balance,
+                    health,
+                    checks,
                     access: vec![global.clone()],
                     connect_timeout: self.connect_timeout,
                     idle_timeout: self.idle_timeout,
@@ -304,17 +443,31 @@ impl Settings {
                         format!("route {name} has no listen address"),
                     ));
                 }
-                let Some(target) = &r.target else {
-                    errors.push(problem(
-                        &key("target"),
-                        format!("route {name} has no target; add target: HOST:PORT"),
-                    ));
-                    continue;
+                let targets = match (&r.target, &r.targets) {
+                    (Some(_), Some(_)) => {
+                        errors.push(problem(
+                            &key("targets"),
+                            format!("route {name} has both target and targets; keep one"),
+                        ));
+                        continue;
+                    }
+                    (Some(t), None) | (None, Some(t)) if !t.0.is_empty() => t.0.clone(),
+                    _ => {
+                        errors.push(problem(
+                            &key("target"),
+                            format!("route {name} has no target; add target: HOST:PORT"),
+                        ));
+                        continue;
+                    }
                 };
+                let (health, checks) = self.health(r.health_check, targets.len());
                 routes.push(Route {
                     name,
                     listen: r.listen.0.clone(),
-                    target: target.clone(),
+                    targets,
+                    balance: r.balance.unwrap_or(self.balance),
+                    health,
+                    checks,
                     access: vec![
                         global.clone(),
                         AccessList {

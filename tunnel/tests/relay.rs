@@ -11,6 +11,7 @@ use common::settings::{AccessList, ListenAddr, Seconds};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel::access_log::AccessLog;
+use tunnel::balance::{HealthCheck, Policy};
 use tunnel::settings::Keepalive;
 use tunnel::{Route, Tunnel};
 
@@ -20,7 +21,10 @@ fn route(name: &str, listen: SocketAddr, target: SocketAddr) -> Route {
     Route {
         name: name.into(),
         listen: vec![ListenAddr(listen)],
-        target: target.to_string().parse().unwrap(),
+        targets: vec![target.to_string().parse().unwrap()],
+        balance: Policy::RoundRobin,
+        health: HealthCheck::default(),
+        checks: false,
         access: vec![AccessList::default()],
         connect_timeout: Seconds::from_secs(2),
         idle_timeout: Seconds::from_secs(60),
@@ -216,7 +220,7 @@ async fn an_unreachable_target_closes_the_client_promptly() {
 #[tokio::test]
 async fn a_target_that_does_not_resolve_is_logged_per_connection() {
     let (tunnel, addr, log) = tunnel_to("127.0.0.1:9".parse().unwrap(), |r| {
-        r.target = "no-such-host.invalid:5432".parse().unwrap();
+        r.targets = vec!["no-such-host.invalid:5432".parse().unwrap()];
     })
     .await;
     for _ in 0..2 {

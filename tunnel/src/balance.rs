@@ -1,0 +1,275 @@
+//! Spreading a route's connections over several targets.
+//!
+//! A [`Balancer`] picks targets by policy (round-robin, least connections,
+//! or first available) among the live ones, and when a connect fails it
+//! tries the next one within the same client connection. A target is ejected
+//! after `fall` consecutive failures, seen either by a client's connect or by
+//! the active TCP health check, and comes back after `rise` consecutive
+//! successful checks. When every target is down, all are tried anyway: a
+//! check may lag behind a recovery, and refusing outright helps no one.
+//!
+//! This is a library API: the development fabric balances its instances
+//! with it too.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::settings::Seconds;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::connect::{connect, Unreachable};
+use crate::metrics::{RouteStats, TargetStats};
+use crate::settings::Target;
+
+/// How a route picks a target for each new connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Each live target in turn.
+    #[default]
+    RoundRobin,
+    /// The live target with the fewest open connections.
+    LeastConnections,
+    /// The first live target in the list; the others are standbys.
+    FirstAvailable,
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::LeastConnections => "least-connections",
+            Policy::FirstAvailable => "first-available",
+        })
+    }
+}
+
+/// Active TCP health checks: a connect to each target every `interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HealthCheck {
+    /// Time between checks of a target.
+    pub interval: Seconds,
+    /// How long a check's connect may take.
+    pub timeout: Seconds,
+    /// Consecutive successes that bring an ejected target back.
+    pub rise: u32,
+    /// Consecutive failures (checks or client connects) that eject a target.
+    pub fall: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            interval: Seconds::from_secs(2),
+            timeout: Seconds::from_secs(1),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// One target of a balancer, with its state.
+#[derive(Debug)]
+pub struct Backend {
+    /// Where it is.
+    pub target: Target,
+    /// Its counters; `up` is its health.
+    pub stats: Arc<TargetStats>,
+    failures: AtomicU32,
+    successes: AtomicU32,
+}
+
+impl Backend {
+    /// Whether new connections may go to it.
+    pub fn is_up(&self) -> bool {
+        self.stats.up.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self, fall: u32, route: &str, why: &str) {
+        self.successes.store(0, Ordering::Relaxed);
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= fall.max(1) && self.stats.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(route, target = %self.target, failures, error = why, "target down: ejected");
+        }
+    }
+
+    fn succeeded(&self, rise: u32, route: &str) {
+        self.failures.store(0, Ordering::Relaxed);
+        let successes = self.successes.fetch_add(1, Ordering::Relaxed) + 1;
+        if successes >= rise.max(1) && !self.stats.up.swap(true, Ordering::Relaxed) {
+            tracing::info!(route, target = %self.target, "target up: back in rotation");
+        }
+    }
+}
+
+/// The connection a balancer made, and to which backend.
+#[derive(Debug)]
+pub struct Connected {
+    /// The socket to the target.
+    pub stream: TcpStream,
+    /// The address connected to.
+    pub addr: SocketAddr,
+    /// The backend it belongs to; its `active` count includes this
+    /// connection until [`Connected`] is dropped.
+    pub backend: Arc<Backend>,
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.backend.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Picks targets for a route and watches their health.
+#[derive(Debug)]
+pub struct Balancer {
+    route: String,
+    backends: Vec<Arc<Backend>>,
+    policy: Policy,
+    health: HealthCheck,
+    next: AtomicUsize,
+    stop: CancellationToken,
+}
+
+impl Balancer {
+    /// A balancer over `targets`; with `checks`, a task checks each target
+    /// every interval until the balancer is dropped. Counters live in
+    /// `stats`, so they outlast the balancer across reloads.
+    pub fn new(
+        route: &str,
+        targets: &[Target],
+        policy: Policy,
+        health: HealthCheck,
+        checks: bool,
+        stats: &RouteStats,
+    ) -> Arc<Balancer> {
+        let backends = targets
+            .iter()
+            .map(|t| {
+                let stats = stats.target(&t.to_string());
+                // A reload starts with every target in rotation until the
+                // checks say otherwise.
+                stats.up.store(true, Ordering::Relaxed);
+                Arc::new(Backend {
+                    target: t.clone(),
+                    stats,
+                    failures: AtomicU32::new(0),
+                    successes: AtomicU32::new(0),
+                })
+            })
+            .collect();
+        let balancer = Arc::new(Balancer {
+            route: route.to_string(),
+            backends,
+            policy,
+            health,
+            next: AtomicUsize::new(0),
+            stop: CancellationToken::new(),
+        });
+        if checks {
+            for backend in &balancer.backends {
+                tokio::spawn(check_forever(
+                    balancer.route.clone(),
+                    backend.clone(),
+                    health,
+                    balancer.stop.clone(),
+                ));
+            }
+        }
+        balancer
+    }
+
+    /// The backends, in configured order.
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.backends
+    }
+
+    /// The order to try backends in for one new connection: live ones by
+    /// policy, or every one when none is live.
+    fn order(&self) -> Vec<Arc<Backend>> {
+        let n = self.backends.len();
+        let start = match self.policy {
+            Policy::FirstAvailable => 0,
+            _ => self.next.fetch_add(1, Ordering::Relaxed) % n.max(1),
+        };
+        let rotated = (0..n).map(|i| self.backends[(start + i) % n].clone());
+        let mut live: Vec<Arc<Backend>> = rotated.clone().filter(|b| b.is_up()).collect();
+        if live.is_empty() {
+            live = rotated.collect();
+        }
+        if self.policy == Policy::LeastConnections {
+            // Stable: ties keep the rotation, so they are spread too.
+            live.sort_by_key(|b| b.stats.active.load(Ordering::Relaxed));
+        }
+        live
+    }
+
+    /// Connects to a target, trying the next one when a connect fails, each
+    /// within `timeout`. The error lists every failure.
+    pub async fn connect(&self, timeout: Duration) -> Result<Connected, Unreachable> {
+        let mut failures = Vec::new();
+        for backend in self.order() {
+            match connect(&backend.target, timeout).await {
+                Ok((stream, addr)) => {
+                    // A real connection is the best health check there is.
+                    backend.succeeded(1, &self.route);
+                    backend.stats.total.fetch_add(1, Ordering::Relaxed);
+                    backend.stats.active.fetch_add(1, Ordering::Relaxed);
+                    if !failures.is_empty() {
+                        tracing::info!(route = %self.route, target = %backend.target, tried = failures.len() + 1, "connected after retrying");
+                    }
+                    return Ok(Connected {
+                        stream,
+                        addr,
+                        backend,
+                    });
+                }
+                Err(Unreachable(why)) => {
+                    backend
+                        .stats
+                        .connect_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    backend.failed(self.health.fall, &self.route, &why);
+                    tracing::debug!(route = %self.route, target = %backend.target, error = %why, "connect failed; trying the next target");
+                    failures.push(why);
+                }
+            }
+        }
+        Err(Unreachable(failures.join("; ")))
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn check_forever(
+    route: String,
+    backend: Arc<Backend>,
+    health: HealthCheck,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(health.interval.0.max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match connect(&backend.target, health.timeout.0).await {
+            Ok((stream, _)) => {
+                drop(stream);
+                backend.succeeded(health.rise, &route);
+            }
+            Err(Unreachable(why)) => backend.failed(health.fall, &route, &why),
+        }
+    }
+}

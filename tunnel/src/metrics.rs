@@ -1,0 +1,201 @@
+//! Counters per route and target, and their Prometheus text exposition.
+//!
+//! Every route and target has one set of counters for the life of the
+//! process, kept across reloads, so a reload never resets a counter; a route
+//! or target that a reload removes is dropped from the exposition.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Counters of one target of one route.
+#[derive(Debug, Default)]
+pub struct TargetStats {
+    /// Connections open now.
+    pub active: AtomicI64,
+    /// Connections made to this target.
+    pub total: AtomicU64,
+    /// Bytes from clients to the target (counted when a connection ends).
+    pub sent: AtomicU64,
+    /// Bytes from the target to clients (counted when a connection ends).
+    pub received: AtomicU64,
+    /// Connect attempts that failed (refused, timed out, did not resolve).
+    pub connect_failures: AtomicU64,
+    /// Whether new connections may go to it.
+    pub up: AtomicBool,
+}
+
+/// Counters of one route.
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    /// Clients refused by an access list.
+    pub refused: AtomicU64,
+    /// Clients closed because no target could be reached.
+    pub unavailable: AtomicU64,
+    targets: Mutex<BTreeMap<String, Arc<TargetStats>>>,
+}
+
+impl RouteStats {
+    /// The counters of `target`, made at first use.
+    pub fn target(&self, target: &str) -> Arc<TargetStats> {
+        self.targets
+            .lock()
+            .expect("stats lock")
+            .entry(target.to_string())
+            .or_insert_with(|| {
+                Arc::new(TargetStats {
+                    up: AtomicBool::new(true),
+                    ..TargetStats::default()
+                })
+            })
+            .clone()
+    }
+}
+
+/// All the counters of a tunnel.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
+}
+
+impl Metrics {
+    /// The counters of `route`, made at first use.
+    pub fn route(&self, route: &str) -> Arc<RouteStats> {
+        self.routes
+            .lock()
+            .expect("stats lock")
+            .entry(route.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets routes and targets no longer configured.
+    pub fn retain(&self, routes: &[(String, Vec<String>)]) {
+        let mut all = self.routes.lock().expect("stats lock");
+        all.retain(|name, _| routes.iter().any(|(r, _)| r == name));
+        for (name, targets) in routes {
+            if let Some(stats) = all.get(name) {
+                stats
+                    .targets
+                    .lock()
+                    .expect("stats lock")
+                    .retain(|t, _| targets.contains(t));
+            }
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let routes = self.routes.lock().expect("stats lock");
+        let mut out = String::new();
+        for family in ROUTE_FAMILIES {
+            family.header(&mut out);
+            for (route, stats) in routes.iter() {
+                let _ = writeln!(
+                    out,
+                    "{}{{route=\"{}\"}} {}",
+                    family.name,
+                    escape(route),
+                    (family.value)(stats)
+                );
+            }
+        }
+        for family in TARGET_FAMILIES {
+            family.header(&mut out);
+            for (route, stats) in routes.iter() {
+                for (target, t) in stats.targets.lock().expect("stats lock").iter() {
+                    let _ = writeln!(
+                        out,
+                        "{}{{route=\"{}\",target=\"{}\"}} {}",
+                        family.name,
+                        escape(route),
+                        escape(target),
+                        (family.value)(t)
+                    );
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One metric family: its name, type, help, and how to read it.
+struct Family<S> {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    value: fn(&S) -> u64,
+}
+
+impl<S> Family<S> {
+    fn header(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP {} {}\n# TYPE {} {}",
+            self.name, self.help, self.name, self.kind
+        );
+    }
+}
+
+const ROUTE_FAMILIES: [Family<RouteStats>; 2] = [
+    Family {
+        name: "tunnel_connections_refused_total",
+        kind: "counter",
+        help: "Clients refused by an access list.",
+        value: |s| s.refused.load(Ordering::Relaxed),
+    },
+    Family {
+        name: "tunnel_connections_unavailable_total",
+        kind: "counter",
+        help: "Clients closed because no target could be reached.",
+        value: |s| s.unavailable.load(Ordering::Relaxed),
+    },
+];
+
+const TARGET_FAMILIES: [Family<TargetStats>; 6] = [
+    Family {
+        name: "tunnel_connections_active",
+        kind: "gauge",
+        help: "Connections open now.",
+        value: |t| t.active.load(Ordering::Relaxed).max(0) as u64,
+    },
+    Family {
+        name: "tunnel_connections_total",
+        kind: "counter",
+        help: "Connections made to the target.",
+        value: |t| t.total.load(Ordering::Relaxed),
+    },
+    Family {
+        name: "tunnel_sent_bytes_total",
+        kind: "counter",
+        help: "Bytes from clients to the target, counted as connections end.",
+        value: |t| t.sent.load(Ordering::Relaxed),
+    },
+    Family {
+        name: "tunnel_received_bytes_total",
+        kind: "counter",
+        help: "Bytes from the target to clients, counted as connections end.",
+        value: |t| t.received.load(Ordering::Relaxed),
+    },
+    Family {
+        name: "tunnel_connect_failures_total",
+        kind: "counter",
+        help: "Connect attempts to the target that failed.",
+        value: |t| t.connect_failures.load(Ordering::Relaxed),
+    },
+    Family {
+        name: "tunnel_target_up",
+        kind: "gauge",
+        help: "1 when new connections may go to the target, 0 while it is ejected.",
+        value: |t| t.up.load(Ordering::Relaxed) as u64,
+    },
+];
+
+/// A label value with `\`, `"` and newlines escaped.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
