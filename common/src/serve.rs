@@ -4,7 +4,8 @@
 //! server leaves new clients in the kernel's backlog instead of accepting
 //! and dropping them. Accept errors (out of descriptors, say) back off and
 //! retry instead of ending the server. Each connection runs in its own task
-//! inside a span with its id and peer; the access list is checked right after
+//! inside a span with its id and peer (debug level; info events carry both
+//! as fields); the access list is checked right after
 //! accept. On shutdown the listener closes at once, handlers are told to
 //! finish (`Conn::draining`), and whatever is still running when the grace
 //! period ends is closed.
@@ -15,9 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
@@ -111,6 +115,15 @@ pub struct Connections {
     draining: CancellationToken,
     closing: CancellationToken,
     grace: Duration,
+    workers: Arc<Workers>,
+}
+
+/// Runtimes that connections are spread over, one thread each; none means
+/// the runtime of the accept loop.
+#[derive(Debug, Default)]
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl Connections {
@@ -121,7 +134,21 @@ impl Connections {
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),
             grace,
+            workers: Arc::default(),
         }
+    }
+
+    /// Like [`Connections::new`], with connections spread round-robin over
+    /// `workers` (each a single-threaded runtime on its own thread). Every
+    /// connection then lives on one thread for its whole life: no task
+    /// moves between threads, and each thread waits on its own sockets.
+    pub fn with_workers(grace: Duration, workers: Vec<tokio::runtime::Handle>) -> Self {
+        let mut connections = Connections::new(grace);
+        connections.workers = Arc::new(Workers {
+            handles: workers,
+            next: Default::default(),
+        });
+        connections
     }
 
     /// How many connections are live.
@@ -216,25 +243,84 @@ pub async fn accept_until<H: Handler>(
             closing: connections.closing.clone(),
             idle_timeout: options.idle_timeout,
         };
-        let closing = connections.closing.clone();
+        // A debug-level span: at the default level an idle connection then
+        // costs no span memory; events a handler logs at info name the
+        // connection's id and peer themselves.
+        let span = tracing::debug_span!("conn", id, %peer);
+        span.in_scope(|| debug!("accepted"));
+        let closing = connections.closing.clone().cancelled_owned();
+        let workers = &connections.workers.handles;
+        if workers.is_empty() {
+            let task = Connection {
+                handler: handler.clone().handle(stream, conn),
+                closing,
+                _permit: permit,
+                id,
+                peer,
+            };
+            connections.tracker.spawn(task.instrument(span));
+            continue;
+        }
+        let worker =
+            &workers[connections.workers.next.fetch_add(1, Ordering::Relaxed) % workers.len()];
+        // The socket moves to the worker's own event loop.
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
         let handler = handler.clone();
-        let span = tracing::info_span!("conn", id, %peer);
-        connections.tracker.spawn(
-            async move {
-                debug!("accepted");
-                tokio::select! {
-                    // The handler first: it may finish (and log) on `closing`.
-                    biased;
-                    result = handler.handle(stream, conn) => match result {
-                        Ok(()) => debug!("closed"),
-                        Err(e) => info!(error = %format!("{e:#}"), "connection ended with an error"),
-                    },
-                    _ = closing.cancelled() => debug!("closed at the end of the grace period"),
-                }
-                drop(permit);
+        let task = async move {
+            let Ok(stream) = TcpStream::from_std(stream) else {
+                return;
+            };
+            Connection {
+                handler: handler.handle(stream, conn),
+                closing,
+                _permit: permit,
+                id,
+                peer,
             }
-            .instrument(span),
-        );
+            .await
+        };
+        connections.tracker.spawn_on(task.instrument(span), worker);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One connection's task: its handler, dropped (closing the socket) at
+    /// the end of the grace period, and its place under the connection cap.
+    /// A plain struct rather than an async block, so the handler's future
+    /// is stored once: this is most of an idle connection's memory.
+    struct Connection<F> {
+        #[pin]
+        handler: F,
+        #[pin]
+        closing: WaitForCancellationFutureOwned,
+        _permit: OwnedSemaphorePermit,
+        id: u64,
+        peer: SocketAddr,
+    }
+}
+
+impl<F: Future<Output = anyhow::Result<()>>> Future for Connection<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        // The handler first: woken by `closing`, it may finish (and log).
+        if let Poll::Ready(result) = this.handler.poll(cx) {
+            match result {
+                Ok(()) => debug!("closed"),
+                Err(e) => {
+                    info!(conn = *this.id, peer = %this.peer, error = %format!("{e:#}"), "connection ended with an error")
+                }
+            }
+            return Poll::Ready(());
+        }
+        if this.closing.poll(cx).is_ready() {
+            debug!("closed at the end of the grace period");
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 }
 

@@ -215,7 +215,7 @@ impl DateTime {
                         )
                         .as_bytes(),
                     );
-                    tracing::info!(timeout = ?idle, "idle timeout");
+                    tracing::info!(conn = conn.id, peer = %conn.peer, timeout = ?idle, "idle timeout");
                     return close(&mut writer, &mut out, idle).await;
                 }
                 Ok(Ok(0)) => return Ok(()),
@@ -233,7 +233,7 @@ impl DateTime {
                             )
                             .as_bytes(),
                         );
-                        tracing::info!(limit = self.max_line, "line too long");
+                        tracing::info!(conn = conn.id, peer = %conn.peer, limit = self.max_line, "line too long");
                         return close(&mut writer, &mut out, idle).await;
                     }
                     Input::Line(line) => {

@@ -1,9 +1,13 @@
 //! End-to-end: the real `square-server` and `square-client` binaries, as a
-//! user runs them: numbers as arguments, a stream on stdin, bad input in the
-//! middle, `--json`, an unreachable server, and the exit statuses.
+//! user runs them: numbers as arguments, a stream on stdin (in constant
+//! memory however long), bad input in the middle, `--json`, an unreachable
+//! server, and the exit statuses.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tests::binary;
 
@@ -36,6 +40,16 @@ impl Server {
             child,
             addr: addr.expect("square-server logs where it listens"),
         }
+    }
+
+    /// Sends `signal` (by name, as `kill -s` takes it): STOP pauses the
+    /// server, CONT resumes it.
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -s {signal} failed");
     }
 
     fn client(&self) -> Command {
@@ -109,6 +123,174 @@ fn streams_standard_input() {
         .map(|l| l.parse().unwrap())
         .collect();
     assert_eq!(squares, (0..50_000u64).map(|i| i * i).collect::<Vec<_>>());
+}
+
+/// The `i`th number of [`stream_peak_rss`]: 50 digits, every other one
+/// negative, so that the input and output are large next to the client's
+/// own footprint.
+fn big_number(i: u64) -> String {
+    let sign = if i % 2 == 1 { "-" } else { "" };
+    format!("{sign}1{:049}", i * 7919)
+}
+
+/// The square of [`big_number`]`(i)`: (10^49 + k)^2 = 10^98 + 2k 10^49 + k^2,
+/// where 2k and k^2 are both below 10^49.
+fn big_square(i: u64) -> String {
+    let k = u128::from(i * 7919);
+    format!("1{:049}{:049}", 2 * k, k * k)
+}
+
+/// The peak resident set (`VmHWM`) of a running process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status:\n{status}"));
+    assert!(kib > 0, "VmHWM of {pid} is 0");
+    kib
+}
+
+/// What [`stream_peak_rss`] saw.
+struct Streamed {
+    /// The client's peak resident set, KiB.
+    peak_kib: u64,
+    /// Bytes of input.
+    input_bytes: u64,
+    /// Bytes of input the client had taken when it stopped reading, with
+    /// the server paused.
+    taken_while_paused: u64,
+}
+
+/// Streams `count` [`big_number`]s through a square-client on stdin, checks
+/// every answer, and returns the client's peak RSS and how much input it
+/// took with the server paused.
+///
+/// The server is stopped (SIGSTOP) until the client stops taking input, so
+/// a client that reads its input ahead of what the server takes would hold
+/// the whole of it; then it is resumed. The peak is read once every answer is in but
+/// while stdin is still open, so the client is alive and has done all its
+/// work.
+fn stream_peak_rss(server: &Server, count: u64) -> Streamed {
+    server.signal("STOP");
+    let mut child = server
+        .client()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    // Generated and written from a thread, which hands stdin back open.
+    let written = Arc::new(AtomicU64::new(0));
+    let progress = written.clone();
+    let writer = std::thread::spawn(move || -> std::io::Result<_> {
+        let mut input = BufWriter::with_capacity(16 * 1024, stdin);
+        let mut bytes = 0;
+        for i in 0..count {
+            let line = big_number(i);
+            input.write_all(line.as_bytes())?;
+            input.write_all(b"\n")?;
+            bytes += line.len() as u64 + 1;
+            progress.store(bytes, Ordering::Relaxed);
+        }
+        Ok((input.into_inner().map_err(|e| e.into_error())?, bytes))
+    });
+    // Read as it comes, so a full stderr pipe cannot stall the client.
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut stderr = String::new();
+        let _ = stderr_pipe.read_to_string(&mut stderr);
+        stderr
+    });
+
+    // Resume the server once the input has stopped moving (or is all in).
+    let mut taken_while_paused = 0;
+    let mut still = 0;
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while still < 5 && !writer.is_finished() && Instant::now() < give_up {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = written.load(Ordering::Relaxed);
+        still = if now == taken_while_paused {
+            still + 1
+        } else {
+            0
+        };
+        taken_while_paused = now;
+    }
+    let taken_while_paused = written.load(Ordering::Relaxed);
+    server.signal("CONT");
+
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    for i in 0..count {
+        line.clear();
+        let read = stdout.read_line(&mut line).unwrap();
+        if read == 0 {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "square-client stopped after {i} of {count} answers: {}",
+                stderr.join().unwrap()
+            );
+        }
+        assert_eq!(line.trim_end(), big_square(i), "answer {i} of {count}");
+    }
+    let peak = peak_rss_kib(child.id());
+
+    let (stdin, bytes) = writer.join().unwrap().expect("the input is written");
+    drop(stdin);
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "", "answers beyond the {count} requests");
+    let status = child.wait().unwrap();
+    let stderr = stderr.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr, "");
+    Streamed {
+        peak_kib: peak,
+        input_bytes: bytes,
+        taken_while_paused,
+    }
+}
+
+#[test]
+fn streams_standard_input_in_constant_memory() {
+    let server = Server::start();
+    let small = stream_peak_rss(&server, 30_000);
+    let large = stream_peak_rss(&server, 300_000);
+    eprintln!(
+        "square-client peak RSS: {} KiB for 30,000 lines ({} bytes), \
+         {} KiB for 300,000 lines ({} bytes, {} taken with the server paused)",
+        small.peak_kib,
+        small.input_bytes,
+        large.peak_kib,
+        large.input_bytes,
+        large.taken_while_paused
+    );
+    // Backpressure reaches stdin: with the server paused the client stops
+    // reading once its window and the socket buffers are full.
+    assert!(
+        large.taken_while_paused < large.input_bytes / 2,
+        "with the server paused square-client read {} of {} bytes of input",
+        large.taken_while_paused,
+        large.input_bytes
+    );
+    let allowed_growth = small.peak_kib / 2 + 4 * 1024;
+    assert!(
+        large.peak_kib <= small.peak_kib + allowed_growth,
+        "10 times the input took {} KiB at peak against {} KiB: memory grows with the input",
+        large.peak_kib,
+        small.peak_kib
+    );
+    // The test can tell: a client that kept its input would be over.
+    assert!(
+        (large.input_bytes - small.input_bytes) / 1024 > allowed_growth,
+        "the inputs differ by too little to show growth"
+    );
 }
 
 #[test]

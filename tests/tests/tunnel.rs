@@ -358,3 +358,32 @@ fn metrics_pass_promtool_and_count_what_happened() {
     );
     drop(tunnel);
 }
+
+#[test]
+fn relay_threads_serve_and_drain_like_the_main_thread() {
+    let target = echo_target();
+    let listen = local(free_port());
+    let mut command = Command::new(binary("tunnel"));
+    command
+        .args([
+            "--listen",
+            &listen.to_string(),
+            "--target",
+            &target.to_string(),
+        ])
+        .env("TUNNEL_WORKERS", "3");
+    let tunnel = Running::start(command, listen);
+    let mut held: Vec<TcpStream> = (0..9).map(|_| connect(listen)).collect();
+    for (i, s) in held.iter_mut().enumerate() {
+        let msg = format!("conn {i}");
+        assert_eq!(echo(s, msg.as_bytes()), msg.as_bytes());
+    }
+    drop(held);
+    let (code, stderr) = tunnel.stop();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        stderr.matches("end=\"closed by client\"").count(),
+        10,
+        "{stderr}"
+    );
+}

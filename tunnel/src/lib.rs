@@ -58,11 +58,16 @@ impl Handler for RouteHandler {
         let route = &self.route;
         let keepalive = route.keepalive.time();
         connect::tune(&client, keepalive);
-        let connecting = tokio::select! {
-            biased;
-            c = self.balancer.connect(route.connect_timeout.0) => c,
-            _ = conn.closing.cancelled() => Err(connect::Unreachable("shutdown while connecting".into())),
-        };
+        // Boxed: the connect phase is large and short; an idle connection
+        // should not carry its space.
+        let connecting = Box::pin(async {
+            tokio::select! {
+                biased;
+                c = self.balancer.connect(route.connect_timeout.0) => c,
+                _ = conn.closing.cancelled() => Err(connect::Unreachable("shutdown while connecting".into())),
+            }
+        })
+        .await;
         let mut connected = match connecting {
             Ok(connected) => connected,
             Err(connect::Unreachable(why)) => {
@@ -154,9 +159,23 @@ impl std::error::Error for ApplyError {}
 impl Tunnel {
     /// A tunnel with no routes yet; `grace` bounds the drain on shutdown.
     pub fn new(grace: Duration, log: AccessLog) -> Self {
+        Tunnel::with_connections(Connections::new(grace), log)
+    }
+
+    /// A tunnel whose connections run on `workers` (see
+    /// [`Connections::with_workers`]).
+    pub fn with_workers(
+        grace: Duration,
+        log: AccessLog,
+        workers: Vec<tokio::runtime::Handle>,
+    ) -> Self {
+        Tunnel::with_connections(Connections::with_workers(grace, workers), log)
+    }
+
+    fn with_connections(connections: Connections, log: AccessLog) -> Self {
         Tunnel {
             running: Mutex::new(Vec::new()),
-            connections: Connections::new(grace),
+            connections,
             log: Arc::new(log),
             metrics: Arc::new(Metrics::default()),
         }

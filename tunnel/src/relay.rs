@@ -73,9 +73,11 @@ pub(crate) struct Direction {
     /// Bytes read but not yet written; empty (and unallocated) when idle.
     pending: Vec<u8>,
     sent: usize,
-    read_done: bool,
-    shut_down: bool,
+    pub(crate) read_done: bool,
+    pub(crate) shut_down: bool,
     needs_flush: bool,
+    /// Set when a read filled the whole scratch buffer: a bulk transfer.
+    pub(crate) bulk: bool,
     pub(crate) bytes: u64,
 }
 
@@ -85,19 +87,25 @@ impl Direction {
     }
 
     /// Moves bytes from `reader` to `writer` until either would block.
-    /// Returns Ready once `writer` has been shut down after EOF.
+    /// Returns Ready once `writer` has been shut down after EOF, or, with
+    /// `stop_on_bulk`, as soon as a bulk transfer is seen and nothing is
+    /// pending (so the caller can switch to zero-copy).
     pub(crate) fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
         active: &mut bool,
+        stop_on_bulk: bool,
     ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
         loop {
+            if stop_on_bulk && self.bulk && self.pending.is_empty() && !self.read_done {
+                return Poll::Ready(Ok(()));
+            }
             if self.sent < self.pending.len() {
                 let n = ready!(writer.as_mut().poll_write(cx, &self.pending[self.sent..]))?;
                 if n == 0 {
@@ -126,6 +134,7 @@ impl Direction {
                             if data.is_empty() {
                                 return Poll::Ready(Ok(None));
                             }
+                            self.bulk |= data.len() == SCRATCH;
                             // Write straight on; keep only what does not fit.
                             let written = match writer.as_mut().poll_write(cx, data) {
                                 Poll::Ready(Ok(n)) => n,
@@ -198,6 +207,7 @@ where
             Pin::new(&mut *self.client),
             Pin::new(&mut *self.target),
             active,
+            false,
         )
     }
     fn poll_down(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<io::Result<()>> {
@@ -206,6 +216,7 @@ where
             Pin::new(&mut *self.target),
             Pin::new(&mut *self.client),
             active,
+            false,
         )
     }
     fn done(&self) -> (bool, bool) {
@@ -217,14 +228,16 @@ where
 }
 
 /// Relays between `client` and `target` until both directions have ended,
-/// either side fails, nothing moves for `idle`, or `closing` is cancelled.
+/// either side fails, nothing moves for `idle`, or `closing` is cancelled
+/// (seen when the future is next polled: whoever cancels it must wake the
+/// task, as the shared accept loop does).
 /// Any stream type: bytes pass through user space.
-pub async fn relay<C, T>(
-    client: &mut C,
-    target: &mut T,
+pub fn relay<'a, C, T>(
+    client: &'a mut C,
+    target: &'a mut T,
     idle: Duration,
-    closing: &CancellationToken,
-) -> Outcome
+    closing: &'a CancellationToken,
+) -> impl Future<Output = Outcome> + 'a
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     T: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -235,65 +248,71 @@ where
         up: Direction::default(),
         down: Direction::default(),
     };
-    run(pump, idle, closing).await
+    run(pump, idle, closing)
 }
 
 /// Like [`relay`] for two TCP sockets: on Linux the bytes never leave the
 /// kernel (`splice(2)`).
-pub async fn relay_tcp(
-    client: &mut tokio::net::TcpStream,
-    target: &mut tokio::net::TcpStream,
+pub fn relay_tcp<'a>(
+    client: &'a mut tokio::net::TcpStream,
+    target: &'a mut tokio::net::TcpStream,
     idle: Duration,
-    closing: &CancellationToken,
-) -> Outcome {
+    closing: &'a CancellationToken,
+) -> impl Future<Output = Outcome> + 'a {
     let pump = crate::splice::Spliced::new(client, target);
-    run(pump, idle, closing).await
+    run(pump, idle, closing)
 }
 
-pub(crate) async fn run<P: Pump + Unpin>(
+pub(crate) fn run<'t, P: Pump + Unpin>(
     pump: P,
     idle: Duration,
-    closing: &CancellationToken,
-) -> Outcome {
-    let mut relay = Relay {
+    closing: &'t CancellationToken,
+) -> Relay<'t, P> {
+    Relay {
         pump,
         first_done: None,
         idle,
-        deadline: Box::pin(tokio::time::sleep(idle)),
+        deadline: tokio::time::sleep(idle),
         last_active: Instant::now(),
-    };
-    tokio::select! {
-        biased;
-        outcome = &mut relay => outcome,
-        _ = closing.cancelled() => relay.outcome(End::Shutdown, None),
+        closing,
     }
 }
 
-struct Relay<P> {
-    pump: P,
-    first_done: Option<End>,
-    idle: Duration,
-    deadline: Pin<Box<Sleep>>,
-    last_active: Instant,
-}
-
-impl<P: Pump> Relay<P> {
-    fn outcome(&self, end: End, error: Option<io::ErrorKind>) -> Outcome {
-        let (sent, received) = self.pump.bytes();
-        Outcome {
-            sent,
-            received,
-            end,
-            error,
-        }
+pin_project_lite::pin_project! {
+    /// The relay as a future. Kept small and with its timer inline: it is
+    /// most of what an idle connection holds.
+    pub struct Relay<'t, P> {
+        pump: P,
+        first_done: Option<End>,
+        idle: Duration,
+        #[pin]
+        deadline: Sleep,
+        last_active: Instant,
+        // Checked at every poll rather than awaited: the accept loop that
+        // runs every connection already wakes its task when `closing` is
+        // cancelled, and one waiter per connection is enough memory.
+        closing: &'t CancellationToken,
     }
 }
 
-impl<P: Pump + Unpin> Future for Relay<P> {
+fn outcome<P: Pump>(pump: &P, end: End, error: Option<io::ErrorKind>) -> Outcome {
+    let (sent, received) = pump.bytes();
+    Outcome {
+        sent,
+        received,
+        end,
+        error,
+    }
+}
+
+impl<P: Pump + Unpin> Future for Relay<'_, P> {
     type Output = Outcome;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
-        let this = self.get_mut();
+        let mut this = self.project();
+        if this.closing.is_cancelled() {
+            return Poll::Ready(outcome(this.pump, End::Shutdown, None));
+        }
         let mut active = false;
         if !this.pump.done().0 {
             match this.pump.poll_up(cx, &mut active) {
@@ -301,7 +320,7 @@ impl<P: Pump + Unpin> Future for Relay<P> {
                     this.first_done.get_or_insert(End::ClosedByClient);
                 }
                 Poll::Ready(Err(e)) => {
-                    return Poll::Ready(this.outcome(End::Error, Some(e.kind())))
+                    return Poll::Ready(outcome(this.pump, End::Error, Some(e.kind())))
                 }
                 Poll::Pending => {}
             }
@@ -312,27 +331,27 @@ impl<P: Pump + Unpin> Future for Relay<P> {
                     this.first_done.get_or_insert(End::ClosedByTarget);
                 }
                 Poll::Ready(Err(e)) => {
-                    return Poll::Ready(this.outcome(End::Error, Some(e.kind())))
+                    return Poll::Ready(outcome(this.pump, End::Error, Some(e.kind())))
                 }
                 Poll::Pending => {}
             }
         }
         if this.pump.done() == (true, true) {
             let end = this.first_done.unwrap_or(End::ClosedByClient);
-            return Poll::Ready(this.outcome(end, None));
+            return Poll::Ready(outcome(this.pump, end, None));
         }
         if active {
             // Moving the timer on every read costs more than checking it
             // when it fires; it is only re-armed then.
-            this.last_active = Instant::now();
+            *this.last_active = Instant::now();
         }
         loop {
             match this.deadline.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(()) => {
-                    let due = this.last_active + this.idle;
+                    let due = *this.last_active + *this.idle;
                     if due <= Instant::now() {
-                        return Poll::Ready(this.outcome(End::IdleTimeout, None));
+                        return Poll::Ready(outcome(this.pump, End::IdleTimeout, None));
                     }
                     this.deadline.as_mut().reset(due);
                 }

@@ -288,6 +288,8 @@ pub struct Settings {
     pub health_check: Option<HealthSetting>,
     /// Where to serve `/metrics` and `/healthz` (off when unset).
     pub admin: Option<ListenAddr>,
+    /// Threads that relay connections (0: one per CPU).
+    pub workers: usize,
     /// How long live connections may take to finish on SIGTERM.
     pub shutdown_grace: Seconds,
     /// Where access-log lines go besides the log: a file path, or none.
@@ -316,6 +318,7 @@ impl Default for Settings {
             balance: Policy::default(),
             health_check: None,
             admin: None,
+            workers: 1,
             shutdown_grace: Seconds::from_secs(30),
             access_log: None,
             pid_file: None,

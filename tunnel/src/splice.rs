@@ -76,28 +76,29 @@ fn to_io(e: Errno) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
 }
 
-/// One direction of a spliced relay.
+/// One direction between two TCP sockets: small messages are copied
+/// through the scratch buffer (one read and one write each, the fewest
+/// system calls); once a read fills the buffer the direction carries bulk
+/// data and switches to `splice(2)`.
 #[derive(Debug, Default)]
 pub struct SpliceDirection {
-    /// Used instead once no pipe could be made.
-    fallback: Option<Direction>,
+    /// The copying state; its `read_done`, `shut_down` and `bytes` serve
+    /// the spliced mode too.
+    buffered: Direction,
+    spliced: bool,
     pipe: Option<Pipe>,
     in_pipe: usize,
-    read_done: bool,
-    shut_down: bool,
-    /// Bytes delivered to the receiver.
-    pub bytes: u64,
 }
 
 impl SpliceDirection {
     /// Whether this direction has ended (EOF passed on).
     pub fn done(&self) -> bool {
-        self.shut_down || self.fallback.as_ref().is_some_and(Direction::done)
+        self.buffered.done()
     }
 
-    /// Bytes delivered, whichever way they went.
+    /// Bytes delivered to the receiver.
     pub fn total(&self) -> u64 {
-        self.bytes + self.fallback.as_ref().map_or(0, |d| d.bytes)
+        self.buffered.bytes
     }
 
     /// Moves bytes from `src` to `dst` until either would block; Ready once
@@ -109,10 +110,22 @@ impl SpliceDirection {
         dst: &mut TcpStream,
         active: &mut bool,
     ) -> Poll<io::Result<()>> {
-        loop {
-            if let Some(buffered) = &mut self.fallback {
-                return buffered.poll_copy(cx, Pin::new(src), Pin::new(dst), active);
+        if !self.spliced {
+            ready!(self.buffered.poll_copy(
+                cx,
+                Pin::new(&mut *src),
+                Pin::new(&mut *dst),
+                active,
+                true
+            ))?;
+            if self.buffered.done() {
+                return Poll::Ready(Ok(()));
             }
+            // A bulk transfer: from here on the bytes stay in the kernel.
+            self.spliced = true;
+        }
+        let state = &mut self.buffered;
+        loop {
             if self.in_pipe > 0 {
                 ready!(dst.poll_write_ready(cx))?;
                 let pipe = self.pipe.as_ref().expect("data in flight has a pipe");
@@ -121,7 +134,7 @@ impl SpliceDirection {
                 }) {
                     Ok(n) => {
                         self.in_pipe -= n;
-                        self.bytes += n as u64;
+                        state.bytes += n as u64;
                         *active = true;
                         if self.in_pipe == 0 {
                             give_back(self.pipe.take().expect("pipe"));
@@ -132,14 +145,16 @@ impl SpliceDirection {
                 }
                 continue;
             }
-            if !self.read_done {
+            if !state.read_done {
                 ready!(src.poll_read_ready(cx))?;
                 let pipe = match self.pipe.take().map_or_else(take_pipe, Ok) {
                     Ok(p) => p,
                     Err(e) => {
+                        // Out of descriptors, say: copy through memory.
                         tracing::debug!(error = %e, "no pipe for splice; copying through memory");
-                        self.fallback = Some(Direction::default());
-                        continue;
+                        self.spliced = false;
+                        state.bulk = false;
+                        return state.poll_copy(cx, Pin::new(src), Pin::new(dst), active, false);
                     }
                 };
                 let result = src.try_io(Interest::READABLE, || {
@@ -149,7 +164,7 @@ impl SpliceDirection {
                 match result {
                     Ok(0) => {
                         give_back(pipe);
-                        self.read_done = true;
+                        state.read_done = true;
                     }
                     Ok(n) => {
                         self.in_pipe = n;
@@ -164,9 +179,9 @@ impl SpliceDirection {
                 }
                 continue;
             }
-            if !self.shut_down {
-                ready!(AsyncWrite::poll_shutdown(Pin::new(dst), cx))?;
-                self.shut_down = true;
+            if !state.shut_down {
+                ready!(AsyncWrite::poll_shutdown(Pin::new(&mut *dst), cx))?;
+                state.shut_down = true;
             }
             return Poll::Ready(Ok(()));
         }
