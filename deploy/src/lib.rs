@@ -1,2 +1,19 @@
-//! The service definition, the local development fabric and the Kubernetes
-//! rendering (issue 6). Not built yet: this crate holds no code so far.
+//! The service definition, the local development fabric and the cluster
+//! manifests.
+//!
+//! - [`definition`]: reading and checking `deploy/service.yaml`;
+//! - [`programs`]: what the definition knows of each program;
+//! - [`fabric`]: `deploy run`, every instance on one machine behind the
+//!   tunnel's balancer;
+//! - [`render`]: Kubernetes manifests (with Kustomize) and a compose file.
+
+pub mod definition;
+pub mod fabric;
+pub mod programs;
+pub mod render;
+
+/// The program's name: its configuration prefix is `DEPLOY_`.
+pub const PROGRAM: &str = "deploy";
+
+/// The definition used when none is named.
+pub const DEFAULT_DEFINITION: &str = "deploy/service.yaml";

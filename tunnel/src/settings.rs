@@ -290,6 +290,8 @@ pub struct Settings {
     pub admin: Option<ListenAddr>,
     /// Threads that relay connections (0: one per CPU).
     pub workers: usize,
+    /// This instance's name in logs (set per instance by a deployment).
+    pub instance: String,
     /// How long live connections may take to finish on SIGTERM.
     pub shutdown_grace: Seconds,
     /// Where access-log lines go besides the log: a file path, or none.
@@ -319,6 +321,7 @@ impl Default for Settings {
             health_check: None,
             admin: None,
             workers: 1,
+            instance: format!("{PROGRAM}_IN_0"),
             shutdown_grace: Seconds::from_secs(30),
             access_log: None,
             pid_file: None,

@@ -1,0 +1,184 @@
+//! `deploy`: check the service definition, run it on this machine, or render
+//! it for Kubernetes or compose.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use common::cli::{parse_args, EXIT_CONFIG, EXIT_FAILED};
+use deploy::definition::Definition;
+use deploy::fabric::{self, Options};
+use deploy::{render, DEFAULT_DEFINITION, PROGRAM};
+
+/// The service definition: roles, endpoints, settings, instance counts.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+
+    /// Log filter such as info or debug (default: RUST_LOG, then info)
+    #[arg(long, value_name = "FILTER", global = true)]
+    log_level: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check the definition and report every problem with its line
+    Check {
+        /// The service definition [default: deploy/service.yaml]
+        file: Option<PathBuf>,
+    },
+    /// Run every role's instances on this machine behind load balancers
+    Run {
+        /// The service definition [default: deploy/service.yaml]
+        file: Option<PathBuf>,
+        /// Where the programs are [default: beside deploy]
+        #[arg(long, value_name = "DIR")]
+        programs: Option<PathBuf>,
+    },
+    /// Write manifests for a cluster engine or for one host
+    Render {
+        /// What to render
+        target: Target,
+        /// The service definition [default: deploy/service.yaml]
+        file: Option<PathBuf>,
+        /// Where to write [default: deploy/kubernetes, or deploy for compose]
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Target {
+    /// Deployments, Services and ConfigMaps, with a kustomization.yaml
+    Kubernetes,
+    /// One compose.yaml for a single host
+    Compose,
+}
+
+fn load(file: &Option<PathBuf>) -> Result<Definition, ExitCode> {
+    let path = file
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DEFINITION));
+    Definition::load(&path).map_err(|problems| {
+        eprintln!("{PROGRAM}: {problems}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    common::telemetry::init(&common::settings::LogSettings {
+        log_level: args.log_level.clone(),
+        ..Default::default()
+    });
+    match args.command {
+        Command::Check { file } => match load(&file) {
+            Ok(d) => {
+                let instances: usize = d.roles.iter().map(|r| r.count()).sum();
+                println!(
+                    "{}: {} roles, {instances} instances: ok",
+                    d.name,
+                    d.roles.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Render { target, file, out } => {
+            let definition = match load(&file) {
+                Ok(d) => d,
+                Err(code) => return code,
+            };
+            let (dir, files) = match target {
+                Target::Kubernetes => (
+                    out.unwrap_or_else(|| PathBuf::from("deploy/kubernetes")),
+                    render::kubernetes(&definition),
+                ),
+                Target::Compose => (
+                    out.unwrap_or_else(|| PathBuf::from("deploy")),
+                    vec![("compose.yaml".to_string(), render::compose(&definition))],
+                ),
+            };
+            match render::write(&dir, &files) {
+                Ok(()) => {
+                    for (name, _) in &files {
+                        println!("{}", dir.join(name).display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{PROGRAM}: cannot write to {}: {e}", dir.display());
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+        }
+        Command::Run { file, programs } => {
+            let definition = match load(&file) {
+                Ok(d) => d,
+                Err(code) => return code,
+            };
+            let here = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .unwrap_or_else(|| PathBuf::from("."));
+            if programs.is_none() {
+                if let Err(e) = build_programs(&definition, &here) {
+                    eprintln!("{PROGRAM}: {e:#}");
+                    return ExitCode::from(EXIT_FAILED);
+                }
+            }
+            let options = Options {
+                programs: programs.unwrap_or(here),
+                ..Options::default()
+            };
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(fabric::run(
+                &definition,
+                &options,
+                common::signal::shutdown(),
+            )) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{PROGRAM}: {e:#}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+    }
+}
+
+/// Under `cargo run`, builds the programs the definition names with the
+/// same profile, so one command builds and runs the whole system.
+fn build_programs(definition: &Definition, here: &Path) -> anyhow::Result<()> {
+    let (Some(cargo), Some(manifest)) = (
+        std::env::var_os("CARGO"),
+        std::env::var_os("CARGO_MANIFEST_DIR"),
+    ) else {
+        return Ok(());
+    };
+    let workspace = Path::new(&manifest).parent().unwrap_or(Path::new("."));
+    let mut build = std::process::Command::new(cargo);
+    build.current_dir(workspace).args(["build", "--quiet"]);
+    if here.file_name().is_some_and(|p| p == "release") {
+        build.arg("--release");
+    }
+    let mut names: Vec<&str> = definition
+        .roles
+        .iter()
+        .map(|r| r.program.as_str())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        build.args(["-p", name, "--bin", name]);
+    }
+    eprintln!("{PROGRAM}: building the programs");
+    let status = build.status()?;
+    anyhow::ensure!(status.success(), "building the programs failed");
+    Ok(())
+}

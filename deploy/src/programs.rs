@@ -1,0 +1,258 @@
+//! The programs a role can run, and what the service definition needs to
+//! know of each: its environment prefix, its endpoint and the setting that
+//! places it, and which settings it accepts.
+//!
+//! Settings are checked against the program's own settings type, so a typo
+//! or a bad value is caught by `deploy check`, not by a crashing instance.
+
+use std::collections::BTreeMap;
+
+use figment::providers::Serialized;
+use figment::Figment;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use common::config::env_prefix;
+
+/// Settings by key, as a definition gives them.
+pub type SettingsMap = BTreeMap<String, Value>;
+
+/// A problem with one setting: its key and what is wrong.
+pub type SettingProblem = (String, String);
+
+/// A program of this workspace that can run as a role.
+#[derive(Debug, Clone, Copy)]
+pub struct Program {
+    /// The binary's name.
+    pub name: &'static str,
+    /// Its endpoint's name, as in the original service definition.
+    pub endpoint: &'static str,
+    /// The port it listens on by default.
+    pub default_port: u16,
+    defaults: fn() -> Value,
+    check: fn(&SettingsMap) -> Vec<SettingProblem>,
+}
+
+/// Every program a role can name.
+pub const PROGRAMS: [Program; 3] = [
+    Program {
+        name: "echo-server",
+        endpoint: echo_server::ENDPOINT,
+        default_port: 1234,
+        defaults: defaults::<echo_server::Settings>,
+        check: check::<echo_server::Settings>,
+    },
+    Program {
+        name: "square-server",
+        endpoint: square_server::ENDPOINT,
+        default_port: 2345,
+        defaults: defaults::<square_server::Settings>,
+        check: check::<square_server::Settings>,
+    },
+    Program {
+        name: "tunnel",
+        endpoint: "Incoming",
+        default_port: 1001,
+        defaults: defaults::<tunnel::Settings>,
+        check: check::<tunnel::Settings>,
+    },
+];
+
+/// Settings the fabric and the manifests set per instance; a definition
+/// may not set them.
+pub const MANAGED: [&str; 2] = ["listen", "instance"];
+
+impl Program {
+    /// The program called `name`.
+    pub fn named(name: &str) -> Option<Program> {
+        PROGRAMS.iter().copied().find(|p| p.name == name)
+    }
+
+    /// The names of all programs, for messages.
+    pub fn names() -> String {
+        PROGRAMS.map(|p| p.name).join(", ")
+    }
+
+    /// Its environment prefix (`ECHO_SERVER_`).
+    pub fn prefix(&self) -> String {
+        env_prefix(self.name)
+    }
+
+    /// The settings it knows, sorted.
+    pub fn known_settings(&self) -> Vec<String> {
+        match (self.defaults)() {
+            Value::Object(map) => map.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Problems with `settings` for this program: `(key, message)`.
+    pub fn check_settings(&self, settings: &BTreeMap<String, Value>) -> Vec<(String, String)> {
+        let known = self.known_settings();
+        let mut problems = Vec::new();
+        let mut usable = BTreeMap::new();
+        for (key, value) in settings {
+            if MANAGED.contains(&key.as_str()) {
+                problems.push((
+                    key.clone(),
+                    format!("{key} is set for each instance from the role's endpoint; remove it"),
+                ));
+            } else if !known.contains(key) {
+                problems.push((
+                    key.clone(),
+                    format!(
+                        "{} has no setting {key}; it knows: {}",
+                        self.name,
+                        known.join(", ")
+                    ),
+                ));
+            } else {
+                usable.insert(key.clone(), value.clone());
+            }
+        }
+        problems.extend((self.check)(&usable));
+        problems
+    }
+
+    /// The environment an instance gets for `settings`: `PREFIX_KEY=value`,
+    /// lists joined with commas, nested keys joined with `__`.
+    pub fn environment(&self, settings: &BTreeMap<String, Value>) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        for (key, value) in settings {
+            flatten(
+                &format!("{}{}", self.prefix(), key.to_uppercase()),
+                value,
+                &mut env,
+            );
+        }
+        env
+    }
+}
+
+fn flatten(name: &str, value: &Value, out: &mut Vec<(String, String)>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                flatten(&format!("{name}__{}", k.to_uppercase()), v, out);
+            }
+        }
+        other => out.push((name.to_string(), scalar(other))),
+    }
+}
+
+/// A value as an environment variable holds it.
+pub fn scalar(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        Value::Array(items) => items.iter().map(scalar).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn defaults<S: Serialize + Default>() -> Value {
+    serde_json::to_value(S::default()).unwrap_or(Value::Null)
+}
+
+/// Each setting tried on its own over the defaults, so every bad one is
+/// reported.
+fn check<S: Serialize + DeserializeOwned + Default>(
+    settings: &BTreeMap<String, Value>,
+) -> Vec<(String, String)> {
+    settings
+        .iter()
+        .filter_map(|(key, value)| {
+            // Values arrive as an environment variable would carry them, so
+            // they are checked in that form.
+            let figment = Figment::from(Serialized::defaults(S::default()))
+                .merge(Serialized::default(key, env_form(value)));
+            figment.extract::<S>().err().map(|e| {
+                let message = e
+                    .into_iter()
+                    .map(|e| e.kind.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                (key.clone(), message)
+            })
+        })
+        .collect()
+}
+
+/// A value parsed the way figment reads an environment variable, so the
+/// check sees what the instance will see.
+fn env_form(value: &Value) -> figment::value::Value {
+    match value {
+        Value::Object(map) => {
+            let dict: figment::value::Dict =
+                map.iter().map(|(k, v)| (k.clone(), env_form(v))).collect();
+            dict.into()
+        }
+        other => scalar(other)
+            .parse::<figment::value::Value>()
+            .unwrap_or_else(|_| scalar(other).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, Value)]) -> BTreeMap<String, Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn known_settings_come_from_the_programs() {
+        let echo = Program::named("echo-server").unwrap();
+        assert!(echo.known_settings().contains(&"idle_timeout".to_string()));
+        assert!(echo.known_settings().contains(&"utc".to_string()));
+        let tunnel = Program::named("tunnel").unwrap();
+        assert!(tunnel.known_settings().contains(&"host".to_string()));
+    }
+
+    #[test]
+    fn bad_and_unknown_settings_are_named() {
+        let echo = Program::named("echo-server").unwrap();
+        let problems = echo.check_settings(&settings(&[
+            ("idle_timeout", Value::from("soon")),
+            ("utc", Value::from(true)),
+            ("colour", Value::from("blue")),
+            ("listen", Value::from("0.0.0.0:1")),
+        ]));
+        let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["colour", "listen", "idle_timeout"], "{problems:?}");
+        assert!(problems[0].1.contains("it knows:"), "{problems:?}");
+        assert!(problems[2].1.contains("30s"), "{problems:?}");
+    }
+
+    #[test]
+    fn environment_joins_lists_and_nests() {
+        let tunnel = Program::named("tunnel").unwrap();
+        let env = tunnel.environment(&settings(&[
+            ("deny", serde_json::json!(["10.0.0.0/8", "::1"])),
+            ("health_check", serde_json::json!({"interval": "1s"})),
+            ("port", Value::from(5432)),
+        ]));
+        assert_eq!(
+            env,
+            [
+                ("TUNNEL_DENY".to_string(), "10.0.0.0/8,::1".to_string()),
+                (
+                    "TUNNEL_HEALTH_CHECK__INTERVAL".to_string(),
+                    "1s".to_string()
+                ),
+                ("TUNNEL_PORT".to_string(), "5432".to_string()),
+            ]
+        );
+        assert!(tunnel
+            .check_settings(&settings(&[
+                ("port", Value::from(5432)),
+                ("host", Value::from("db"))
+            ]))
+            .is_empty());
+    }
+}
