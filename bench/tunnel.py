@@ -340,7 +340,7 @@ def concurrency(port, n, tunnel=None):
     r["opened"] = len(opened)
     r["open_s"] = round(time.monotonic() - t0, 3)
     # Connects as fast as the kernel completes them: a server that accepts
-    # more slowly lets its listen backlog (1024 for the tunnel) overflow.
+    # more slowly lets its listen backlog (4096 for the tunnel, capped by net.core.somaxconn) overflow.
     r["slow_connects"] = slow
     r["listen_overflows"] = listen_overflows() - overflows
     if tunnel:

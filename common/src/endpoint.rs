@@ -26,7 +26,7 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Binds the endpoint, with a listen backlog of 1024 and address reuse
+    /// Binds the endpoint, with a listen backlog of 4096 and address reuse
     /// so a restart does not wait for old connections in TIME_WAIT.
     pub fn bind(&self) -> anyhow::Result<TcpListener> {
         bind_listener(self.addr).map_err(|e| anyhow::anyhow!(self.explain(&e)))
@@ -64,7 +64,7 @@ pub fn bind_listener(addr: ListenAddr) -> io::Result<TcpListener> {
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(1024)?;
+    socket.listen(4096)?;
     TcpListener::from_std(socket.into())
 }
 

@@ -23,7 +23,7 @@ use tests::{binary, free_port, require, Running};
 const CONNECTIONS: usize = 9_500;
 
 /// Connections opened before waiting for the tunnel to accept them: well
-/// under its listen backlog (1024), so a burst never overflows it and costs
+/// under its listen backlog (4096), so a burst never overflows it and costs
 /// a client a SYN retransmitted a second later.
 const BATCH: usize = 500;
 
