@@ -2,13 +2,17 @@
 //! `--log-level`, `--log-format`, and turning a resolved configuration or a
 //! failure into what the user sees and the exit status.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+use tokio::net::TcpListener;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::config::{env_var, resolve, Resolved, Sources, EXIT_USAGE};
+use crate::endpoint::Endpoint;
 use crate::settings::LogFormat;
 
 /// Exit status: a request failed.
@@ -74,6 +78,27 @@ pub fn sources<'a, F>(program: &'static str, common: &CommonArgs, flags: &'a F) 
     }
 }
 
+/// Flags of every server: how long an idle connection may stay, how many
+/// connections at once, and how long shutdown may take. Flatten it into
+/// the program's arguments beside [`CommonArgs`].
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+pub struct ServeArgs {
+    /// Close a connection after this long without traffic (such as 30s, 5m)
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+
+    /// Most connections at once; more wait in the listen backlog
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+
+    /// On SIGINT/SIGTERM, how long open connections may take to finish
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace: Option<String>,
+}
+
 /// What a program does after loading its configuration.
 pub enum Loaded<T> {
     /// Go on and run with these settings.
@@ -105,4 +130,38 @@ where
             Loaded::Exit(ExitCode::from(EXIT_CONFIG))
         }
     }
+}
+
+/// Starts the async runtime, binds the program's endpoint and runs `serve`
+/// on it until it returns; a bind failure says what to change (status 64),
+/// a failure of `serve` gives status 1.
+pub fn serve_endpoint<F, Fut>(endpoint: Endpoint, serve: F) -> ExitCode
+where
+    F: FnOnce(TcpListener) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let program = endpoint.program;
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{program}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match endpoint.bind() {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("{program}: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        match serve(listener).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{program}: {e:#}");
+                ExitCode::from(EXIT_FAILED)
+            }
+        }
+    })
 }

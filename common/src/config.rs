@@ -249,6 +249,22 @@ fn flags_metadata() -> Metadata {
         .interpolater(|_: &Profile, keys: &[&str]| flag_name(keys.first().copied().unwrap_or("")))
 }
 
+/// Reads a configuration file whole. The error names the file and says
+/// which flag or variable chose it (`check`).
+pub fn read_file(path: &Path, what: &str, check: &str) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        let problem = if e.kind() == std::io::ErrorKind::NotFound {
+            "does not exist".to_string()
+        } else {
+            format!("cannot be read ({e})")
+        };
+        ConfigErrors::single(
+            None,
+            format!("{what} {} {problem}; check {check}", path.display()),
+        )
+    })
+}
+
 /// Resolves the configuration of type `T` from its sources, reporting every
 /// problem at once.
 pub fn resolve<T, F>(sources: &Sources<F>) -> Result<Resolved<T>, ConfigErrors>
@@ -262,21 +278,8 @@ where
 
     let mut file = None;
     if let Some(path) = &sources.file {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            let what = if e.kind() == std::io::ErrorKind::NotFound {
-                "does not exist".to_string()
-            } else {
-                format!("cannot be read ({e})")
-            };
-            ConfigErrors::single(
-                None,
-                format!(
-                    "configuration file {} {what}; check --config or {}",
-                    path.display(),
-                    env_var(sources.program, "config")
-                ),
-            )
-        })?;
+        let check = format!("--config or {}", env_var(sources.program, "config"));
+        let text = read_file(path, "configuration file", &check)?;
         let origin = Some(Origin::File {
             path: path.clone(),
             line: None,

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use common::cli::{load, parse_args, CommonArgs, Loaded, EXIT_CONFIG};
+use common::cli::{load, parse_args, serve_endpoint, CommonArgs, Loaded, ServeArgs};
 use common::endpoint::Endpoint;
 use echo_server::{run, Settings, ENDPOINT, PROGRAM};
 use serde::Serialize;
@@ -37,15 +37,9 @@ struct Args {
     #[serde(skip_serializing_if = "Option::is_none")]
     instance: Option<String>,
 
-    /// Close a session after this long without input [default: 5m]
-    #[arg(long, value_name = "DURATION")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    idle_timeout: Option<String>,
-
-    /// Most sessions at once [default: 10000]
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_connections: Option<usize>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    serve: ServeArgs,
 
     #[command(flatten)]
     #[serde(flatten)]
@@ -63,27 +57,13 @@ fn main() -> ExitCode {
     };
     let settings = resolved.settings;
     common::telemetry::init(&settings.log);
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    runtime.block_on(async move {
-        let endpoint = Endpoint {
-            program: PROGRAM,
-            name: ENDPOINT,
-            key: "listen",
-            addr: settings.listen,
-        };
-        let listener = match endpoint.bind() {
-            Ok(listener) => listener,
-            Err(e) => {
-                eprintln!("{PROGRAM}: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        };
-        match run(listener, settings, common::signal::shutdown()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("{PROGRAM}: {e:#}");
-                ExitCode::FAILURE
-            }
-        }
+    let endpoint = Endpoint {
+        program: PROGRAM,
+        name: ENDPOINT,
+        key: "listen",
+        addr: settings.listen,
+    };
+    serve_endpoint(endpoint, |listener| {
+        run(listener, settings, common::signal::shutdown())
     })
 }

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use common::cli::{load, parse_args, CommonArgs, Loaded, EXIT_CONFIG};
+use common::cli::{load, parse_args, serve_endpoint, CommonArgs, Loaded, ServeArgs};
 use common::endpoint::Endpoint;
 use serde::Serialize;
 use square_server::{Settings, ENDPOINT, PROGRAM};
@@ -16,6 +16,10 @@ use square_server::{Settings, ENDPOINT, PROGRAM};
 #[derive(Debug, Parser, Serialize)]
 #[command(name = "square-server", version)]
 struct Args {
+    #[command(flatten)]
+    #[serde(flatten)]
+    serve: ServeArgs,
+
     #[command(flatten)]
     #[serde(flatten)]
     common: CommonArgs,
@@ -41,28 +45,14 @@ fn main() -> ExitCode {
         Loaded::Exit(code) => return code,
     };
     common::telemetry::init(&settings.log);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("{PROGRAM}: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let endpoint = Endpoint {
+        program: PROGRAM,
+        name: ENDPOINT,
+        key: "listen",
+        addr: settings.listen,
     };
-    runtime.block_on(async {
-        let endpoint = Endpoint {
-            program: PROGRAM,
-            name: ENDPOINT,
-            key: "listen",
-            addr: settings.listen,
-        };
-        let listener = match endpoint.bind() {
-            Ok(listener) => listener,
-            Err(e) => {
-                eprintln!("{PROGRAM}: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        };
+    serve_endpoint(endpoint, |listener| async move {
         square_server::run(listener, settings, common::signal::shutdown()).await;
-        ExitCode::SUCCESS
+        Ok(())
     })
 }

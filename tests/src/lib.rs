@@ -165,8 +165,11 @@ impl Drop for Running {
 /// Whether a program is on the PATH. In CI a missing one is a failure: the
 /// test script installs every peer the tests need.
 pub fn require(program: &str) -> PathBuf {
+    // The Python tools live in the test script's virtualenv.
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-tools/bin");
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
+            .chain(std::iter::once(tools))
             .map(|p| p.join(program))
             .find(|p| p.is_file())
     });

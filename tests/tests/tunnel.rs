@@ -313,7 +313,18 @@ fn metrics_pass_promtool_and_count_what_happened() {
     let (head, health) = http_get(admin, "/healthz");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(health, "ok\n");
-    let (head, body) = http_get(admin, "/metrics");
+    // Bytes are counted as connections end, which the tunnel sees a moment
+    // after the clients close: scrape until no connection is open.
+    let live_active = format!("tunnel_connections_active{{route=\"default\",target=\"{live}\"}} 0");
+    let mut scrape = http_get(admin, "/metrics");
+    for _ in 0..100 {
+        if scrape.1.lines().any(|l| l == live_active) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        scrape = http_get(admin, "/metrics");
+    }
+    let (head, body) = scrape;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use common::cli::{parse_args, sources, CommonArgs, EXIT_CONFIG};
+use common::cli::{parse_args, sources, CommonArgs, ServeArgs, EXIT_CONFIG};
 use common::config::{resolve, ConfigErrors};
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
@@ -65,20 +65,9 @@ struct Args {
     #[serde(skip_serializing_if = "Option::is_none")]
     connect_timeout: Option<String>,
 
-    /// Close connections idle this long in both directions [default: 1h]
-    #[arg(long, value_name = "DURATION")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    idle_timeout: Option<String>,
-
-    /// Most connections at once per route [default: 10000]
-    #[arg(long, value_name = "N")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_connections: Option<usize>,
-
-    /// How long connections may take to finish on SIGTERM [default: 30s]
-    #[arg(long, value_name = "DURATION")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    shutdown_grace: Option<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    serve: ServeArgs,
 
     #[command(flatten)]
     #[serde(flatten)]
@@ -111,15 +100,15 @@ fn flags_over_rinetd(args: &Args, settings: &mut Settings) -> Result<(), ConfigE
     );
     duration(
         "idle_timeout",
-        &args.idle_timeout,
+        &args.serve.idle_timeout,
         &mut settings.idle_timeout,
     );
     duration(
         "shutdown_grace",
-        &args.shutdown_grace,
+        &args.serve.shutdown_grace,
         &mut settings.shutdown_grace,
     );
-    if let Some(n) = args.max_connections {
+    if let Some(n) = args.serve.max_connections {
         settings.max_connections = n;
     }
     if let Some(level) = &args.common.log_level {

@@ -34,7 +34,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::rc::Rc;
 
-use common::config::{ConfigError, ConfigErrors, Origin};
+use common::config::{read_file, ConfigError, ConfigErrors, Origin};
 use common::settings::{CidrList, ListenAddr};
 use ipnet::{IpNet, Ipv4Net};
 
@@ -58,20 +58,7 @@ pub fn parse(text: &str) -> Result<Settings, Vec<(usize, String)>> {
 /// Reads and parses the rinetd configuration file at `path` (see [`parse`]),
 /// reporting each problem with the file and line it is on.
 pub fn read(path: &Path) -> Result<Settings, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        let what = if e.kind() == std::io::ErrorKind::NotFound {
-            "does not exist".to_string()
-        } else {
-            format!("cannot be read ({e})")
-        };
-        ConfigErrors::single(
-            None,
-            format!(
-                "rinetd configuration file {} {what}; check --rinetd-conf",
-                path.display()
-            ),
-        )
-    })?;
+    let text = read_file(path, "rinetd configuration file", "--rinetd-conf")?;
     let services = SystemServices::default();
     parse_with(&text, &|name| services.port(name)).map_err(|problems| {
         ConfigErrors(
