@@ -318,9 +318,10 @@ fn balancer_route(
         listen: vec![listen],
         targets,
         balance: Policy::RoundRobin,
-        // Instances are local: check often and act on the first failure.
+        // Instances are local: check every second and act on the first
+        // failure (a refused connect ejects at once, between checks too).
         health: HealthCheck {
-            interval: Seconds::from_millis(500),
+            interval: Seconds::from_secs(1),
             timeout: Seconds::from_millis(500),
             rise: 1,
             fall: 1,

@@ -328,7 +328,7 @@ fn the_fabric_serves_every_connection_while_instances_are_killed() {
     }
     // The balancer's health checks put them back within a check interval.
     let mut again = HashSet::new();
-    for _ in 0..200 {
+    for _ in 0..400 {
         again.insert(greeting(addr));
         if victims.iter().all(|v| again.contains(*v)) {
             break;

@@ -392,9 +392,11 @@ fn relay_threads_serve_and_drain_like_the_main_thread() {
     drop(held);
     let (code, stderr) = tunnel.stop();
     assert_eq!(code, Some(0), "{stderr}");
+    // Nine lines: the probe that saw the tunnel listening carried no byte,
+    // and such connections are not logged by default.
     assert_eq!(
         stderr.matches("end=\"closed by client\"").count(),
-        10,
+        9,
         "{stderr}"
     );
 }

@@ -56,12 +56,21 @@ impl Entry<'_> {
 #[derive(Debug, Default)]
 pub struct AccessLog {
     file: Option<Mutex<File>>,
+    log_empty: bool,
 }
 
 impl AccessLog {
     /// Lines only to the log.
     pub fn to_log() -> Self {
-        AccessLog { file: None }
+        AccessLog::default()
+    }
+
+    /// Whether connections that carried no byte and were closed by the
+    /// client (health checks, port probes) get a line too; otherwise they
+    /// are logged at debug level only, like HAProxy's `dontlognull`.
+    pub fn log_empty(mut self, yes: bool) -> Self {
+        self.log_empty = yes;
+        self
     }
 
     /// Lines to the log and appended to `path`.
@@ -69,11 +78,17 @@ impl AccessLog {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         Ok(AccessLog {
             file: Some(Mutex::new(file)),
+            log_empty: false,
         })
     }
 
     /// Records one connection.
     pub fn record(&self, entry: &Entry<'_>) {
+        let empty = entry.sent == 0 && entry.received == 0 && entry.end == "closed by client";
+        if empty && !self.log_empty {
+            tracing::debug!(target: "access", route = entry.route, client = %entry.client, "connection closed without a byte");
+            return;
+        }
         tracing::info!(
             target: "access",
             route = entry.route,

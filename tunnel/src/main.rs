@@ -197,7 +197,8 @@ fn main() -> ExitCode {
             }
         },
         None => AccessLog::to_log(),
-    };
+    }
+    .log_empty(settings.log_empty_connections);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -296,6 +296,8 @@ pub struct Settings {
     pub shutdown_grace: Seconds,
     /// Where access-log lines go besides the log: a file path, or none.
     pub access_log: Option<String>,
+    /// Also log connections that carried no byte (health checks, probes).
+    pub log_empty_connections: bool,
     /// A file to write the process id to.
     pub pid_file: Option<String>,
     /// Log level and format.
@@ -324,6 +326,7 @@ impl Default for Settings {
             instance: format!("{PROGRAM}_IN_0"),
             shutdown_grace: Seconds::from_secs(30),
             access_log: None,
+            log_empty_connections: false,
             pid_file: None,
             log: LogSettings::default(),
         }

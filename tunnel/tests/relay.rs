@@ -400,3 +400,37 @@ async fn shutdown_lets_connections_finish_then_closes_them() {
     let line = &log_lines(&log, 1).await[0];
     assert!(line.contains("end=\"closed at shutdown\""), "{line}");
 }
+
+#[tokio::test]
+async fn connections_without_a_byte_are_logged_only_when_asked() {
+    let (target, _) = echo_target().await;
+    for (log_empty, lines) in [(false, 1), (true, 2)] {
+        let log_file = tempfile::NamedTempFile::new().unwrap();
+        let tunnel = Tunnel::new(
+            Duration::from_secs(2),
+            AccessLog::to_file(log_file.path())
+                .unwrap()
+                .log_empty(log_empty),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tunnel
+            .apply(
+                vec![route("test", addr, target)],
+                HashMap::from([(ListenAddr(addr), listener)]),
+            )
+            .await
+            .unwrap();
+        // A health-check-like probe, then a real exchange.
+        drop(TcpStream::connect(addr).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(roundtrip(addr, b"data").await, b"data");
+        tunnel.shutdown().await;
+        let logged = log_lines(&log_file, lines).await;
+        assert_eq!(logged.len(), lines, "log_empty={log_empty}: {logged:?}");
+        assert!(
+            logged.iter().any(|l| l.contains("sent=4 received=4")),
+            "{logged:?}"
+        );
+    }
+}
