@@ -120,6 +120,17 @@ fn flags_over_rinetd(args: &Args, settings: &mut Settings) -> Result<(), ConfigE
     if let Some(path) = &args.access_log {
         settings.access_log = Some(path.clone());
     }
+    if let Some(admin) = &args.admin {
+        match admin.parse() {
+            Ok(addr) => settings.admin = Some(addr),
+            Err(message) => errors.push(ConfigError {
+                key: "admin".into(),
+                value: Some(format!("{admin:?}")),
+                origin: Some(Origin::Flag("--admin".into())),
+                message,
+            }),
+        }
+    }
     if errors.is_empty() {
         Ok(())
     } else {

@@ -168,7 +168,7 @@ impl<'de> Deserialize<'de> for HealthSetting {
 pub enum Keepalive {
     /// No keepalive probes.
     Off,
-    /// Probe after this long idle.
+    /// Probes after 60 s idle, the default.
     #[default]
     Default,
     /// Probe after this long idle.
