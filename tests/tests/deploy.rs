@@ -254,9 +254,36 @@ impl Fabric {
 }
 
 impl Drop for Fabric {
+    /// Even when the test fails: Ctrl-C first, so the fabric stops its
+    /// instances (they run in their own process group and would outlive a
+    /// SIGKILLed fabric), then SIGKILL whatever is left.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for line in &self.seen {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() >= 6 && cols[1].contains("_IN_") {
+                if let Ok(pid) = cols[cols.len() - 3].parse::<u32>() {
+                    // Only an instance: the number may belong to someone else by now.
+                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    if alive(pid) && String::from_utf8_lossy(&cmdline).contains("echo-server") {
+                        let _ = Command::new("kill")
+                            .args(["-KILL", &pid.to_string()])
+                            .status();
+                    }
+                }
+            }
+        }
     }
 }
 
