@@ -717,11 +717,6 @@ impl<T: Serialize> Resolved<T> {
         let value = lookup(&merged, &path)?;
         origin_of(self.program, &self.figment, &self.file, value.tag(), &path)
     }
-
-    /// The configuration file that was read, if any.
-    pub fn file(&self) -> Option<&Path> {
-        self.file.as_ref().map(|(p, _)| p.as_path())
-    }
 }
 
 #[cfg(test)]

@@ -170,11 +170,6 @@ impl AccessList {
     pub fn permits(&self, ip: IpAddr) -> bool {
         (self.allow.is_empty() || self.allow.contains(ip)) && !self.deny.contains(ip)
     }
-
-    /// This list tightened by `other`: both must permit a client.
-    pub fn and(&self, other: &AccessList) -> AccessRules {
-        AccessRules(vec![self.clone(), other.clone()])
-    }
 }
 
 /// Several access lists that must all permit a client (global rules, then a

@@ -200,22 +200,6 @@ impl Tunnel {
         self.connections.len()
     }
 
-    /// The addresses each route listens on, by route name.
-    pub async fn listening(&self) -> HashMap<String, Vec<std::net::SocketAddr>> {
-        let running = self.running.lock().await;
-        running
-            .iter()
-            .map(|r| {
-                let addrs = r
-                    .listeners
-                    .iter()
-                    .filter_map(|(_, l)| l.local_addr().ok())
-                    .collect();
-                (r.route.name.clone(), addrs)
-            })
-            .collect()
-    }
-
     /// Makes `routes` the running set. Listeners in `bound` (by the address
     /// a route names) are used as they are, so tests can pass listeners bound
     /// to port 0; listeners of the running set are kept for the same
