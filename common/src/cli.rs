@@ -120,13 +120,13 @@ where
     match resolve::<T, _>(&sources(program, common, flags)) {
         Ok(resolved) => {
             if common.print_config {
-                print!("{}", resolved.describe());
+                crate::telemetry::show(format_args!("{}", resolved.describe()));
                 return Loaded::Exit(ExitCode::SUCCESS);
             }
             Loaded::Run(Box::new(resolved))
         }
         Err(errors) => {
-            eprintln!("{program}: {errors}");
+            crate::telemetry::say(format_args!("{program}: {errors}"));
             Loaded::Exit(ExitCode::from(EXIT_CONFIG))
         }
     }
@@ -144,7 +144,9 @@ where
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("{program}: cannot start the async runtime: {e}");
+            crate::telemetry::say(format_args!(
+                "{program}: cannot start the async runtime: {e}"
+            ));
             return ExitCode::FAILURE;
         }
     };
@@ -152,14 +154,14 @@ where
         let listener = match endpoint.bind() {
             Ok(listener) => listener,
             Err(e) => {
-                eprintln!("{program}: {e}");
+                crate::telemetry::say(format_args!("{program}: {e}"));
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
         match serve(listener).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("{program}: {e:#}");
+                crate::telemetry::say(format_args!("{program}: {e:#}"));
                 ExitCode::from(EXIT_FAILED)
             }
         }

@@ -12,15 +12,16 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
@@ -52,12 +53,21 @@ pub struct Conn {
     pub idle_timeout: Duration,
 }
 
-/// A service behind the accept loop.
-pub trait Handler: Send + Sync + 'static {
-    /// Serves one connection; an error is logged in the connection's span.
+/// What a handler can serve: any byte stream (a TCP socket today; the same
+/// handler serves a TLS stream once the accept loop wraps one).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for S {}
+
+/// A service behind the accept loop, for streams of type `S`. Services that
+/// only speak their protocol implement it for every [`Stream`]; one that
+/// needs the socket itself (the tunnel's zero-copy relay) for `TcpStream`.
+pub trait Handler<S = TcpStream>: Send + Sync + 'static {
+    /// Serves one connection; an error is logged in the connection's span
+    /// (at debug level when it only says the client went away).
     fn handle(
         self: Arc<Self>,
-        stream: TcpStream,
+        stream: S,
         conn: Conn,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 
@@ -71,8 +81,9 @@ pub trait Handler: Send + Sync + 'static {
 /// How the accept loop runs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// Most connections at once.
-    pub max_connections: usize,
+    /// The connection cap; its owner (a service, or a tunnel route) keeps
+    /// it, so several listeners and successive accept loops share one.
+    pub cap: ConnectionCap,
     /// Who may connect.
     pub access: AccessRules,
     /// Handed to handlers in [`Conn::idle_timeout`].
@@ -84,7 +95,7 @@ pub struct ServeOptions {
 impl From<&ServeSettings> for ServeOptions {
     fn from(s: &ServeSettings) -> Self {
         ServeOptions {
-            max_connections: s.max_connections.max(1),
+            cap: ConnectionCap::new(s.max_connections),
             access: s.access().into(),
             idle_timeout: s.idle_timeout.0,
             grace: s.shutdown_grace.0,
@@ -95,7 +106,7 @@ impl From<&ServeSettings> for ServeOptions {
 /// Serves `listener` with `handler` until `shutdown` completes, then drains:
 /// returns once every connection has finished or been closed at the end of
 /// the grace period.
-pub async fn serve<H: Handler>(
+pub async fn serve<H: Handler<TcpStream>>(
     listener: TcpListener,
     options: ServeOptions,
     handler: Arc<H>,
@@ -188,23 +199,22 @@ impl Connections {
 /// Accepts on `listener` until `stop` completes, running each connection in
 /// `connections`. The listener stays open for the caller (a reload can hand
 /// it to a new loop).
-pub async fn accept_until<H: Handler>(
+pub async fn accept_until<H: Handler<TcpStream>>(
     listener: &TcpListener,
     options: &ServeOptions,
     handler: &Arc<H>,
     connections: &Connections,
     stop: impl Future<Output = ()>,
 ) {
-    let limit = Arc::new(Semaphore::new(options.max_connections));
     let mut backoff = Duration::from_millis(5);
     tokio::pin!(stop);
     loop {
         let permit = tokio::select! {
             biased;
             _ = &mut stop => return,
-            permit = limit.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            permit = options.cap.acquire() => permit,
         };
-        let (stream, peer) = tokio::select! {
+        let (stream, accepted_from) = tokio::select! {
             biased;
             _ = &mut stop => return,
             accepted = listener.accept() => match accepted {
@@ -228,6 +238,10 @@ pub async fn accept_until<H: Handler>(
             },
         };
         let id = next_connection_id();
+        // An IPv4 client of a dual-stack listener arrives as `::ffff:a.b.c.d`;
+        // everything after this point (access lists, logs, handlers) sees
+        // the IPv4 address it is.
+        let peer = SocketAddr::new(accepted_from.ip().to_canonical(), accepted_from.port());
         if !options.access.permits(peer.ip()) {
             drop(stream);
             handler.refused(id, peer);
@@ -295,7 +309,7 @@ pin_project_lite::pin_project! {
         handler: F,
         #[pin]
         closing: WaitForCancellationFutureOwned,
-        _permit: OwnedSemaphorePermit,
+        _permit: CapPermit,
         id: u64,
         peer: SocketAddr,
     }
@@ -310,6 +324,9 @@ impl<F: Future<Output = anyhow::Result<()>>> Future for Connection<F> {
         if let Poll::Ready(result) = this.handler.poll(cx) {
             match result {
                 Ok(()) => debug!("closed"),
+                Err(e) if client_went_away(&e) => {
+                    debug!(error = %format!("{e:#}"), "the client went away")
+                }
                 Err(e) => {
                     info!(conn = *this.id, peer = %this.peer, error = %format!("{e:#}"), "connection ended with an error")
                 }
@@ -321,6 +338,113 @@ impl<F: Future<Output = anyhow::Result<()>>> Future for Connection<F> {
             return Poll::Ready(());
         }
         Poll::Pending
+    }
+}
+
+/// Whether a handler's error only says that the client left (a reset, a
+/// closed socket, a port probe or health check that connected and went):
+/// normal life for a server, not worth an info line.
+pub fn client_went_away(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::*;
+    e.chain()
+        .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | NotConnected
+            )
+        })
+}
+
+/// A connection cap that its owner keeps across accept loops: every
+/// listener of a tunnel route, and the loops that replace them on a reload,
+/// draw from the same one, so a reload never hands out a fresh quota while
+/// the old connections still run. [`ConnectionCap::resize`] changes the
+/// limit in place; connections over a lowered limit finish undisturbed and
+/// no new one is accepted until the count is under it.
+#[derive(Debug, Clone)]
+pub struct ConnectionCap(Arc<CapState>);
+
+#[derive(Debug)]
+struct CapState {
+    limit: AtomicUsize,
+    active: AtomicUsize,
+    freed: Notify,
+}
+
+/// One connection's place under a [`ConnectionCap`], given back on drop.
+#[derive(Debug)]
+pub struct CapPermit(Arc<CapState>);
+
+impl ConnectionCap {
+    /// A cap of `limit` connections at once.
+    pub fn new(limit: usize) -> Self {
+        ConnectionCap(Arc::new(CapState {
+            limit: AtomicUsize::new(limit),
+            active: AtomicUsize::new(0),
+            freed: Notify::new(),
+        }))
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> usize {
+        self.0.limit.load(Ordering::Relaxed)
+    }
+
+    /// Connections holding a place now.
+    pub fn active(&self) -> usize {
+        self.0.active.load(Ordering::Relaxed)
+    }
+
+    /// Sets a new limit; the connections already in keep their places.
+    pub fn resize(&self, limit: usize) {
+        self.0.limit.store(limit, Ordering::Relaxed);
+        self.0.freed.notify_waiters();
+    }
+
+    /// A place, if one is free now.
+    pub fn try_acquire(&self) -> Option<CapPermit> {
+        let state = &self.0;
+        let mut active = state.active.load(Ordering::Relaxed);
+        loop {
+            if active >= state.limit.load(Ordering::Relaxed) {
+                return None;
+            }
+            match state.active.compare_exchange_weak(
+                active,
+                active + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(CapPermit(self.0.clone())),
+                Err(now) => active = now,
+            }
+        }
+    }
+
+    /// Waits for a place.
+    pub async fn acquire(&self) -> CapPermit {
+        loop {
+            // Registered before the check, so a place freed in between
+            // still wakes this waiter.
+            let freed = self.0.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(permit) = self.try_acquire() {
+                return permit;
+            }
+            freed.await;
+        }
+    }
+}
+
+impl Drop for CapPermit {
+    fn drop(&mut self) {
+        let before = self.0.active.fetch_sub(1, Ordering::AcqRel);
+        if before >= self.0.limit.load(Ordering::Relaxed) {
+            // Only a full cap has waiters.
+            self.0.freed.notify_waiters();
+        }
     }
 }
 

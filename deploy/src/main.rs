@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(code) => return code,
     };
-    common::telemetry::init(&common::settings::LogSettings {
+    let _log = common::telemetry::init(&common::settings::LogSettings {
         log_level: args.log_level.clone(),
         ..Default::default()
     });

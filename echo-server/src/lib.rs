@@ -18,13 +18,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use common::serve::{serve, Conn, Handler, ServeOptions};
+use common::serve::{serve, Conn, Handler, ServeOptions, Stream};
 use common::settings::{ListenAddr, LogSettings, ServeSettings};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, Zoned};
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::telnet::{Input, LineReader};
 
@@ -346,8 +346,8 @@ async fn close<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-impl Handler for DateTime {
-    async fn handle(self: Arc<Self>, stream: TcpStream, conn: Conn) -> anyhow::Result<()> {
+impl<S: Stream> Handler<S> for DateTime {
+    async fn handle(self: Arc<Self>, stream: S, conn: Conn) -> anyhow::Result<()> {
         self.session(stream, &conn).await
     }
 }

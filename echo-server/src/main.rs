@@ -56,7 +56,7 @@ fn main() -> ExitCode {
         Loaded::Exit(code) => return code,
     };
     let settings = resolved.settings;
-    common::telemetry::init(&settings.log);
+    let _log = common::telemetry::init(&settings.log);
     let endpoint = Endpoint {
         program: PROGRAM,
         name: ENDPOINT,

@@ -32,9 +32,9 @@ pub async fn run(settings: &Settings, numbers: Vec<String>, format: Format) -> E
         (Box::new(tokio::io::stdin()), StreamOptions::default())
     } else {
         if let Some(bad) = numbers.iter().find(|n| n.contains(['\n', '\r'])) {
-            eprintln!(
+            common::telemetry::say(format_args!(
                 "{PROGRAM}: the argument {bad:?} holds a line break; give one number per argument"
-            );
+            ));
             return ExitCode::from(EXIT_CONFIG);
         }
         let mut joined = numbers.join("\n");
@@ -51,9 +51,9 @@ pub async fn run(settings: &Settings, numbers: Vec<String>, format: Format) -> E
     let client = match Client::connect_timeout(&server, settings.connect_timeout.0).await {
         Ok(client) => client,
         Err(e) => {
-            eprintln!(
+            common::telemetry::say(format_args!(
                 "{PROGRAM}: {e}; start square-server there, or give another address with --server or SQUARE_CLIENT_SERVER"
-            );
+            ));
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
@@ -71,11 +71,11 @@ pub async fn run(settings: &Settings, numbers: Vec<String>, format: Format) -> E
             ExitCode::from(EXIT_FAILED)
         }
         Err(e @ SquareError::Connection(_)) => {
-            eprintln!("{PROGRAM}: {e} (at {server})");
+            common::telemetry::say(format_args!("{PROGRAM}: {e} (at {server})"));
             ExitCode::from(EXIT_UNAVAILABLE)
         }
         Err(e) => {
-            eprintln!("{PROGRAM}: {e}");
+            common::telemetry::say(format_args!("{PROGRAM}: {e}"));
             ExitCode::from(EXIT_FAILED)
         }
     }

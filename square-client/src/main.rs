@@ -51,7 +51,7 @@ fn main() -> ExitCode {
         Loaded::Run(resolved) => resolved.settings,
         Loaded::Exit(code) => return code,
     };
-    common::telemetry::init(&settings.log);
+    let _log = common::telemetry::init(&settings.log);
     let format = if args.json {
         Format::Json
     } else {
@@ -60,7 +60,9 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("{PROGRAM}: cannot start the async runtime: {e}");
+            common::telemetry::say(format_args!(
+                "{PROGRAM}: cannot start the async runtime: {e}"
+            ));
             return ExitCode::FAILURE;
         }
     };

@@ -12,10 +12,10 @@ pub mod protocol;
 use std::future::Future;
 use std::sync::Arc;
 
-use common::serve::{serve, Conn, Handler, ServeOptions};
+use common::serve::{serve, Conn, Handler, ServeOptions, Stream};
 use common::settings::{ListenAddr, LogSettings, ServeSettings};
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 pub use protocol::Limits;
@@ -82,8 +82,8 @@ impl SquareService {
     }
 }
 
-impl Handler for SquareService {
-    async fn handle(self: Arc<Self>, stream: TcpStream, conn: Conn) -> anyhow::Result<()> {
+impl<S: Stream> Handler<S> for SquareService {
+    async fn handle(self: Arc<Self>, stream: S, conn: Conn) -> anyhow::Result<()> {
         protocol::serve_connection(stream, self.limits, conn.idle_timeout, conn.draining).await?;
         Ok(())
     }

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
         Loaded::Run(resolved) => resolved.settings,
         Loaded::Exit(code) => return code,
     };
-    common::telemetry::init(&settings.log);
+    let _log = common::telemetry::init(&settings.log);
     let endpoint = Endpoint {
         program: PROGRAM,
         name: ENDPOINT,

@@ -267,7 +267,7 @@ impl Tunnel {
     fn start(&self, route: Route, listeners: Vec<(ListenAddr, Arc<TcpListener>)>) -> Running {
         let stop = CancellationToken::new();
         let options = ServeOptions {
-            max_connections: route.max_connections.max(1),
+            cap: common::serve::ConnectionCap::new(route.max_connections.max(1)),
             access: AccessRules(route.access.clone()),
             idle_timeout: route.idle_timeout.0,
             grace: Duration::ZERO,

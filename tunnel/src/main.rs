@@ -181,7 +181,7 @@ fn main() -> ExitCode {
     let (settings, routes) = match configure(&args) {
         Ok(pair) => pair,
         Err(errors) => {
-            eprintln!("{PROGRAM}: {errors}");
+            common::telemetry::say(format_args!("{PROGRAM}: {errors}"));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -191,19 +191,22 @@ fn main() -> ExitCode {
             // settings left empty.
             let mut yaml = serde_yaml::to_value(&settings).unwrap_or_default();
             prune(&mut yaml);
-            print!("{}", serde_yaml::to_string(&yaml).unwrap_or_default());
+            common::telemetry::show(format_args!(
+                "{}",
+                serde_yaml::to_string(&yaml).unwrap_or_default()
+            ));
         } else if let Ok(resolved) = resolve::<Settings, _>(&sources(PROGRAM, &args.common, &args))
         {
-            print!("{}", resolved.describe());
+            common::telemetry::show(format_args!("{}", resolved.describe()));
         }
         return ExitCode::SUCCESS;
     }
-    common::telemetry::init(&settings.log);
+    let _log = common::telemetry::init(&settings.log);
     let log = match &settings.access_log {
         Some(path) => match AccessLog::to_file(path.as_ref()) {
             Ok(log) => log,
             Err(e) => {
-                eprintln!("{PROGRAM}: cannot open access log {path}: {e}; check access_log or --access-log");
+                common::telemetry::say(format_args!("{PROGRAM}: cannot open access log {path}: {e}; check access_log or --access-log"));
                 return ExitCode::from(EXIT_CONFIG);
             }
         },
@@ -275,7 +278,7 @@ async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLo
         start_workers(settings.workers),
     );
     if let Err(e) = tunnel.apply(routes, HashMap::new()).await {
-        eprintln!("{PROGRAM}: {e}");
+        common::telemetry::say(format_args!("{PROGRAM}: {e}"));
         return ExitCode::from(EXIT_CONFIG);
     }
     let admin_stop = tokio_util::sync::CancellationToken::new();
@@ -290,7 +293,7 @@ async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLo
                 ));
             }
             Err(e) => {
-                eprintln!("{PROGRAM}: cannot serve the admin endpoint on {addr}: {e}; pass --admin or set TUNNEL_ADMIN");
+                common::telemetry::say(format_args!("{PROGRAM}: cannot serve the admin endpoint on {addr}: {e}; pass --admin or set TUNNEL_ADMIN"));
                 return ExitCode::from(EXIT_CONFIG);
             }
         }
