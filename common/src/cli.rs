@@ -75,6 +75,7 @@ pub fn sources<'a, F>(program: &'static str, common: &CommonArgs, flags: &'a F) 
         file,
         flags,
         env_ignore: &["config"],
+        converted: None,
     }
 }
 

@@ -162,6 +162,46 @@ pub struct Sources<F> {
     /// Environment variables with the prefix that are not settings (they
     /// are read by the command line, such as `CONFIG`), lower case.
     pub env_ignore: &'static [&'static str],
+    /// A configuration file in another format, already read into settings
+    /// values (the tunnel's `--rinetd-conf`): a layer in place of the YAML
+    /// file, so the environment and flags still apply over it.
+    pub converted: Option<Converted>,
+}
+
+/// Settings read from a file that is not YAML, as one configuration layer.
+#[derive(Debug, Clone)]
+pub struct Converted {
+    /// The file, for origins in messages and `--print-config`.
+    pub path: PathBuf,
+    /// The values the file sets, and only those (a value left at its
+    /// default would otherwise claim the file as its origin).
+    pub values: Dict,
+}
+
+impl Converted {
+    /// The values of `settings` that differ from `T::default()`, top-level
+    /// keys in `skip` left out, from the file at `path`.
+    pub fn changed<T: Serialize + Default>(
+        path: &Path,
+        settings: &T,
+        skip: &[&str],
+    ) -> Result<Converted, ConfigErrors> {
+        let dict = |value: &T| -> Result<Dict, ConfigErrors> {
+            match Value::serialize(value) {
+                Ok(Value::Dict(_, dict)) => Ok(dict),
+                Ok(_) => Ok(Dict::new()),
+                Err(e) => Err(ConfigErrors::single(None, e.to_string())),
+            }
+        };
+        let defaults = dict(&T::default())?;
+        let mut values = dict(settings)?;
+        values
+            .retain(|key, value| !skip.contains(&key.as_str()) && defaults.get(key) != Some(value));
+        Ok(Converted {
+            path: path.to_path_buf(),
+            values,
+        })
+    }
 }
 
 /// A configuration that resolved cleanly, with the record of where each value
@@ -292,6 +332,15 @@ where
             layers.push(Layer::read(Yaml::file_exact(path))?);
         }
         file = Some((path.clone(), text));
+    }
+
+    if let Some(converted) = &sources.converted {
+        let mut data = Map::new();
+        data.insert(Profile::Default, converted.values.clone());
+        let mut metadata =
+            Metadata::from("configuration file", Source::File(converted.path.clone()));
+        metadata.name = converted.path.display().to_string().into();
+        layers.push(Layer { metadata, data });
     }
 
     let env = Env::prefixed(&env_prefix(sources.program))
@@ -512,13 +561,17 @@ fn origin_of(
 ) -> Option<Origin> {
     let metadata = figment.get_metadata(tag)?;
     Some(match &metadata.source {
-        Some(Source::File(_)) => {
-            let (path_buf, text) = file.as_ref()?;
-            Origin::File {
+        // A program has a YAML file or a converted one, never both.
+        Some(Source::File(source)) => match file {
+            Some((path_buf, text)) => Origin::File {
                 path: path_buf.clone(),
                 line: yaml_line(text, path),
-            }
-        }
+            },
+            None => Origin::File {
+                path: source.clone(),
+                line: None,
+            },
+        },
         _ if metadata.name.starts_with("`") || metadata.name.contains("environment") => {
             Origin::Env(env_var(program, &path.join(".")))
         }
@@ -773,6 +826,7 @@ mod tests {
             file: file.map(Path::to_path_buf),
             flags,
             env_ignore: &["config"],
+            converted: None,
         }
     }
 

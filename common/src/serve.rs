@@ -172,8 +172,9 @@ impl Connections {
         self.tracker.is_empty()
     }
 
-    /// Tells every connection to finish, waits up to the grace period, then
-    /// closes the rest.
+    /// Tells every connection to finish, waits up to the grace period (or
+    /// until a second stop signal, [`crate::signal::hurry`]), then closes
+    /// the rest.
     pub async fn drain(&self) {
         self.tracker.close();
         self.draining.cancel();
@@ -181,10 +182,11 @@ impl Connections {
         if live > 0 {
             info!(connections = live, grace = ?self.grace, "draining connections");
         }
-        if tokio::time::timeout(self.grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
+        let finished = tokio::select! {
+            done = tokio::time::timeout(self.grace, self.tracker.wait()) => done.is_ok(),
+            _ = crate::signal::hurry().cancelled() => false,
+        };
+        if !finished {
             warn!(
                 connections = self.tracker.len(),
                 grace = ?self.grace,

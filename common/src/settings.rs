@@ -30,6 +30,18 @@ impl Seconds {
     }
 }
 
+/// The longest duration a setting takes: a year. Longer is no policy
+/// anyone means, and a clock moved by much more overflows.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn within_bounds(d: Duration) -> Result<Seconds, String> {
+    if d > MAX_DURATION {
+        Err("longer than 365 days, the longest duration allowed; write a shorter one such as 1h or 30d".into())
+    } else {
+        Ok(Seconds(d))
+    }
+}
+
 impl fmt::Display for Seconds {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", humantime::format_duration(self.0))
@@ -41,11 +53,11 @@ impl FromStr for Seconds {
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if let Ok(secs) = s.parse::<u64>() {
-            return Ok(Seconds::from_secs(secs));
+            return within_bounds(Duration::from_secs(secs));
         }
         humantime::parse_duration(s)
-            .map(Seconds)
             .map_err(|e| format!("not a duration ({e}); write it like 30s, 5m, 1h or 250ms"))
+            .and_then(within_bounds)
     }
 }
 
@@ -64,23 +76,77 @@ impl<'de> Deserialize<'de> for Seconds {
                 f.write_str("a duration such as 30s, 5m or 1h")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seconds, E> {
-                Ok(Seconds::from_secs(v))
+                within_bounds(Duration::from_secs(v)).map_err(E::custom)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seconds, E> {
                 u64::try_from(v)
-                    .map(Seconds::from_secs)
                     .map_err(|_| E::custom("a duration cannot be negative"))
+                    .and_then(|v| self.visit_u64(v))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Seconds, E> {
                 Duration::try_from_secs_f64(v)
-                    .map(Seconds)
                     .map_err(|_| E::custom("a duration must be a positive number of seconds"))
+                    .and_then(|d| within_bounds(d).map_err(E::custom))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Seconds, E> {
                 v.parse().map_err(E::custom)
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+/// For `#[serde(deserialize_with)]` on a duration that cannot be zero (a
+/// timeout of zero would close every connection at once; an interval of
+/// zero would spin).
+pub fn nonzero_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Seconds, D::Error> {
+    let value = Seconds::deserialize(d)?;
+    if value.0.is_zero() {
+        return Err(de::Error::custom(
+            "must be longer than 0; write a duration such as 30s or 5m",
+        ));
+    }
+    Ok(value)
+}
+
+/// [`nonzero_duration`] for a setting that may be left out.
+pub fn nonzero_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Seconds>, D::Error> {
+    Option::<Seconds>::deserialize(d)?
+        .map(|value| {
+            if value.0.is_zero() {
+                Err(de::Error::custom(
+                    "must be longer than 0; write a duration such as 30s or 5m",
+                ))
+            } else {
+                Ok(value)
+            }
+        })
+        .transpose()
+}
+
+/// For `#[serde(deserialize_with)]` on a count that must be at least 1 (a
+/// connection cap of 0 would accept no one, ever).
+pub fn at_least_one<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + PartialEq + Default,
+{
+    let value = T::deserialize(d)?;
+    if value == T::default() {
+        return Err(de::Error::custom("must be at least 1"));
+    }
+    Ok(value)
+}
+
+/// [`at_least_one`] for a setting that may be left out.
+pub fn at_least_one_opt<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + PartialEq + Default,
+{
+    match Option::<T>::deserialize(d)? {
+        Some(value) if value == T::default() => Err(de::Error::custom("must be at least 1")),
+        other => Ok(other),
     }
 }
 
@@ -91,15 +157,39 @@ impl<'de> Deserialize<'de> for Seconds {
 pub struct CidrList(pub Vec<IpNet>);
 
 impl CidrList {
-    /// Parses one item: a CIDR network or a single address.
+    /// Parses one item: a CIDR network or a single address. An IPv4-mapped
+    /// entry (`::ffff:10.0.0.0/104`, `::ffff:127.0.0.2`) is the IPv4
+    /// network it names (`10.0.0.0/8`), because clients are matched, and
+    /// logged, as IPv4 whichever way they connected.
     pub fn parse_item(item: &str) -> Result<IpNet, String> {
         let item = item.trim();
-        if let Ok(net) = item.parse::<IpNet>() {
+        // Not truncated yet: whether the entry is written in mapped form
+        // shows in the address as written.
+        let net = match item.parse::<IpNet>() {
+            Ok(net) => net,
+            Err(_) => item.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+                format!(
+                    "{item:?} is not a network; write an address or CIDR such as 10.0.0.0/8 or ::1"
+                )
+            })?,
+        };
+        let IpNet::V6(v6) = net else {
             return Ok(net.trunc());
+        };
+        let Some(v4) = v6.addr().to_ipv4_mapped() else {
+            return Ok(net.trunc());
+        };
+        if v6.prefix_len() < 96 {
+            return Err(format!(
+                "{item:?} mixes IPv4-mapped and other IPv6 addresses; write the IPv4 part as IPv4 (such as {v4}/{}) and the IPv6 part on its own",
+                v6.prefix_len().saturating_sub(96)
+            ));
         }
-        item.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
-            format!("{item:?} is not a network; write an address or CIDR such as 10.0.0.0/8 or ::1")
-        })
+        Ok(IpNet::V4(
+            ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .expect("a prefix of at most 32")
+                .trunc(),
+        ))
     }
 
     /// Whether `ip` lies in one of the networks. An IPv4-mapped IPv6 address
@@ -338,12 +428,14 @@ impl<'de> Deserialize<'de> for HostPort {
 #[serde(default)]
 pub struct ServeSettings {
     /// Most connections served at once; more wait in the listen backlog.
+    #[serde(deserialize_with = "at_least_one")]
     pub max_connections: usize,
     /// Client networks allowed in (empty: everyone).
     pub allow: CidrList,
     /// Client networks refused.
     pub deny: CidrList,
     /// A connection with no traffic for this long is closed.
+    #[serde(deserialize_with = "nonzero_duration")]
     pub idle_timeout: Seconds,
     /// On SIGINT/SIGTERM, how long live connections may take to finish.
     pub shutdown_grace: Seconds,
@@ -421,6 +513,33 @@ mod tests {
         assert!(!list.permits("::ffff:10.9.9.9".parse().unwrap()));
         assert!(!list.permits("192.168.1.1".parse().unwrap()));
         assert!(AccessList::default().permits("203.0.113.5".parse().unwrap()));
+    }
+
+    #[test]
+    fn mapped_entries_are_the_ipv4_networks_they_name() {
+        let list: CidrList = "::ffff:127.0.0.2, ::ffff:10.0.0.0/104, ::1"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            list.0,
+            vec![
+                "127.0.0.2/32".parse::<IpNet>().unwrap(),
+                "10.0.0.0/8".parse().unwrap(),
+                "::1/128".parse().unwrap()
+            ]
+        );
+        assert!(list.contains("127.0.0.2".parse().unwrap()));
+        assert!(list.contains("10.200.0.1".parse().unwrap()));
+        let err = "::ffff:0.0.0.0/80".parse::<CidrList>().unwrap_err();
+        assert!(err.contains("IPv4-mapped"), "{err}");
+    }
+
+    #[test]
+    fn durations_past_a_year_are_refused() {
+        assert!("365d".parse::<Seconds>().is_ok());
+        let err = "18446744073709551615".parse::<Seconds>().unwrap_err();
+        assert!(err.contains("longest"), "{err}");
+        assert!("400d".parse::<Seconds>().is_err());
     }
 
     #[test]

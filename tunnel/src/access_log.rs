@@ -1,13 +1,19 @@
 //! One line per connection: time, route, client, target, bytes each way,
 //! duration, and how it ended. Lines go to the log (target `access`) and,
 //! when configured, are appended to a file, like rinetd's `logfile`.
+//!
+//! The file is written by a thread of its own through a bounded queue
+//! ([`common::telemetry::non_blocking`]): a slow disk never stalls a
+//! connection, and a full disk or a full queue drops lines (counted in
+//! `tunnel_log_lines_dropped_total`), never the connection.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
+
+use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
 
 /// How a connection ended, in the access log's words.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +61,9 @@ impl Entry<'_> {
 /// Where access-log lines go.
 #[derive(Debug, Default)]
 pub struct AccessLog {
-    file: Option<Mutex<File>>,
+    /// The file's writer, and the guard that flushes it when the log is
+    /// dropped.
+    file: Option<(NonBlocking, WorkerGuard)>,
     log_empty: bool,
 }
 
@@ -77,7 +85,7 @@ impl AccessLog {
     pub fn to_file(path: &Path) -> std::io::Result<Self> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         Ok(AccessLog {
-            file: Some(Mutex::new(file)),
+            file: Some(common::telemetry::non_blocking(file, "access-log")),
             log_empty: false,
         })
     }
@@ -101,13 +109,12 @@ impl AccessLog {
             detail = entry.detail.as_deref().unwrap_or(""),
             "connection"
         );
-        if let Some(file) = &self.file {
+        if let Some((file, _)) = &self.file {
             let stamp = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.3fZ");
             let line = format!("{stamp} {}\n", entry.line());
-            if let Ok(mut file) = file.lock() {
-                // One write per line keeps lines whole between threads.
-                let _ = file.write_all(line.as_bytes());
-            }
+            // One write is one queued line, whole; the writer thread
+            // appends it.
+            let _ = file.clone().write_all(line.as_bytes());
         }
     }
 }

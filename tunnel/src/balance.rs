@@ -54,12 +54,16 @@ impl fmt::Display for Policy {
 #[serde(default)]
 pub struct HealthCheck {
     /// Time between checks of a target.
+    #[serde(deserialize_with = "common::settings::nonzero_duration")]
     pub interval: Seconds,
     /// How long a check's connect may take.
+    #[serde(deserialize_with = "common::settings::nonzero_duration")]
     pub timeout: Seconds,
     /// Consecutive successes that bring an ejected target back.
+    #[serde(deserialize_with = "common::settings::at_least_one")]
     pub rise: u32,
     /// Consecutive failures (checks or client connects) that eject a target.
+    #[serde(deserialize_with = "common::settings::at_least_one")]
     pub fall: u32,
 }
 
@@ -242,6 +246,14 @@ impl Balancer {
             }
         }
         Err(Unreachable(failures.join("; ")))
+    }
+}
+
+impl Balancer {
+    /// Stops the health checks now; connections still running keep the
+    /// balancer, but nothing checks targets for it any more.
+    pub fn retire(&self) {
+        self.stop.cancel();
     }
 }
 

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::endpoint::bind_listener;
-use common::serve::{accept_until, Conn, Connections, Handler, ServeOptions};
+use common::serve::{accept_until, Conn, ConnectionCap, Connections, Handler, ServeOptions};
 use common::settings::{AccessRules, ListenAddr};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
@@ -127,13 +127,27 @@ impl Handler for RouteHandler {
     }
 }
 
-/// A route that is running: its listeners and accept loops.
+/// A route that is running: its listeners and accept loops, and what
+/// outlives a reload: its connection cap (one for all its listen
+/// addresses, kept while old connections run) and its balancer, kept when
+/// its targets are unchanged so their health is not forgotten.
 struct Running {
     route: Route,
     balancer: Arc<Balancer>,
+    cap: ConnectionCap,
     listeners: Vec<(ListenAddr, Arc<TcpListener>)>,
     stop: CancellationToken,
     loops: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Whether `route` can keep this route's balancer.
+    fn same_targets(&self, route: &Route) -> bool {
+        self.route.targets == route.targets
+            && self.route.balance == route.balance
+            && self.route.health == route.health
+            && self.route.checks == route.checks
+    }
 }
 
 /// A set of routes being served, replaceable while connections run.
@@ -215,6 +229,7 @@ impl Tunnel {
             .iter()
             .flat_map(|r| r.listeners.iter().cloned())
             .collect();
+        let all_held: Vec<ListenAddr> = held.keys().copied().collect();
         let mut planned = Vec::new();
         let mut errors = Vec::new();
         for route in routes {
@@ -228,7 +243,7 @@ impl Tunnel {
                     match bind_listener(*addr) {
                         Ok(l) => Arc::new(l),
                         Err(e) => {
-                            errors.push(explain_bind(&route.name, *addr, &e));
+                            errors.push(explain_bind(&route.name, *addr, &e, &all_held));
                             continue;
                         }
                     }
@@ -240,12 +255,31 @@ impl Tunnel {
         if !errors.is_empty() {
             return Err(ApplyError(errors));
         }
-        // Stop the old accept loops (their connections go on), then start
-        // the new ones on the planned listeners.
-        for old in running.drain(..) {
+        // Stop the old accept loops (their connections go on), keeping the
+        // caps and balancers that carry over, then start the new ones on
+        // the planned listeners.
+        let mut carried: HashMap<String, (ConnectionCap, Option<Arc<Balancer>>)> = HashMap::new();
+        let old_routes: Vec<Running> = running.drain(..).collect();
+        for mut old in old_routes {
             old.stop.cancel();
-            for task in old.loops {
+            for task in old.loops.iter_mut() {
                 let _ = task.await;
+            }
+            let keep = planned
+                .iter()
+                .find(|(r, _)| r.name == old.route.name)
+                .map(|(r, _)| old.same_targets(r));
+            let balancer = match keep {
+                Some(true) => Some(old.balancer.clone()),
+                // Gone or changed: its health checks stop now, not when its
+                // last connection ends.
+                _ => {
+                    old.balancer.retire();
+                    None
+                }
+            };
+            if keep.is_some() {
+                carried.insert(old.route.name.clone(), (old.cap.clone(), balancer));
             }
         }
         let configured: Vec<(String, Vec<String>)> = planned
@@ -259,28 +293,43 @@ impl Tunnel {
             .collect();
         self.metrics.retain(&configured);
         for (route, listeners) in planned {
-            running.push(self.start(route, listeners));
+            let (cap, balancer) = match carried.remove(&route.name) {
+                Some((cap, balancer)) => {
+                    cap.resize(route.max_connections);
+                    (cap, balancer)
+                }
+                None => (ConnectionCap::new(route.max_connections), None),
+            };
+            running.push(self.start(route, listeners, cap, balancer));
         }
         Ok(())
     }
 
-    fn start(&self, route: Route, listeners: Vec<(ListenAddr, Arc<TcpListener>)>) -> Running {
+    fn start(
+        &self,
+        route: Route,
+        listeners: Vec<(ListenAddr, Arc<TcpListener>)>,
+        cap: ConnectionCap,
+        balancer: Option<Arc<Balancer>>,
+    ) -> Running {
         let stop = CancellationToken::new();
         let options = ServeOptions {
-            cap: common::serve::ConnectionCap::new(route.max_connections.max(1)),
+            cap: cap.clone(),
             access: AccessRules(route.access.clone()),
             idle_timeout: route.idle_timeout.0,
             grace: Duration::ZERO,
         };
         let stats = self.metrics.route(&route.name);
-        let balancer = Balancer::new(
-            &route.name,
-            &route.targets,
-            route.balance,
-            route.health,
-            route.checks,
-            &stats,
-        );
+        let balancer = balancer.unwrap_or_else(|| {
+            Balancer::new(
+                &route.name,
+                &route.targets,
+                route.balance,
+                route.health,
+                route.checks,
+                &stats,
+            )
+        });
         let handler = Arc::new(RouteHandler {
             route: route.clone(),
             balancer: balancer.clone(),
@@ -301,10 +350,22 @@ impl Tunnel {
         Running {
             route,
             balancer,
+            cap,
             listeners,
             stop,
             loops,
         }
+    }
+
+    /// Whether every route's accept loops are running (false only if one
+    /// ended, which the accept loop is built never to do). A reload in
+    /// progress counts as accepting.
+    pub fn accepting(&self) -> bool {
+        self.running.try_lock().map_or(true, |running| {
+            running
+                .iter()
+                .all(|r| r.loops.iter().all(|l| !l.is_finished()))
+        })
     }
 
     /// Stops accepting on every route, lets connections finish within the
@@ -313,6 +374,7 @@ impl Tunnel {
         let mut running = self.running.lock().await;
         for old in running.drain(..) {
             old.stop.cancel();
+            old.balancer.retire();
             for task in old.loops {
                 let _ = task.await;
             }
@@ -322,13 +384,34 @@ impl Tunnel {
     }
 }
 
-fn explain_bind(route: &str, addr: ListenAddr, e: &std::io::Error) -> String {
+fn explain_bind(route: &str, addr: ListenAddr, e: &std::io::Error, held: &[ListenAddr]) -> String {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        if let Some(own) = held.iter().find(|h| overlaps(**h, addr)) {
+            return format!(
+                "route {route}: {addr} overlaps the tunnel's own listener {own}, which is still open (a wildcard address takes the port on every address); a reload cannot move between them: restart the tunnel, or use another port"
+            );
+        }
+    }
     match e.kind() {
-        std::io::ErrorKind::AddrInUse => format!("route {route}: {addr} is already in use; pick another listen address"),
+        std::io::ErrorKind::AddrInUse => format!("route {route}: {addr} is already in use by another program; pick another listen address"),
         std::io::ErrorKind::PermissionDenied => format!(
             "route {route}: no permission to listen on {addr} (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
         ),
         std::io::ErrorKind::AddrNotAvailable => format!("route {route}: {addr} is not an address of this machine"),
         _ => format!("route {route}: cannot listen on {addr}: {e}"),
     }
+}
+
+/// Whether two listen addresses take the same port on some address: the
+/// same address, or a wildcard (`0.0.0.0` over IPv4, `[::]` over both,
+/// since listeners here are dual-stack) and an address it covers.
+pub fn overlaps(a: ListenAddr, b: ListenAddr) -> bool {
+    let (a, b) = (a.0, b.0);
+    if a.port() != b.port() {
+        return false;
+    }
+    let covers = |wide: std::net::SocketAddr, other: std::net::SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv6() || other.ip().to_canonical().is_ipv4())
+    };
+    a.ip().to_canonical() == b.ip().to_canonical() || covers(a, b) || covers(b, a)
 }

@@ -4,13 +4,16 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use common::cli::{parse_args, sources, CommonArgs, ServeArgs, EXIT_CONFIG};
-use common::config::{resolve, ConfigErrors};
+use common::config::{resolve, ConfigError, ConfigErrors, Converted, Origin, Resolved};
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 use tunnel::access_log::AccessLog;
+use tunnel::admin::Admin;
 use tunnel::settings::{Route, Settings, PROGRAM};
 use tunnel::{rinetd, Tunnel};
 
@@ -74,103 +77,57 @@ struct Args {
     common: CommonArgs,
 }
 
-/// rinetd's format has no place for these, so the flags still apply on top
-/// of a rinetd file.
-fn flags_over_rinetd(args: &Args, settings: &mut Settings) -> Result<(), ConfigErrors> {
-    use common::config::{ConfigError, Origin};
-    use common::settings::Seconds;
+/// Reads the settings and the routes they make, every problem at once. A
+/// rinetd.conf is one layer of the same pipeline as a YAML file: the
+/// environment and the flags apply over it.
+fn configure(args: &Args) -> Result<(Resolved<Settings>, Vec<Route>), ConfigErrors> {
+    let mut sources = sources(PROGRAM, &args.common, args);
+    if let Some(path) = &args.rinetd_conf {
+        if let Some(yaml) = &sources.file {
+            return Err(ConfigErrors::single(
+                None,
+                format!(
+                    "both --rinetd-conf {} and the YAML configuration {} (from --config or TUNNEL_CONFIG) are given; use one",
+                    path.display(),
+                    yaml.display()
+                ),
+            ));
+        }
+        let from_rinetd = rinetd::read(path)?;
+        // rinetd has no quick-form listen address: leave it out so that a
+        // --listen beside the file is reported, not taken from the file.
+        sources.converted = Some(Converted::changed(path, &from_rinetd, &["listen"])?);
+    }
+    let resolved = resolve::<Settings, _>(&sources)?;
     let mut errors = Vec::new();
-    let mut duration = |key: &str, value: &Option<String>, slot: &mut Seconds| {
-        if let Some(text) = value {
-            match text.parse::<Seconds>() {
-                Ok(d) => *slot = d,
-                Err(message) => errors.push(ConfigError {
-                    key: key.into(),
-                    value: Some(format!("{text:?}")),
-                    origin: Some(Origin::Flag(common::config::flag_name(key))),
-                    message,
-                }),
-            }
-        }
-    };
-    duration(
-        "connect_timeout",
-        &args.connect_timeout,
-        &mut settings.connect_timeout,
-    );
-    duration(
-        "idle_timeout",
-        &args.serve.idle_timeout,
-        &mut settings.idle_timeout,
-    );
-    duration(
-        "shutdown_grace",
-        &args.serve.shutdown_grace,
-        &mut settings.shutdown_grace,
-    );
-    if let Some(n) = args.serve.max_connections {
-        settings.max_connections = n;
-    }
-    if let Some(level) = &args.common.log_level {
-        settings.log.log_level = Some(level.clone());
-    }
-    if let Some(format) = args.common.log_format {
-        settings.log.log_format = format;
-    }
-    if let Some(path) = &args.access_log {
-        settings.access_log = Some(path.clone());
-    }
-    if let Some(admin) = &args.admin {
-        match admin.parse() {
-            Ok(addr) => settings.admin = Some(addr),
-            Err(message) => errors.push(ConfigError {
-                key: "admin".into(),
-                value: Some(format!("{admin:?}")),
-                origin: Some(Origin::Flag("--admin".into())),
-                message,
-            }),
+    if !resolved.settings.routes.is_empty() {
+        if let Some(origin) = resolved.origin("listen").filter(|o| *o != Origin::Default) {
+            errors.push(ConfigError {
+                key: "listen".into(),
+                value: Some(format!("{:?}", resolved.settings.listen.0.iter().map(ToString::to_string).collect::<Vec<_>>())),
+                origin: Some(origin),
+                message: "is the quick form's listen address, and routes are configured; give each route its own listen addresses".into(),
+            });
         }
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigErrors(errors))
+    match resolved.settings.routes() {
+        Ok(routes) if errors.is_empty() => Ok((resolved, routes)),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(found) => {
+            // Point at where the route's values were written.
+            errors.extend(found.into_iter().map(|mut e| {
+                if e.origin.is_none() {
+                    e.origin = resolved.origin(&e.key).or_else(|| {
+                        e.key
+                            .rsplit_once('.')
+                            .and_then(|(parent, _)| resolved.origin(parent))
+                    });
+                }
+                e
+            }));
+            Err(ConfigErrors(errors))
+        }
     }
-}
-
-/// Reads the settings and the routes they make, every problem at once.
-fn configure(args: &Args) -> Result<(Settings, Vec<Route>), ConfigErrors> {
-    let settings = match &args.rinetd_conf {
-        Some(path) => {
-            let mut settings = rinetd::read(path)?;
-            flags_over_rinetd(args, &mut settings)?;
-            settings
-        }
-        None => {
-            let resolved = resolve::<Settings, _>(&sources(PROGRAM, &args.common, args))?;
-            let routes = resolved.settings.routes().map_err(|errors| {
-                // Point at where the route's values were written.
-                ConfigErrors(
-                    errors
-                        .into_iter()
-                        .map(|mut e| {
-                            if e.origin.is_none() {
-                                e.origin = resolved.origin(&e.key).or_else(|| {
-                                    e.key
-                                        .rsplit_once('.')
-                                        .and_then(|(parent, _)| resolved.origin(parent))
-                                });
-                            }
-                            e
-                        })
-                        .collect(),
-                )
-            })?;
-            return Ok((resolved.settings, routes));
-        }
-    };
-    let routes = settings.routes().map_err(ConfigErrors)?;
-    Ok((settings, routes))
 }
 
 fn main() -> ExitCode {
@@ -178,7 +135,7 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(code) => return code,
     };
-    let (settings, routes) = match configure(&args) {
+    let (resolved, routes) = match configure(&args) {
         Ok(pair) => pair,
         Err(errors) => {
             common::telemetry::say(format_args!("{PROGRAM}: {errors}"));
@@ -189,18 +146,15 @@ fn main() -> ExitCode {
         if args.rinetd_conf.is_some() {
             // The YAML a rinetd user would write instead, without the
             // settings left empty.
-            let mut yaml = serde_yaml::to_value(&settings).unwrap_or_default();
+            let mut yaml = serde_yaml::to_value(&resolved.settings).unwrap_or_default();
             prune(&mut yaml);
-            common::telemetry::show(format_args!(
-                "{}",
-                serde_yaml::to_string(&yaml).unwrap_or_default()
-            ));
-        } else if let Ok(resolved) = resolve::<Settings, _>(&sources(PROGRAM, &args.common, &args))
-        {
-            common::telemetry::show(format_args!("{}", resolved.describe()));
+            common::telemetry::show(serde_yaml::to_string(&yaml).unwrap_or_default());
+        } else {
+            common::telemetry::show(resolved.describe());
         }
         return ExitCode::SUCCESS;
     }
+    let settings = resolved.settings;
     let _log = common::telemetry::init(&settings.log);
     let log = match &settings.access_log {
         Some(path) => match AccessLog::to_file(path.as_ref()) {
@@ -272,25 +226,30 @@ fn prune(value: &mut serde_yaml::Value) {
 }
 
 async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLog) -> ExitCode {
-    let tunnel = Tunnel::with_workers(
+    let tunnel = Arc::new(Tunnel::with_workers(
         settings.shutdown_grace.0,
         log,
         start_workers(settings.workers),
-    );
+    ));
     if let Err(e) = tunnel.apply(routes, HashMap::new()).await {
         common::telemetry::say(format_args!("{PROGRAM}: {e}"));
         return ExitCode::from(EXIT_CONFIG);
     }
-    let admin_stop = tokio_util::sync::CancellationToken::new();
+    let admin_stop = CancellationToken::new();
+    let mut admin_task = None;
     if let Some(addr) = settings.admin {
         match common::endpoint::bind_listener(addr) {
             Ok(listener) => {
                 tracing::info!(admin = %addr, "serving /metrics and /healthz");
-                tokio::spawn(tunnel::admin::serve(
+                let health = tunnel.clone();
+                let admin = Admin::new(tunnel.metrics(), move || health.accepting());
+                let stop = admin_stop.clone();
+                admin_task = Some(tokio::spawn(common::serve::serve(
                     listener,
-                    tunnel.metrics(),
-                    admin_stop.clone(),
-                ));
+                    admin.options(&settings),
+                    Arc::new(admin),
+                    async move { stop.cancelled().await },
+                )));
             }
             Err(e) => {
                 common::telemetry::say(format_args!("{PROGRAM}: cannot serve the admin endpoint on {addr}: {e}; pass --admin or set TUNNEL_ADMIN"));
@@ -298,11 +257,7 @@ async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLo
             }
         }
     }
-    if let Some(pid_file) = &settings.pid_file {
-        if let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id())) {
-            tracing::warn!(file = %pid_file, error = %e, "cannot write the pid file");
-        }
-    }
+    let pid_file = settings.pid_file.as_deref().map(PidFile::write);
     let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     let shutdown = common::signal::shutdown();
     tokio::pin!(shutdown);
@@ -312,27 +267,104 @@ async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLo
             _ = hangup.recv() => reload(&args, &settings, &tunnel).await,
         }
     }
+    // A second SIGINT or SIGTERM cuts the drain short (see common::signal).
     tunnel.shutdown().await;
     admin_stop.cancel();
-    if let Some(pid_file) = &settings.pid_file {
-        let _ = std::fs::remove_file(pid_file);
+    if let Some(task) = admin_task {
+        let _ = task.await;
     }
+    drop(pid_file);
     ExitCode::SUCCESS
 }
 
+/// The pid file, removed again when dropped if it still holds this
+/// process's id.
+struct PidFile(Option<std::path::PathBuf>);
+
+impl PidFile {
+    /// Writes the pid to a new file beside `path` and renames it into
+    /// place: a symlink planted at `path` is replaced, never followed, and
+    /// a reader never sees a half-written file.
+    fn write(path: &str) -> PidFile {
+        let path = std::path::PathBuf::from(path);
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let written = tempfile::Builder::new()
+            .prefix(".tunnel-pid")
+            .tempfile_in(&dir)
+            .and_then(|mut file| {
+                use std::io::Write;
+                writeln!(file, "{}", std::process::id())?;
+                file.persist(&path).map_err(|e| e.error)
+            });
+        match written {
+            Ok(_) => PidFile(Some(path)),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot write the pid file; check pid_file");
+                PidFile(None)
+            }
+        }
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let Some(path) = &self.0 else { return };
+        let ours = std::fs::read_to_string(path)
+            .is_ok_and(|text| text.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Applies the configuration as it is now; on any problem the running
-/// routes stay as they are.
+/// routes stay as they are. Settings that only take effect at start are
+/// named in the log when they changed.
 async fn reload(args: &Args, first: &Settings, tunnel: &Tunnel) {
     tracing::info!("SIGHUP: reloading the configuration");
-    let (settings, routes) = match configure(args) {
+    let (resolved, routes) = match configure(args) {
         Ok(pair) => pair,
         Err(errors) => {
             tracing::error!("reload failed, the running configuration stays: {errors}");
             return;
         }
     };
-    if settings.access_log != first.access_log || settings.shutdown_grace != first.shutdown_grace {
-        tracing::warn!("access_log and shutdown_grace changes take effect at the next start");
+    let settings = &resolved.settings;
+    let mut kept = Vec::new();
+    if settings.admin != first.admin
+        || settings.admin_allow != first.admin_allow
+        || settings.admin_deny != first.admin_deny
+    {
+        kept.push("admin");
+    }
+    if settings.workers != first.workers {
+        kept.push("workers");
+    }
+    if settings.access_log != first.access_log
+        || settings.log_empty_connections != first.log_empty_connections
+    {
+        kept.push("access_log");
+    }
+    if settings.shutdown_grace != first.shutdown_grace {
+        kept.push("shutdown_grace");
+    }
+    if settings.pid_file != first.pid_file {
+        kept.push("pid_file");
+    }
+    if settings.log != first.log {
+        kept.push("log_level/log_format");
+    }
+    if settings.instance != first.instance {
+        kept.push("instance");
+    }
+    if !kept.is_empty() {
+        tracing::warn!(
+            settings = %kept.join(", "),
+            "these settings changed but apply only at start; restart the tunnel to use them (the running values stay)"
+        );
     }
     let names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
     match tunnel.apply(routes, HashMap::new()).await {

@@ -116,6 +116,11 @@ impl Metrics {
                 }
             }
         }
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_log_lines_dropped_total Log and access-log lines lost: the writer could not keep up, or the write failed.\n# TYPE tunnel_log_lines_dropped_total counter\ntunnel_log_lines_dropped_total {}",
+            common::telemetry::dropped_lines()
+        );
         out
     }
 }

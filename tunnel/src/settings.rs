@@ -10,7 +10,10 @@ use std::fmt;
 use std::str::FromStr;
 
 use common::config::ConfigError;
-use common::settings::{AccessList, CidrList, ListenAddr, LogSettings, Seconds};
+use common::settings::{
+    at_least_one, at_least_one_opt, nonzero_duration, nonzero_duration_opt, AccessList, CidrList,
+    ListenAddr, LogSettings, Seconds,
+};
 
 use crate::balance::{HealthCheck, Policy};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
@@ -212,18 +215,36 @@ impl<'de> Deserialize<'de> for Keepalive {
                 })
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Keepalive, E> {
-                Ok(Keepalive::After(Seconds::from_secs(v)))
+                self.visit_str(&v.to_string())
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Keepalive, E> {
                 match v.trim() {
                     "false" | "off" | "no" => Ok(Keepalive::Off),
                     "true" | "on" | "yes" => Ok(Keepalive::Default),
-                    other => other.parse().map(Keepalive::After).map_err(E::custom),
+                    other => match other.parse::<Seconds>().map_err(E::custom)? {
+                        d if d.0 < std::time::Duration::from_secs(1) => Err(E::custom(
+                            "keepalive probes start after at least 1s idle; write false to turn them off",
+                        )),
+                        d => Ok(Keepalive::After(d)),
+                    },
                 }
             }
         }
         d.deserialize_any(V)
     }
+}
+
+/// Most relay threads: more than this is a typo, not a machine.
+pub const MAX_WORKERS: usize = 1024;
+
+fn workers<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    if n > MAX_WORKERS {
+        return Err(de::Error::custom(format!(
+            "at most {MAX_WORKERS} relay threads; 0 means one per CPU"
+        )));
+    }
+    Ok(n)
 }
 
 /// One route as written: what is left out takes the global value.
@@ -247,12 +268,16 @@ pub struct RouteSettings {
     /// Client networks refused, on top of the global lists.
     pub deny: CidrList,
     /// How long to wait for the target to accept.
+    #[serde(deserialize_with = "nonzero_duration_opt")]
     pub connect_timeout: Option<Seconds>,
     /// Close a connection with no traffic either way for this long.
+    #[serde(deserialize_with = "nonzero_duration_opt")]
     pub idle_timeout: Option<Seconds>,
     /// TCP keepalive on both sides.
     pub keepalive: Option<Keepalive>,
-    /// Most connections at once on this route.
+    /// Most connections at once on this route, over all its listen
+    /// addresses.
+    #[serde(deserialize_with = "at_least_one_opt")]
     pub max_connections: Option<usize>,
 }
 
@@ -275,12 +300,15 @@ pub struct Settings {
     /// Client networks refused on every route.
     pub deny: CidrList,
     /// Default connect timeout.
+    #[serde(deserialize_with = "nonzero_duration")]
     pub connect_timeout: Seconds,
     /// Default idle timeout.
+    #[serde(deserialize_with = "nonzero_duration")]
     pub idle_timeout: Seconds,
     /// Default TCP keepalive.
     pub keepalive: Keepalive,
     /// Default connection cap per route.
+    #[serde(deserialize_with = "at_least_one")]
     pub max_connections: usize,
     /// Default balancing policy.
     pub balance: Policy,
@@ -288,7 +316,12 @@ pub struct Settings {
     pub health_check: Option<HealthSetting>,
     /// Where to serve `/metrics` and `/healthz` (off when unset).
     pub admin: Option<ListenAddr>,
+    /// Networks let in to the admin endpoint (empty: everyone).
+    pub admin_allow: CidrList,
+    /// Networks refused by the admin endpoint.
+    pub admin_deny: CidrList,
     /// Threads that relay connections (0: one per CPU).
+    #[serde(deserialize_with = "workers")]
     pub workers: usize,
     /// This instance's name in logs (set per instance by a deployment).
     pub instance: String,
@@ -322,6 +355,8 @@ impl Default for Settings {
             balance: Policy::default(),
             health_check: None,
             admin: None,
+            admin_allow: CidrList::default(),
+            admin_deny: CidrList::default(),
             workers: 1,
             instance: format!("{PROGRAM}_IN_0"),
             shutdown_grace: Seconds::from_secs(30),
@@ -511,6 +546,23 @@ impl Settings {
                     errors.push(problem(
                         &format!("routes.{i}.listen"),
                         format!("{addr} is claimed by routes {other} and {}", route.name),
+                    ));
+                    continue;
+                }
+                // 0.0.0.0:P takes port P on every IPv4 address (and [::]:P
+                // on every address): no other listener can have it.
+                let clash = routes.iter().take(i + 1).find_map(|earlier| {
+                    earlier
+                        .listen
+                        .iter()
+                        .take_while(|a| !(earlier.name == route.name && *a == addr))
+                        .find(|a| *a != addr && crate::overlaps(**a, *addr))
+                        .map(|a| (earlier.name.clone(), *a))
+                });
+                if let Some((other, wide)) = clash {
+                    errors.push(problem(
+                        &format!("routes.{i}.listen"),
+                        format!("{addr} (route {}) overlaps {wide} (route {other}): a wildcard address takes the port on every address; keep one of them or use another port", route.name),
                     ));
                 }
             }
