@@ -1,8 +1,10 @@
 //! The accept loop every service shares.
 //!
-//! A permit from the connection cap is taken *before* `accept`, so a full
-//! server leaves new clients in the kernel's backlog instead of accepting
-//! and dropping them. Accept errors (out of descriptors, say) back off and
+//! The connection cap belongs to its owner and may be shared by several
+//! listeners (a tunnel route's addresses). A loop that finds the cap full
+//! holds the one connection it just accepted and accepts no more until a
+//! place frees, so a full server leaves new clients in the kernel's
+//! backlog instead of accepting and dropping them. Accept errors (out of descriptors, say) back off and
 //! retry instead of ending the server. Each connection runs in its own task
 //! inside a span with its id and peer (debug level; info events carry both
 //! as fields); the access list is checked right after
@@ -211,11 +213,6 @@ pub async fn accept_until<H: Handler<TcpStream>>(
     let mut backoff = Duration::from_millis(5);
     tokio::pin!(stop);
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = &mut stop => return,
-            permit = options.cap.acquire() => permit,
-        };
         let (stream, accepted_from) = tokio::select! {
             biased;
             _ = &mut stop => return,
@@ -249,6 +246,19 @@ pub async fn accept_until<H: Handler<TcpStream>>(
             handler.refused(id, peer);
             continue;
         }
+        // A full cap holds this connection (and, since this loop accepts no
+        // more meanwhile, everyone behind it waits in the kernel's backlog)
+        // until a place frees. Taking the place after accept rather than
+        // before keeps listeners that share a cap from parking places on
+        // idle listeners while a busy one waits.
+        let permit = match options.cap.try_acquire() {
+            Some(permit) => permit,
+            None => tokio::select! {
+                biased;
+                _ = &mut stop => return,
+                permit = options.cap.acquire() => permit,
+            },
+        };
         let local = stream.local_addr().unwrap_or(peer);
         let _ = stream.set_nodelay(true);
         let conn = Conn {
@@ -454,4 +464,33 @@ impl Drop for CapPermit {
 fn is_per_connection(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_freed_place_wakes_a_waiter_of_a_shared_cap() {
+        let cap = ConnectionCap::new(1);
+        let first = cap.acquire().await;
+        let (a, b) = (cap.clone(), cap.clone());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (ta, tb) = (tx.clone(), tx);
+        tokio::spawn(async move { ta.send(a.acquire().await) });
+        tokio::spawn(async move { tb.send(b.acquire().await) });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(first);
+        let winner = rx.recv().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx.try_recv().is_err(), "two places under a cap of one");
+        drop(winner);
+        let last = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .expect("the second waiter was never woken")
+            .unwrap();
+        assert_eq!(cap.active(), 1);
+        drop(last);
+        assert_eq!(cap.active(), 0);
+    }
 }
