@@ -749,16 +749,19 @@ fn health_checks_leave_the_instances_quiet() {
     let definition = dir.join("service.yaml");
     std::fs::write(
         &definition,
-        format!("name: quiet\nroles:\n  - name: echo\n    program: echo-server\n    instances: 2\n    endpoints:\n      - name: EchoEndpoint\n        visibility: public\n        port: {echo}\n  - name: square\n    program: square-server\n    endpoints:\n      - name: SquareEndpoint\n        visibility: internal\n        port: {square}\n  - name: db\n    program: tunnel\n    endpoints:\n      - name: Incoming\n        visibility: public\n        port: {tunnel}\n    settings:\n      host: 127.0.0.1\n      port: {square}\n"),
+        format!("name: quiet\nroles:\n  - name: echo\n    program: echo-server\n    instances: 4\n    endpoints:\n      - name: EchoEndpoint\n        visibility: public\n        port: {echo}\n  - name: square\n    program: square-server\n    endpoints:\n      - name: SquareEndpoint\n        visibility: internal\n        port: {square}\n  - name: db\n    program: tunnel\n    endpoints:\n      - name: Incoming\n        visibility: public\n        port: {tunnel}\n    settings:\n      host: 127.0.0.1\n      port: {square}\n"),
     )
     .unwrap();
-    let mut fabric = Fabric::start(&definition, 4);
+    let mut fabric = Fabric::start(&definition, 6);
     fabric.table_where(|t| t.values().all(|(state, _, _)| state == "running"));
-    // Five rounds of checks on every instance.
-    let lines = fabric.lines_for(Duration::from_secs(6));
+    // Seven rounds of checks on every instance: a probe that closes while
+    // the greeting is on its way ends in a reset some of the time, which
+    // instances used to log at info.
+    let lines = fabric.lines_for(Duration::from_secs(8));
+    let start_up = |l: &str| l.contains(" ready") || l.contains(" listening");
     let noise: Vec<&String> = lines
         .iter()
-        .filter(|l| l.starts_with('[') && !l.contains(" ready"))
+        .filter(|l| l.starts_with('[') && !start_up(l))
         .collect();
     assert!(noise.is_empty(), "instances logged the probes:\n{noise:#?}");
     std::fs::remove_dir_all(dir).unwrap();
