@@ -110,6 +110,82 @@ impl fmt::Display for Problems {
 
 impl std::error::Error for Problems {}
 
+/// The most instances a role may have: a Deployment's replicas are a
+/// 32-bit number.
+pub const MAX_INSTANCES: i64 = i32::MAX as i64;
+
+/// What a name is used for, which decides what it may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameUse {
+    /// A role: it names Kubernetes Deployments, Services and ConfigMaps,
+    /// compose services and files under `deploy render --out`, so it must
+    /// be a DNS-1035 label (a DNS-1123 label starting with a letter, as
+    /// Service names must).
+    Role,
+    /// The service: it becomes a label value, the image repository and
+    /// the compose project, so it must be a DNS-1123 label.
+    Service,
+}
+
+/// Why `name` cannot be used as `usage` says, or `None` when it can. The
+/// message completes a sentence naming the name, and says what to use.
+pub fn name_problem(name: &str, usage: NameUse) -> Option<String> {
+    let what = what_is_wrong(name, usage)?;
+    let rule = match usage {
+        NameUse::Role => "a role name names Kubernetes objects and files: use at most 63 lower-case letters, digits and '-', starting with a letter and ending with a letter or digit",
+        NameUse::Service => "the service name labels Kubernetes objects and names images: use at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit",
+    };
+    let suggestion = suggest_name(name);
+    let hint = if what_is_wrong(&suggestion, usage).is_none() {
+        format!(" (such as {suggestion:?})")
+    } else {
+        String::new()
+    };
+    Some(format!("{what}; {rule}{hint}"))
+}
+
+fn what_is_wrong(name: &str, usage: NameUse) -> Option<String> {
+    let valid_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    let first_ok = name.chars().next().is_some_and(|c| match usage {
+        NameUse::Role => c.is_ascii_lowercase(),
+        NameUse::Service => c.is_ascii_lowercase() || c.is_ascii_digit(),
+    });
+    let last_ok = name
+        .chars()
+        .last()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let what = if name.is_empty() {
+        "is empty".to_string()
+    } else if name.len() > 63 {
+        format!("is {} characters long", name.len())
+    } else if let Some(bad) = name.chars().find(|c| !valid_char(*c)) {
+        format!("contains {bad:?}")
+    } else if !first_ok {
+        "does not start with a letter".to_string()
+    } else if !last_ok {
+        "does not end with a letter or digit".to_string()
+    } else {
+        return None;
+    };
+    Some(what)
+}
+
+/// `name` made into a DNS-1035 label, where that is easy: lower case,
+/// other characters as '-', trimmed.
+fn suggest_name(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars() {
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            out.push(c);
+        } else if !out.is_empty() && !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.truncate(63);
+    out.trim_end_matches('-').to_string()
+}
+
 impl Role {
     /// The program it runs (checked by [`Definition::load`]).
     pub fn program(&self) -> Program {
@@ -159,12 +235,40 @@ impl Definition {
         let mut problems = Vec::new();
         let mut names = BTreeMap::new();
         let mut ports: BTreeMap<u16, String> = BTreeMap::new();
+        if let Some(why) = name_problem(&definition.name, NameUse::Service) {
+            problems.push(problem(
+                at(&["name"]),
+                format!("service name {:?} {why}", definition.name),
+            ));
+        }
         if definition.roles.is_empty() {
             problems.push(problem(at(&["roles"]), "no roles; add at least one".into()));
         }
         for (i, role) in definition.roles.iter().enumerate() {
             let index = i.to_string();
             let here = |key: &str| at(&["roles", &index, key]).or(at(&["roles", &index]));
+            if let Some(why) = name_problem(&role.name, NameUse::Role) {
+                problems.push(problem(
+                    here("name"),
+                    format!("role name {:?} {why}", role.name),
+                ));
+            } else if role.name == "kustomization" {
+                problems.push(problem(
+                    here("name"),
+                    "role name \"kustomization\" is taken: `deploy render kubernetes` writes kustomization.yaml itself; choose another name".into(),
+                ));
+            } else if let Some(base) = role.name.strip_suffix("-balancer") {
+                if definition
+                    .roles
+                    .iter()
+                    .any(|r| r.name == base && !r.endpoints.is_empty())
+                {
+                    problems.push(problem(
+                        here("name"),
+                        format!("role name {:?} is taken: the compose file names role {base}'s balancer so; choose another name", role.name),
+                    ));
+                }
+            }
             if let Some(first) = names.insert(role.name.clone(), i) {
                 problems.push(problem(
                     here("name"),
@@ -181,6 +285,14 @@ impl Definition {
                     here("instances"),
                     format!(
                         "role {} has {} instances; it needs at least 1",
+                        role.name, role.instances
+                    ),
+                ));
+            } else if role.instances > MAX_INSTANCES {
+                problems.push(problem(
+                    here("instances"),
+                    format!(
+                        "role {} has {} instances; at most {MAX_INSTANCES} can run",
                         role.name, role.instances
                     ),
                 ));
@@ -293,6 +405,76 @@ mod tests {
                 .any(|s| s.starts_with("s.yaml line 20: role db: unknown program \"postgres\"")),
             "{shown:#?}"
         );
+    }
+
+    #[test]
+    fn names_kubernetes_cannot_take_are_refused_with_their_line() {
+        let text = "name: Demo\nroles:\n  - name: ../../etc\n    program: echo-server\n  - name: Echo_Server\n    program: echo-server\n  - name: 1echo\n    program: echo-server\n  - name: kustomization\n    program: echo-server\n  - name: sq\n    program: square-server\n    endpoints:\n      - name: SquareEndpoint\n        visibility: public\n        port: 2345\n  - name: sq-balancer\n    program: echo-server\n";
+        let problems = Definition::parse(text, Path::new("s.yaml")).unwrap_err().0;
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        let expected = [
+            "s.yaml line 1: service name \"Demo\" contains 'D'",
+            "s.yaml line 3: role name \"../../etc\" contains '.'; a role name names Kubernetes objects and files",
+            "s.yaml line 5: role name \"Echo_Server\" contains 'E'",
+            "s.yaml line 7: role name \"1echo\" does not start with a letter",
+            "s.yaml line 9: role name \"kustomization\" is taken",
+            "s.yaml line 17: role name \"sq-balancer\" is taken: the compose file names role sq's balancer so",
+        ];
+        assert_eq!(shown.len(), expected.len(), "{shown:#?}");
+        for (shown, expected) in shown.iter().zip(expected) {
+            assert!(shown.starts_with(expected), "{shown}\nexpected {expected}");
+        }
+        assert!(
+            shown[2].ends_with("(such as \"echo-server\")"),
+            "{}",
+            shown[2]
+        );
+        assert!(shown[1].ends_with("(such as \"etc\")"), "{}", shown[1]);
+    }
+
+    #[test]
+    fn kubernetes_names_follow_dns_labels() {
+        for good in ["a", "echo", "echo-server-2", &"a".repeat(63)] {
+            assert_eq!(name_problem(good, NameUse::Role), None, "{good}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "1a",
+            "a.b",
+            "a/b",
+            "A",
+            "é",
+            &"a".repeat(64),
+        ] {
+            assert!(name_problem(bad, NameUse::Role).is_some(), "{bad}");
+        }
+        assert_eq!(name_problem("3tier", NameUse::Service), None);
+        assert!(name_problem("3tier", NameUse::Role)
+            .unwrap()
+            .starts_with("does not start with a letter"));
+        assert!(name_problem(&"b".repeat(64), NameUse::Service)
+            .unwrap()
+            .starts_with("is 64 characters long"));
+    }
+
+    #[test]
+    fn every_endpoint_makes_a_kubernetes_port_name() {
+        // Endpoint names must be the program's, and become port names
+        // (IANA service names: at most 15 lower-case letters, digits, '-').
+        for program in crate::programs::PROGRAMS {
+            let port = crate::render::port_name(program.endpoint);
+            assert!(
+                !port.is_empty()
+                    && port.len() <= 15
+                    && port
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
+                "{} -> {port}",
+                program.endpoint
+            );
+        }
     }
 
     #[test]

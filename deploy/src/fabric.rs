@@ -7,24 +7,34 @@
 //! ones with active health checks. A crashed instance is started again with
 //! exponential backoff. Every instance's output is prefixed with its role
 //! and index, and a status table is printed at start and whenever an
-//! instance changes state. On Ctrl-C or SIGTERM the balancers drain, the
-//! instances get SIGTERM (SIGKILL after the grace period), and nothing is
-//! left running.
+//! instance changes state.
+//!
+//! The fabric leaves nothing behind. On SIGINT, SIGTERM or SIGHUP (a closed
+//! terminal) the balancers drain and the instances get SIGTERM, then
+//! SIGKILL after the grace period; a second signal cuts the grace period
+//! short. Instances also get SIGKILL from the kernel when the fabric dies
+//! without stopping them (see [`crate::parent_death`]).
+//!
+//! Output is a side channel: the fabric's stdout and stderr are written
+//! through bounded queues by threads of their own, so a reader that stops
+//! reading, or went away, neither blocks nor breaks the fabric (lines are
+//! dropped and counted instead), and instances' output is always drained.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::future::Future;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use common::settings::{AccessList, ListenAddr, Seconds};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tunnel::access_log::AccessLog;
@@ -108,12 +118,28 @@ struct Board {
 
 impl Board {
     fn update(&self, index: usize, change: impl FnOnce(&mut Instance)) {
-        change(&mut self.instances.lock().expect("board lock")[index]);
+        // A panic elsewhere while the lock was held leaves the table as it
+        // was; the supervisors go on with it.
+        let mut instances = self
+            .instances
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(instance) = instances.get_mut(index) {
+            change(instance);
+        }
+        drop(instances);
         self.changed.send_modify(|n| *n += 1);
     }
 
     fn snapshot(&self) -> Vec<Instance> {
-        self.instances.lock().expect("board lock").clone()
+        self.instances
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn all_started(&self) -> bool {
+        self.snapshot().iter().all(|i| i.state != State::Starting)
     }
 }
 
@@ -169,12 +195,116 @@ fn free_loopback_port() -> anyhow::Result<SocketAddr> {
     Ok(socket.local_addr()?)
 }
 
-/// Runs the fabric for `definition` until `shutdown` completes, then stops
-/// everything.
+/// How the fabric is told to stop: a graceful stop first, and possibly a
+/// hurried one during it.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    graceful: CancellationToken,
+    now: CancellationToken,
+}
+
+impl Shutdown {
+    /// A shutdown that nothing has asked for yet.
+    pub fn new() -> Self {
+        Shutdown::default()
+    }
+
+    /// Starts a graceful stop: the balancers drain, the instances get
+    /// SIGTERM and the grace period.
+    pub fn begin(&self) {
+        self.graceful.cancel();
+    }
+
+    /// Cuts the stop short (and begins it if it had not begun): the
+    /// instances get SIGKILL at once and the balancers stop draining.
+    pub fn hurry(&self) {
+        self.graceful.cancel();
+        self.now.cancel();
+    }
+
+    /// A shutdown driven by SIGINT, SIGTERM and SIGHUP (the terminal was
+    /// closed): the first begins the stop, a second hurries it. Call it
+    /// within a Tokio runtime, before starting anything, so no signal finds
+    /// its default action (SIGHUP's is to die, leaving instances behind).
+    pub fn on_signals() -> io::Result<Shutdown> {
+        let mut signals = [
+            (signal(SignalKind::interrupt())?, "SIGINT"),
+            (signal(SignalKind::terminate())?, "SIGTERM"),
+            (signal(SignalKind::hangup())?, "SIGHUP"),
+        ];
+        let shutdown = Shutdown::new();
+        let asked = shutdown.clone();
+        tokio::spawn(async move {
+            let name = next_signal(&mut signals).await;
+            tracing::info!(
+                signal = name,
+                "stopping the fabric; a second signal stops it at once"
+            );
+            asked.begin();
+            let name = next_signal(&mut signals).await;
+            tracing::warn!(
+                signal = name,
+                "stopping at once: killing the instances, closing connections"
+            );
+            asked.hurry();
+        });
+        Ok(shutdown)
+    }
+}
+
+async fn next_signal(signals: &mut [(Signal, &'static str); 3]) -> &'static str {
+    let [(int, int_name), (term, term_name), (hup, hup_name)] = signals;
+    tokio::select! {
+        Some(()) = int.recv() => int_name,
+        Some(()) = term.recv() => term_name,
+        Some(()) = hup.recv() => hup_name,
+        // The runtime is going away: no signal will come.
+        else => std::future::pending().await,
+    }
+}
+
+/// Starts instances, all from one thread that lives as long as the fabric.
+/// An instance's parent-death signal fires when the *thread* that forked it
+/// ends; a runtime thread may end while the fabric runs (blocking-pool
+/// threads do when idle), which would kill instances for no reason.
+#[derive(Debug, Clone)]
+struct Spawner {
+    requests: mpsc::Sender<(Command, oneshot::Sender<io::Result<Child>>)>,
+}
+
+impl Spawner {
+    /// Starts the thread; it ends when the last `Spawner` is dropped, and
+    /// with it any instance still running.
+    fn start() -> io::Result<Spawner> {
+        let runtime = tokio::runtime::Handle::current();
+        let (requests, incoming) = mpsc::channel::<(Command, oneshot::Sender<io::Result<Child>>)>();
+        std::thread::Builder::new()
+            .name("instance-spawner".into())
+            .spawn(move || {
+                // Children are reaped and their pipes read by the runtime.
+                let _runtime = runtime.enter();
+                for (mut command, reply) in incoming {
+                    crate::parent_death::die_with_parent(&mut command);
+                    let _ = reply.send(command.spawn());
+                }
+            })?;
+        Ok(Spawner { requests })
+    }
+
+    async fn spawn(&self, command: Command) -> io::Result<Child> {
+        let gone = || io::Error::other("the fabric's instance spawner has stopped");
+        let (reply, answer) = oneshot::channel();
+        self.requests.send((command, reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+}
+
+/// Runs the fabric for `definition` until `shutdown` begins, then stops
+/// everything: within the grace period, or at once when it is hurried.
 pub async fn run(
     definition: &Definition,
     options: &Options,
-    shutdown: impl Future<Output = ()>,
+    shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     // Bind every endpoint first: a port in use is reported before anything
     // starts.
@@ -189,7 +319,10 @@ pub async fn run(
         let mut targets = Vec::new();
         for index in 0..role.count() {
             let addr = free_loopback_port()?;
-            targets.push(addr.to_string().parse().expect("an address is a target"));
+            targets.push(tunnel::Target {
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            });
             instances.push(Instance {
                 role: role.name.clone(),
                 id: role.instance_id(index),
@@ -229,65 +362,60 @@ pub async fn run(
         }
     }
 
+    // Dropping the guards at the end flushes what is queued, for at most
+    // about a second each.
+    let (out, _out_guard) = common::telemetry::non_blocking(io::stdout(), "fabric-stdout");
+    let (err, _err_guard) = common::telemetry::non_blocking(io::stderr(), "fabric-stderr");
+    let spawner = Spawner::start().context("starting the instance spawner thread")?;
+
     let (changed, mut watch_changes) = watch::channel(0u64);
     let board = Board {
         instances: Arc::new(Mutex::new(instances)),
         changed,
     };
-    let stop = CancellationToken::new();
+    // Cancelled on a shutdown, or when the fabric cannot go on.
+    let stop = shutdown.graceful.child_token();
     let supervisors = TaskTracker::new();
     for (index, (role, instance, binary, addr)) in plans.into_iter().enumerate() {
-        supervisors.spawn(supervise(
-            board.clone(),
+        let supervisor = Supervisor {
+            board: board.clone(),
             index,
             role,
             instance,
             binary,
             addr,
-            options.clone(),
-            stop.clone(),
-        ));
+            options: options.clone(),
+            stop: stop.clone(),
+            now: shutdown.now.clone(),
+            spawner: spawner.clone(),
+            out: out.clone(),
+            err: err.clone(),
+        };
+        supervisors.spawn(supervisor.run());
     }
     supervisors.close();
+    drop(spawner);
 
     // Balance only once the instances listen, or the first health checks
     // would eject them all while they start (clients wait in the backlog).
-    let mut started = board.changed.subscribe();
-    let all_started = async {
-        while board.snapshot().iter().any(|i| i.state == State::Starting) {
-            if started.changed().await.is_err() {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(30), all_started).await;
+    wait_started(&board, &stop).await;
     let balancer = Tunnel::new(options.grace, AccessLog::to_log());
-    balancer
-        .apply(routes, listeners)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut failed = None;
+    if !stop.is_cancelled() {
+        if let Err(e) = balancer.apply(routes, listeners).await {
+            failed = Some(anyhow::anyhow!("{e}"));
+            stop.cancel();
+        }
+    }
 
     // The table: once everything has started, then on every change.
     let table_board = board.clone();
     let table_stop = stop.clone();
+    let mut table_out = out.clone();
     let printer = tokio::spawn(async move {
-        let started = async {
-            loop {
-                if table_board
-                    .snapshot()
-                    .iter()
-                    .all(|i| i.state != State::Starting)
-                {
-                    break;
-                }
-                if watch_changes.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(30), started).await;
+        wait_started(&table_board, &table_stop).await;
         loop {
-            print!("{}", table(&table_board.snapshot(), &endpoint_lines));
+            let _ = table_out.write_all(table(&table_board.snapshot(), &endpoint_lines).as_bytes());
             tokio::select! {
                 _ = table_stop.cancelled() => return,
                 changed = watch_changes.changed() => if changed.is_err() { return },
@@ -298,13 +426,41 @@ pub async fn run(
         }
     });
 
-    shutdown.await;
-    tracing::info!("stopping: draining the balancers, then the instances");
-    stop.cancel();
+    stop.cancelled().await;
+    if failed.is_none() {
+        tracing::info!("stopping: draining the balancers, then the instances");
+    }
     let _ = printer.await;
-    tokio::join!(balancer.shutdown(), supervisors.wait());
-    print!("{}", table(&board.snapshot(), &[]));
-    Ok(())
+    let drain = async {
+        tokio::select! {
+            _ = balancer.shutdown() => {}
+            _ = shutdown.now.cancelled() => {}
+        }
+    };
+    tokio::join!(drain, supervisors.wait());
+    let mut out = out;
+    let _ = out.write_all(table(&board.snapshot(), &[]).as_bytes());
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Waits until no instance is starting any more, for at most 30 s, or
+/// until `stop`.
+async fn wait_started(board: &Board, stop: &CancellationToken) {
+    let mut changes = board.changed.subscribe();
+    let started = async {
+        while !board.all_started() {
+            if changes.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(Duration::from_secs(30), started) => {}
+        _ = stop.cancelled() => {}
+    }
 }
 
 fn balancer_route(
@@ -337,8 +493,7 @@ fn balancer_route(
 
 /// Keeps one instance running until `stop`, starting it again after a
 /// crash with exponential backoff.
-#[allow(clippy::too_many_arguments)]
-async fn supervise(
+struct Supervisor<O, E> {
     board: Board,
     index: usize,
     role: Role,
@@ -347,86 +502,110 @@ async fn supervise(
     addr: SocketAddr,
     options: Options,
     stop: CancellationToken,
-) {
-    let program = role.program();
-    let label = format!("{}/{instance}", role.name);
-    let mut backoff = options.backoff;
-    loop {
-        let mut command = Command::new(&binary);
-        command
-            .envs(program.environment(&role.settings))
-            .env(format!("{}LISTEN", program.prefix()), addr.to_string())
-            .env(
-                format!("{}INSTANCE", program.prefix()),
-                role.instance_id(instance),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own process group: Ctrl-C reaches the fabric, which then
-            // stops the instances in order.
-            .process_group(0)
-            .kill_on_drop(true);
-        let started = tokio::time::Instant::now();
-        let mut child = match command.spawn() {
-            Ok(child) => child,
-            Err(e) => {
-                board.update(index, |i| {
-                    i.state = State::Crashed(format!("cannot start: {e}"))
-                });
-                if !pause(&stop, backoff).await {
-                    break;
+    now: CancellationToken,
+    spawner: Spawner,
+    out: O,
+    err: E,
+}
+
+impl<O, E> Supervisor<O, E>
+where
+    O: Write + Clone + Send + 'static,
+    E: Write + Clone + Send + 'static,
+{
+    async fn run(self) {
+        let Supervisor {
+            board,
+            index,
+            role,
+            instance,
+            binary,
+            addr,
+            options,
+            stop,
+            now,
+            spawner,
+            out,
+            err,
+        } = self;
+        let program = role.program();
+        let id = role.instance_id(instance);
+        let label = format!("{}/{instance}", role.name);
+        let mut backoff = options.backoff;
+        loop {
+            let mut command = Command::new(&binary);
+            command
+                .envs(program.environment(&role.settings))
+                .env(format!("{}LISTEN", program.prefix()), addr.to_string())
+                .env(format!("{}INSTANCE", program.prefix()), &id)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                // Its own process group: Ctrl-C reaches the fabric, which
+                // then stops the instances in order.
+                .process_group(0)
+                .kill_on_drop(true);
+            let started = tokio::time::Instant::now();
+            let mut child = match spawner.spawn(command).await {
+                Ok(child) => child,
+                Err(e) => {
+                    tracing::warn!(instance = %id, binary = %binary.display(), error = %e, "cannot start the instance; trying again");
+                    board.update(index, |i| {
+                        i.state = State::Crashed(format!("cannot start: {e}"))
+                    });
+                    if !pause(&stop, backoff).await {
+                        break;
+                    }
+                    backoff = (backoff * 2).min(options.max_backoff);
+                    continue;
                 }
-                backoff = (backoff * 2).min(options.max_backoff);
-                continue;
+            };
+            let pid = child.id();
+            board.update(index, |i| {
+                i.pid = pid;
+                i.state = State::Starting;
+            });
+            if let Some(stream) = child.stdout.take() {
+                tokio::spawn(forward(stream, label.clone(), out.clone()));
             }
-        };
-        let pid = child.id();
-        board.update(index, |i| {
-            i.pid = pid;
-            i.state = State::Starting;
-        });
-        if let Some(out) = child.stdout.take() {
-            tokio::spawn(forward(out, label.clone(), false));
-        }
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(forward(err, label.clone(), true));
-        }
-        let ready = wait_ready(addr, &mut child);
-        tokio::select! {
-            _ = ready => board.update(index, |i| if i.state == State::Starting { i.state = State::Running }),
-            _ = stop.cancelled() => {}
-        }
-        let status = tokio::select! {
-            status = child.wait() => status,
-            _ = stop.cancelled() => {
-                terminate(&mut child, options.grace).await;
-                board.update(index, |i| { i.state = State::Stopped; i.pid = None; });
-                return;
+            if let Some(stream) = child.stderr.take() {
+                tokio::spawn(forward(stream, label.clone(), err.clone()));
             }
-        };
-        let why = match status {
-            Ok(s) => s.to_string(),
-            Err(e) => e.to_string(),
-        };
-        tracing::warn!(instance = %role.instance_id(instance), status = %why, "instance exited; starting it again");
-        if started.elapsed() > Duration::from_secs(10) {
-            backoff = options.backoff;
+            tokio::select! {
+                _ = wait_ready(addr, &mut child, &id) => board.update(index, |i| if i.state == State::Starting { i.state = State::Running }),
+                _ = stop.cancelled() => {}
+            }
+            let status = tokio::select! {
+                status = child.wait() => status,
+                _ = stop.cancelled() => {
+                    terminate(&mut child, options.grace, &now).await;
+                    board.update(index, |i| { i.state = State::Stopped; i.pid = None; });
+                    return;
+                }
+            };
+            let why = match status {
+                Ok(s) => s.to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(instance = %id, status = %why, "instance exited; starting it again");
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = options.backoff;
+            }
+            board.update(index, |i| {
+                i.state = State::Crashed(why);
+                i.pid = None;
+            });
+            if !pause(&stop, backoff).await {
+                break;
+            }
+            backoff = (backoff * 2).min(options.max_backoff);
+            board.update(index, |i| i.restarts += 1);
         }
         board.update(index, |i| {
-            i.state = State::Crashed(why);
+            i.state = State::Stopped;
             i.pid = None;
         });
-        if !pause(&stop, backoff).await {
-            break;
-        }
-        backoff = (backoff * 2).min(options.max_backoff);
-        board.update(index, |i| i.restarts += 1);
     }
-    board.update(index, |i| {
-        i.state = State::Stopped;
-        i.pid = None;
-    });
 }
 
 /// Sleeps unless stopped first; false when stopped.
@@ -438,40 +617,186 @@ async fn pause(stop: &CancellationToken, delay: Duration) -> bool {
 }
 
 /// Completes once the instance accepts connections (or has exited).
-async fn wait_ready(addr: SocketAddr, child: &mut Child) {
+async fn wait_ready(addr: SocketAddr, child: &mut Child, id: &str) {
+    let patience = Duration::from_secs(30);
+    let since = tokio::time::Instant::now();
+    let mut warned = false;
     loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+        // A full backlog would hold a connect for minutes.
+        let attempt =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr));
+        if let Ok(Ok(_)) = attempt.await {
             return;
         }
         if let Ok(Some(_)) = child.try_wait() {
             return;
         }
+        if !warned && since.elapsed() > patience {
+            tracing::warn!(instance = %id, %addr, waited = ?patience, "the instance does not accept connections yet; still waiting");
+            warned = true;
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
-/// SIGTERM, then SIGKILL after `grace`.
-async fn terminate(child: &mut Child, grace: Duration) {
-    if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+/// SIGTERM, then SIGKILL after `grace`, or at once when `now` is
+/// cancelled (a second signal).
+async fn terminate(child: &mut Child, grace: Duration, now: &CancellationToken) {
+    if !now.is_cancelled() {
+        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        tokio::select! {
+            exited = tokio::time::timeout(grace, child.wait()) => if exited.is_ok() { return },
+            _ = now.cancelled() => {}
+        }
     }
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        let _ = child.kill().await;
+    let _ = child.start_kill();
+    // SIGKILL cannot be ignored; the bound only keeps a process the kernel
+    // cannot finish (stuck in I/O) from holding the fabric.
+    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+}
+
+/// The longest line of an instance's output passed on whole; a longer one
+/// is passed on in pieces of this size, so an instance cannot make the
+/// fabric hold any amount of memory.
+const MAX_LINE: usize = 16 * 1024;
+
+/// Copies an instance's output line by line, each line prefixed with the
+/// instance, until the instance closes it. Lines that are not UTF-8 are
+/// passed on with replacement characters, and `sink` never fails, so the
+/// pipe is always drained and the instance never blocks on it.
+async fn forward(stream: impl AsyncRead + Unpin, label: String, mut sink: impl Write) {
+    let mut reader = BufReader::with_capacity(8 * 1024, stream);
+    let mut line = Vec::new();
+    let mut emit = |line: &mut Vec<u8>| {
+        while matches!(line.last(), Some(b'\n' | b'\r')) {
+            line.pop();
+        }
+        let text = format!("[{label}] {}\n", String::from_utf8_lossy(line));
+        // One write per line: the queue keeps lines whole.
+        let _ = sink.write_all(text.as_bytes());
+        line.clear();
+    };
+    loop {
+        let chunk = match reader.fill_buf().await {
+            Ok([]) => break,
+            Ok(chunk) => chunk,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let chunk = &chunk[..chunk.len().min(MAX_LINE - line.len())];
+        let (taken, ends) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(at) => (at + 1, true),
+            None => (chunk.len(), false),
+        };
+        line.extend_from_slice(&chunk[..taken]);
+        reader.consume(taken);
+        if ends || line.len() == MAX_LINE {
+            emit(&mut line);
+        }
+    }
+    if !line.is_empty() {
+        emit(&mut line);
     }
 }
 
-/// Copies an instance's output line by line, each line prefixed with the
-/// instance.
-async fn forward(stream: impl AsyncRead + Unpin, label: String, to_stderr: bool) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if to_stderr {
-            eprintln!("[{label}] {line}");
-        } else {
-            println!("[{label}] {line}");
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A sink the test can read afterwards.
+    #[derive(Clone, Default)]
+    struct Collected(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Collected {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
         }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn output_is_drained_whatever_the_instance_writes() {
+        let (mut instance, pipe) = tokio::io::duplex(1024);
+        let sink = Collected::default();
+        let forwarding = tokio::spawn(forward(pipe, "echo/0".into(), sink.clone()));
+        instance
+            .write_all(b"first\n\xff\xfe not UTF-8\r\n")
+            .await
+            .unwrap();
+        instance.write_all(&[b'x'; 40_000]).await.unwrap();
+        instance
+            .write_all(b"\nlast without a newline")
+            .await
+            .unwrap();
+        drop(instance);
+        tokio::time::timeout(Duration::from_secs(10), forwarding)
+            .await
+            .expect("forwarding ends with the pipe")
+            .unwrap();
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "[echo/0] first");
+        assert_eq!(lines[1], "[echo/0] \u{fffd}\u{fffd} not UTF-8");
+        assert_eq!(lines.last(), Some(&"[echo/0] last without a newline"));
+        let long = &lines[2..lines.len() - 1];
+        assert!(
+            long.len() >= 3,
+            "a long line comes in pieces: {}",
+            long.len()
+        );
+        let xs: usize = long
+            .iter()
+            .map(|l| {
+                let body = l.strip_prefix("[echo/0] ").unwrap();
+                assert!(body.len() <= MAX_LINE, "{}", body.len());
+                body.len()
+            })
+            .sum();
+        assert_eq!(xs, 40_000, "nothing is lost");
+    }
+
+    #[tokio::test]
+    async fn a_second_request_cuts_the_grace_period_short() {
+        use std::os::unix::process::ExitStatusExt;
+        // An instance that ignores SIGTERM would hold the stop for the
+        // whole grace period.
+        let mut child = Command::new("sh")
+            .args(["-c", "trap '' TERM; echo ready; read never"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // Waiting closes the child's stdin; hold it open here instead.
+        let _stdin = child.stdin.take();
+        let mut ready = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(ready.next_line().await.unwrap().as_deref(), Some("ready"));
+        let shutdown = Shutdown::new();
+        shutdown.begin();
+        let started = tokio::time::Instant::now();
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            shutdown.hurry();
+        };
+        tokio::join!(
+            terminate(&mut child, Duration::from_secs(60), &shutdown.now),
+            second
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        let status = child.try_wait().unwrap().expect("killed and reaped");
+        assert_eq!(status.signal(), Some(9), "{status}");
     }
 }

@@ -5,10 +5,13 @@
 //! - [`programs`]: what the definition knows of each program;
 //! - [`fabric`]: `deploy run`, every instance on one machine behind the
 //!   tunnel's balancer;
-//! - [`render`]: Kubernetes manifests (with Kustomize) and a compose file.
+//! - [`render`]: Kubernetes manifests (with Kustomize) and a compose file;
+//! - [`parent_death`]: instances that die with the fabric (the workspace's
+//!   one `unsafe` block).
 
 pub mod definition;
 pub mod fabric;
+pub mod parent_death;
 pub mod programs;
 pub mod render;
 

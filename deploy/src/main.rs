@@ -4,10 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use common::cli::{parse_args, EXIT_CONFIG, EXIT_FAILED};
+use common::telemetry::{say, show};
 use deploy::definition::Definition;
-use deploy::fabric::{self, Options};
+use deploy::fabric::{self, Options, Shutdown};
 use deploy::{render, DEFAULT_DEFINITION, PROGRAM};
 
 /// The service definition: roles, endpoints, settings, instance counts.
@@ -62,7 +64,7 @@ fn load(file: &Option<PathBuf>) -> Result<Definition, ExitCode> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DEFINITION));
     Definition::load(&path).map_err(|problems| {
-        eprintln!("{PROGRAM}: {problems}");
+        say(format_args!("{PROGRAM}: {problems}"));
         ExitCode::from(EXIT_CONFIG)
     })
 }
@@ -80,11 +82,11 @@ fn main() -> ExitCode {
         Command::Check { file } => match load(&file) {
             Ok(d) => {
                 let instances: usize = d.roles.iter().map(|r| r.count()).sum();
-                println!(
-                    "{}: {} roles, {instances} instances: ok",
+                show(format_args!(
+                    "{}: {} roles, {instances} instances: ok\n",
                     d.name,
                     d.roles.len()
-                );
+                ));
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -107,12 +109,15 @@ fn main() -> ExitCode {
             match render::write(&dir, &files) {
                 Ok(()) => {
                     for (name, _) in &files {
-                        println!("{}", dir.join(name).display());
+                        show(format_args!("{}\n", dir.join(name).display()));
                     }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("{PROGRAM}: cannot write to {}: {e}", dir.display());
+                    say(format_args!(
+                        "{PROGRAM}: cannot write to {}: {e}",
+                        dir.display()
+                    ));
                     ExitCode::from(EXIT_FAILED)
                 }
             }
@@ -128,7 +133,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|| PathBuf::from("."));
             if programs.is_none() {
                 if let Err(e) = build_programs(&definition, &here) {
-                    eprintln!("{PROGRAM}: {e:#}");
+                    say(format_args!("{PROGRAM}: {e:#}"));
                     return ExitCode::from(EXIT_FAILED);
                 }
             }
@@ -136,15 +141,24 @@ fn main() -> ExitCode {
                 programs: programs.unwrap_or(here),
                 ..Options::default()
             };
-            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match runtime.block_on(fabric::run(
-                &definition,
-                &options,
-                common::signal::shutdown(),
-            )) {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    say(format_args!("{PROGRAM}: cannot start the runtime: {e}"));
+                    return ExitCode::from(EXIT_FAILED);
+                }
+            };
+            let result = runtime.block_on(async {
+                let shutdown = Shutdown::on_signals().context("installing the signal handlers")?;
+                fabric::run(&definition, &options, shutdown).await
+            });
+            // What is left (connections cut short by a second signal) is
+            // closed, not waited for.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("{PROGRAM}: {e:#}");
+                    say(format_args!("{PROGRAM}: {e:#}"));
                     ExitCode::from(EXIT_CONFIG)
                 }
             }
@@ -177,7 +191,7 @@ fn build_programs(definition: &Definition, here: &Path) -> anyhow::Result<()> {
     for name in names {
         build.args(["-p", name, "--bin", name]);
     }
-    eprintln!("{PROGRAM}: building the programs");
+    say(format_args!("{PROGRAM}: building the programs"));
     let status = build.status()?;
     anyhow::ensure!(status.success(), "building the programs failed");
     Ok(())

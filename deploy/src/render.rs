@@ -8,6 +8,7 @@
 //! from the one `Dockerfile` at the root of the repository.
 
 use std::collections::BTreeMap;
+use std::io::{self, Write};
 use std::path::Path;
 
 use serde_json::{json, Value};
@@ -153,7 +154,7 @@ pub fn kubernetes_role(definition: &Definition, role: &Role) -> Vec<Value> {
 }
 
 /// A port name Kubernetes accepts (lower case, at most 15 characters).
-fn port_name(endpoint: &str) -> String {
+pub(crate) fn port_name(endpoint: &str) -> String {
     let mut name: String = endpoint
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
@@ -258,11 +259,79 @@ pub fn compose(definition: &Definition) -> String {
     )
 }
 
-/// Writes `files` into `dir`, creating it.
-pub fn write(dir: &Path, files: &[(String, String)]) -> std::io::Result<()> {
+/// Writes `files` into `dir`, creating it. Each name must be a plain file
+/// name (nothing is written outside `dir`). Each file is written beside its
+/// place and renamed over it, so a reader never sees half a manifest and a
+/// symbolic link in `dir` is replaced, never followed.
+pub fn write(dir: &Path, files: &[(String, String)]) -> io::Result<()> {
+    for (name, _) in files {
+        let plain = Path::new(name)
+            .file_name()
+            .is_some_and(|n| n == name.as_str());
+        if !plain || name.starts_with('.') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name:?} is not a plain file name; rename the role"),
+            ));
+        }
+    }
     std::fs::create_dir_all(dir)?;
     for (name, contents) in files {
-        std::fs::write(dir.join(name), contents)?;
+        let place = dir.join(name);
+        let temporary = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        // A leftover of a run that died (a link, even) goes; removing does
+        // not follow a link.
+        let _ = std::fs::remove_file(&temporary);
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temporary)
+            .and_then(|mut file| file.write_all(contents.as_bytes()))
+            .and_then(|()| std::fs::rename(&temporary, &place));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&temporary);
+            return Err(io::Error::new(
+                e.kind(),
+                format!("{}: {e}", place.display()),
+            ));
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_replaces_links_instead_of_following_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside.txt");
+        std::fs::write(&outside, "keep me").unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        std::os::unix::fs::symlink(&outside, out.join("echo.yaml")).unwrap();
+        write(&out, &[("echo.yaml".into(), "kind: Deployment\n".into())]).unwrap();
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "keep me");
+        assert_eq!(
+            std::fs::read_to_string(out.join("echo.yaml")).unwrap(),
+            "kind: Deployment\n"
+        );
+        assert!(!out.join("echo.yaml").is_symlink());
+        let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file is left: {left:?}");
+    }
+
+    #[test]
+    fn write_refuses_names_that_are_not_plain_file_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        for name in ["../escape.yaml", "a/b.yaml", "..", ".hidden", "/etc/x.yaml"] {
+            let err = write(&out, &[(name.into(), "x".into())]).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{name}");
+            assert!(err.to_string().contains("not a plain file name"), "{err}");
+        }
+        assert!(!dir.path().join("escape.yaml").exists());
+        assert!(!out.exists(), "nothing is created for a refused write");
+    }
 }

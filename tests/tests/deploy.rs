@@ -1,12 +1,14 @@
 //! `deploy`: the definition check, the committed rendering, the manifests
 //! against real validators (kubernetes-validate, kubectl kustomize,
-//! hadolint), and the development fabric surviving crashed instances.
+//! hadolint), and the development fabric: surviving crashed instances, a
+//! closed or stuck terminal, and leaving nothing behind however it is
+//! stopped.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -179,16 +181,34 @@ fn the_manifests_pass_the_real_validators() {
     );
 }
 
-/// The fabric, started on a definition of our own, with its output read
-/// line by line on threads.
+/// What the test does with the fabric's stdout and stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// Read line by line on threads.
+    Read,
+    /// Closed at once: every write of the fabric fails.
+    Closed,
+    /// Kept open and never read: the pipes fill up.
+    Unread,
+}
+
+/// The fabric, started on a definition of our own. Dropping it stops the
+/// fabric and kills whatever instance is left, pass or fail.
 struct Fabric {
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
+    /// How many instances a full status table shows.
+    instances: usize,
+    _unread: Option<(ChildStdout, ChildStderr)>,
 }
 
 impl Fabric {
-    fn start(definition: &Path) -> Fabric {
+    fn start(definition: &Path, instances: usize) -> Fabric {
+        Fabric::launch(definition, instances, Output::Read)
+    }
+
+    fn launch(definition: &Path, instances: usize, output: Output) -> Fabric {
         let programs = binary("echo-server").parent().unwrap().to_path_buf();
         binary("deploy");
         let mut child = Command::new(binary("deploy"))
@@ -204,21 +224,28 @@ impl Fabric {
             .spawn()
             .unwrap();
         let (tx, lines) = mpsc::channel();
-        for pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    let _ = tx.send(line);
+        let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let mut unread = None;
+        match output {
+            Output::Read => {
+                for pipe in [Box::new(stdout) as Box<dyn Read + Send>, Box::new(stderr)] {
+                    let tx = tx.clone();
+                    std::thread::spawn(move || {
+                        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                            let _ = tx.send(line);
+                        }
+                    });
                 }
-            });
+            }
+            Output::Closed => drop((stdout, stderr)),
+            Output::Unread => unread = Some((stdout, stderr)),
         }
         Fabric {
             child,
             lines,
             seen: Vec::new(),
+            instances,
+            _unread: unread,
         }
     }
 
@@ -241,7 +268,7 @@ impl Fabric {
                 let pid = cols[n - 3].parse().unwrap_or(0);
                 let restarts = cols[n - 1].parse().unwrap_or(0);
                 current.insert(cols[1].to_string(), (cols[2].to_string(), pid, restarts));
-                if current.len() == 4 && check(&current) {
+                if current.len() == self.instances && check(&current) {
                     return current;
                 }
             }
@@ -251,16 +278,67 @@ impl Fabric {
             self.seen.join("\n")
         );
     }
+
+    /// Every line the fabric writes during `period`.
+    fn lines_for(&mut self, period: Duration) -> Vec<String> {
+        let end = Instant::now() + period;
+        let mut lines = Vec::new();
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            if let Ok(line) = self.lines.recv_timeout(left) {
+                self.seen.push(line.clone());
+                lines.push(line);
+            }
+        }
+        lines
+    }
+
+    /// Sends `signal` (by name, as `kill -s` takes it) to the fabric.
+    fn signal(&self, signal: &str) {
+        assert!(Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Waits for the fabric to exit, at most `limit`.
+    fn exit_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let end = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < end,
+                "the fabric is still running after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Fabric {
     /// Even when the test fails: Ctrl-C first, so the fabric stops its
-    /// instances (they run in their own process group and would outlive a
-    /// SIGKILLed fabric), then SIGKILL whatever is left.
+    /// instances, then SIGKILL whatever is left (instances a broken fabric
+    /// left behind included).
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
+        let mut pids: Vec<u32> = instances_of(self.child.id())
+            .iter()
+            .map(|i| i.pid)
+            .collect();
+        for line in &self.seen {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() >= 6 && cols[1].contains("_IN_") {
+                if let Ok(pid) = cols[cols.len() - 3].parse::<u32>() {
+                    pids.push(pid);
+                }
+            }
+        }
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-INT", &self.child.id().to_string()])
+                .status();
+        }
         let end = Instant::now() + Duration::from_secs(15);
         while Instant::now() < end {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -270,41 +348,139 @@ impl Drop for Fabric {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        for line in &self.seen {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() >= 6 && cols[1].contains("_IN_") {
-                if let Ok(pid) = cols[cols.len() - 3].parse::<u32>() {
-                    // Only an instance: the number may belong to someone else by now.
-                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                    if alive(pid) && String::from_utf8_lossy(&cmdline).contains("echo-server") {
-                        let _ = Command::new("kill")
-                            .args(["-KILL", &pid.to_string()])
-                            .status();
-                    }
-                }
+        for pid in pids {
+            // Only an instance: the number may belong to someone else by now.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if alive(pid)
+                && ["echo-server", "square-server", "tunnel"]
+                    .iter()
+                    .any(|p| cmdline.contains(p))
+            {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
             }
         }
     }
 }
 
+/// An instance process as the kernel shows it.
+#[derive(Debug, Clone)]
+struct InstanceProcess {
+    pid: u32,
+    /// Its `<PREFIX>_INSTANCE`.
+    id: String,
+    /// Its `<PREFIX>_LISTEN`.
+    listen: SocketAddr,
+}
+
+/// The instances `parent` runs now: its children that have an instance's
+/// environment (so not one between fork and exec).
+fn instances_of(parent: u32) -> Vec<InstanceProcess> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // "pid (comm) state ppid ...": the name may hold anything, so
+        // count from its closing parenthesis.
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let ppid = fields.next().and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(parent) || state == Some("Z") {
+            continue;
+        }
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let mut id = None;
+        let mut listen = None;
+        for var in environ.split(|&b| b == 0) {
+            let var = String::from_utf8_lossy(var);
+            if let Some((key, value)) = var.split_once('=') {
+                if key.ends_with("_INSTANCE") {
+                    id = Some(value.to_string());
+                } else if key.ends_with("_LISTEN") {
+                    listen = value.parse().ok();
+                }
+            }
+        }
+        if let (Some(id), Some(listen)) = (id, listen) {
+            found.push(InstanceProcess { pid, id, listen });
+        }
+    }
+    found.sort_by(|a, b| a.id.cmp(&b.id));
+    found
+}
+
+/// Calls `f` until it gives something, for at most `limit`.
+fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(found) = f() {
+            return found;
+        }
+        assert!(Instant::now() < end, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes a definition with one echo-server role and returns its path.
+fn echo_definition(dir: &Path, port: u16, instances: usize, settings: &str) -> PathBuf {
+    let definition = dir.join("service.yaml");
+    let mut text = format!("name: fabric-test\nroles:\n  - name: echo\n    program: echo-server\n    instances: {instances}\n    endpoints:\n      - name: EchoEndpoint\n        visibility: public\n        port: {port}\n");
+    if !settings.is_empty() {
+        text.push_str("    settings:\n");
+        for line in settings.lines() {
+            text.push_str(&format!("      {line}\n"));
+        }
+    }
+    std::fs::write(&definition, text).unwrap();
+    definition
+}
+
 /// Connects, reads the greeting, returns the instance id, says goodbye.
 fn greeting(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).expect("the balancer accepts");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (mut s, id) = greeted(addr).unwrap_or_else(|e| panic!("no greeting from {addr}: {e}"));
+    let _ = s.write_all(b"9\n");
+    id
+}
+
+/// Like [`greeting`], `None` when there is none (yet).
+fn try_greeting(addr: SocketAddr) -> Option<String> {
+    let (mut s, id) = greeted(addr).ok()?;
+    let _ = s.write_all(b"9\n");
+    Some(id)
+}
+
+/// Connects and reads the greeting (10 s at most); returns the connection
+/// and the instance id.
+fn greeted(addr: SocketAddr) -> std::io::Result<(TcpStream, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut text = String::new();
     let mut buf = [0u8; 256];
     while !text.contains("Your choice: ") {
-        let n = s.read(&mut buf).expect("a greeting");
-        assert!(n > 0, "closed before the greeting: {text:?}");
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::other(format!(
+                "closed before the greeting: {text:?}"
+            )));
+        }
         text.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
-    let _ = s.write_all(b"9\n");
     let id = text
         .split("instance ")
         .nth(1)
         .and_then(|rest| rest.split('.').next())
-        .expect("an instance id");
-    id.to_string()
+        .ok_or_else(|| std::io::Error::other(format!("no instance id in {text:?}")))?;
+    Ok((s, id.to_string()))
 }
 
 fn alive(pid: u32) -> bool {
@@ -324,7 +500,7 @@ fn the_fabric_serves_every_connection_while_instances_are_killed() {
         format!("name: crash-test\nroles:\n  - name: echo\n    program: echo-server\n    instances: 4\n    endpoints:\n      - name: EchoEndpoint\n        visibility: public\n        port: {port}\n"),
     )
     .unwrap();
-    let mut fabric = Fabric::start(&definition);
+    let mut fabric = Fabric::start(&definition, 4);
     let first = fabric.table_where(|t| t.values().all(|(state, _, _)| state == "running"));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
@@ -385,5 +561,255 @@ fn the_fabric_serves_every_connection_while_instances_are_killed() {
     for (id, (_, pid, _)) in now.iter().chain(first.iter()) {
         assert!(!alive(*pid), "{id} (pid {pid}) is still running");
     }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A fabric whose terminal is gone (stdout and stderr closed: every write
+/// fails) still restarts a killed instance, serves through it, and stops
+/// cleanly.
+#[test]
+fn the_fabric_restarts_instances_with_its_output_closed() {
+    let port = free_port();
+    let dir = temp_dir("closed-output");
+    let definition = echo_definition(&dir, port, 2, "");
+    let mut fabric = Fabric::launch(&definition, 2, Output::Closed);
+    let deploy = fabric.child.id();
+    let first = eventually("two instances", Duration::from_secs(30), || {
+        let found = instances_of(deploy);
+        (found.len() == 2).then_some(found)
+    });
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    eventually("the balancer serves", Duration::from_secs(30), || {
+        try_greeting(addr)
+    });
+
+    let victim = first[0].clone();
+    assert!(Command::new("kill")
+        .args(["-KILL", &victim.pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let again = eventually(
+        "the instance is started again",
+        Duration::from_secs(30),
+        || {
+            instances_of(deploy)
+                .into_iter()
+                .find(|i| i.id == victim.id && i.pid != victim.pid)
+        },
+    );
+    eventually("the new instance serves", Duration::from_secs(30), || {
+        try_greeting(again.listen).filter(|id| *id == victim.id)
+    });
+    eventually(
+        "the balancer sends to the new instance",
+        Duration::from_secs(30),
+        || try_greeting(addr).filter(|id| *id == victim.id),
+    );
+
+    fabric.signal("INT");
+    let status = fabric.exit_within(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    for i in first.iter().chain([&again]) {
+        assert!(!alive(i.pid), "{} (pid {}) is still running", i.id, i.pid);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Nobody reads the fabric's output (a stopped pager, a full pipe) while
+/// every connection makes an instance log a line: the fabric drops lines,
+/// never stalls, and stops promptly.
+#[test]
+fn the_fabric_serves_on_when_nobody_reads_its_output() {
+    let port = free_port();
+    let dir = temp_dir("unread-output");
+    let definition = echo_definition(&dir, port, 4, "");
+    let mut fabric = Fabric::launch(&definition, 4, Output::Unread);
+    let deploy = fabric.child.id();
+    eventually("four instances", Duration::from_secs(30), || {
+        (instances_of(deploy).len() == 4).then_some(())
+    });
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    eventually("the balancer serves", Duration::from_secs(30), || {
+        try_greeting(addr)
+    });
+    // Each line too long is logged by its instance (about 150 bytes): far
+    // more than the 64 KiB a pipe holds.
+    let long = vec![b'x'; 1100];
+    for n in 0..1500 {
+        let (mut s, _) = greeted(addr)
+            .unwrap_or_else(|e| panic!("connection {n}: no greeting ({e}); the fabric stalled"));
+        let _ = s.write_all(&long);
+        let _ = s.write_all(b"\n");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    fabric.signal("INT");
+    let status = fabric.exit_within(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    assert!(instances_of(deploy).is_empty());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Closing the terminal sends SIGHUP: the fabric stops every instance
+/// instead of dying and leaving them running.
+#[test]
+fn a_closed_terminal_stops_every_instance() {
+    let port = free_port();
+    let dir = temp_dir("hangup");
+    let definition = echo_definition(&dir, port, 2, "");
+    let mut fabric = Fabric::start(&definition, 2);
+    let table = fabric.table_where(|t| t.values().all(|(state, _, _)| state == "running"));
+    fabric.signal("HUP");
+    let status = fabric.exit_within(Duration::from_secs(20));
+    assert!(status.success(), "{status}");
+    for (id, (_, pid, _)) in &table {
+        assert!(!alive(*pid), "{id} (pid {pid}) is still running");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A fabric killed with SIGKILL cannot stop anything: its instances go
+/// with it all the same, restarted ones included, and not before.
+#[test]
+fn instances_die_with_a_killed_fabric() {
+    let port = free_port();
+    let dir = temp_dir("killed");
+    let definition = echo_definition(&dir, port, 2, "");
+    let mut fabric = Fabric::start(&definition, 2);
+    let first = fabric.table_where(|t| t.values().all(|(state, _, _)| state == "running"));
+    assert!(Command::new("kill")
+        .args(["-KILL", &first["echo_IN_0"].1.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let table = fabric.table_where(|t| {
+        t.values().all(|(state, _, _)| state == "running") && t["echo_IN_0"].2 >= 1
+    });
+    // Longer than an idle runtime thread lives: instances are tied to a
+    // thread that lasts as long as the fabric, so none dies meanwhile.
+    std::thread::sleep(Duration::from_secs(12));
+    for (id, (_, pid, _)) in &table {
+        assert!(alive(*pid), "{id} (pid {pid}) died while the fabric ran");
+    }
+    fabric.child.kill().unwrap();
+    fabric.child.wait().unwrap();
+    for (id, (_, pid, _)) in &table {
+        eventually(
+            &format!("{id} (pid {pid}) ends with the fabric"),
+            Duration::from_secs(10),
+            || (!alive(*pid)).then_some(()),
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A second signal during the stop does not wait out the grace period (a
+/// connection still open, an instance slow to drain): the instances are
+/// killed and the fabric exits at once.
+#[test]
+fn a_second_signal_stops_the_fabric_at_once() {
+    let port = free_port();
+    let dir = temp_dir("second-signal");
+    // The instance would drain for a minute; the fabric gives it 10 s.
+    let definition = echo_definition(&dir, port, 1, "shutdown_grace: 60s");
+    let mut fabric = Fabric::start(&definition, 1);
+    let table = fabric.table_where(|t| t.values().all(|(state, _, _)| state == "running"));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (_open, _) = eventually("a connection", Duration::from_secs(30), || {
+        greeted(addr).ok()
+    });
+    fabric.signal("TERM");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        fabric.child.try_wait().unwrap().is_none(),
+        "the fabric waits for the open connection"
+    );
+    let second = Instant::now();
+    fabric.signal("INT");
+    let status = fabric.exit_within(Duration::from_secs(20));
+    let took = second.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the fabric took {took:?} after the second signal (its grace period is 10 s)"
+    );
+    for (id, (_, pid, _)) in &table {
+        assert!(!alive(*pid), "{id} (pid {pid}) is still running");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The balancers check every instance every second; the instances do not
+/// log those probes (a line per probe would bury everything else).
+#[test]
+fn health_checks_leave_the_instances_quiet() {
+    let dir = temp_dir("quiet");
+    let (echo, square, tunnel) = (free_port(), free_port(), free_port());
+    let definition = dir.join("service.yaml");
+    std::fs::write(
+        &definition,
+        format!("name: quiet\nroles:\n  - name: echo\n    program: echo-server\n    instances: 4\n    endpoints:\n      - name: EchoEndpoint\n        visibility: public\n        port: {echo}\n  - name: square\n    program: square-server\n    endpoints:\n      - name: SquareEndpoint\n        visibility: internal\n        port: {square}\n  - name: db\n    program: tunnel\n    endpoints:\n      - name: Incoming\n        visibility: public\n        port: {tunnel}\n    settings:\n      host: 127.0.0.1\n      port: {square}\n"),
+    )
+    .unwrap();
+    let mut fabric = Fabric::start(&definition, 6);
+    fabric.table_where(|t| t.values().all(|(state, _, _)| state == "running"));
+    // Seven rounds of checks on every instance: a probe that closes while
+    // the greeting is on its way ends in a reset some of the time, which
+    // instances used to log at info.
+    let lines = fabric.lines_for(Duration::from_secs(8));
+    let start_up = |l: &str| l.contains(" ready") || l.contains(" listening");
+    let noise: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with('[') && !start_up(l))
+        .collect();
+    assert!(noise.is_empty(), "instances logged the probes:\n{noise:#?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A role name that is not a Kubernetes name is refused by `check` and
+/// `render`, with its line, and nothing is written (`../escape` would have
+/// been written beside `--out`).
+#[test]
+fn names_kubernetes_cannot_take_are_refused() {
+    let dir = temp_dir("names");
+    let definition = dir.join("service.yaml");
+    std::fs::write(
+        &definition,
+        "name: names\nroles:\n  - name: ../escape\n    program: echo-server\n  - name: Echo_Server\n    program: echo-server\n  - name: fine\n    program: square-server\n",
+    )
+    .unwrap();
+    let out = dir.join("out").join("kubernetes");
+    let shown = definition.display().to_string();
+    for args in [
+        vec!["check", definition.to_str().unwrap()],
+        vec![
+            "render",
+            "kubernetes",
+            definition.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    ] {
+        let result = deploy(&args);
+        let err = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(64), "{args:?}: {err}");
+        assert!(err.contains("2 problems"), "{err}");
+        assert!(
+            err.contains(&format!(
+                "{shown} line 3: role name \"../escape\" contains '.'"
+            )),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!(
+                "{shown} line 5: role name \"Echo_Server\" contains 'E'"
+            )),
+            "{err}"
+        );
+        assert!(err.contains("(such as \"echo-server\")"), "{err}");
+    }
+    assert!(!dir.join("out").join("escape.yaml").exists());
+    assert!(!out.exists(), "nothing is rendered");
     std::fs::remove_dir_all(dir).unwrap();
 }
