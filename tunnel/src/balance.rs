@@ -193,15 +193,22 @@ impl Balancer {
     /// The order to try backends in for one new connection: live ones by
     /// policy, or every one when none is live.
     fn order(&self) -> Vec<Arc<Backend>> {
-        let n = self.backends.len();
-        let start = match self.policy {
-            Policy::FirstAvailable => 0,
-            _ => self.next.fetch_add(1, Ordering::Relaxed) % n.max(1),
-        };
-        let rotated = (0..n).map(|i| self.backends[(start + i) % n].clone());
-        let mut live: Vec<Arc<Backend>> = rotated.clone().filter(|b| b.is_up()).collect();
+        let mut live: Vec<Arc<Backend>> = self
+            .backends
+            .iter()
+            .filter(|b| b.is_up())
+            .cloned()
+            .collect();
         if live.is_empty() {
-            live = rotated.collect();
+            live = self.backends.clone();
+        }
+        if self.policy != Policy::FirstAvailable {
+            // The turn runs over the live targets only: rotating over all of
+            // them and then skipping the dead would hand each dead target's
+            // turns to the live one after it ([A, B, dead, dead] gave A
+            // three connections in four).
+            let start = self.next.fetch_add(1, Ordering::Relaxed) % live.len().max(1);
+            live.rotate_left(start);
         }
         if self.policy == Policy::LeastConnections {
             // Stable: ties keep the rotation, so they are spread too.
