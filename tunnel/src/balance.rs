@@ -8,6 +8,13 @@
 //! successful checks. When every target is down, all are tried anyway: a
 //! check may lag behind a recovery, and refusing outright helps no one.
 //!
+//! A check is a polite client: it connects, sends its end of stream, reads
+//! and discards whatever the target says until the target closes (within
+//! the check timeout), and only then closes, so a server that greets its
+//! clients sees an ordinary disconnect, not a reset. A balancer that a
+//! reload replaces is retired: its checks stop at once, although its last
+//! connections may run for hours.
+//!
 //! This is a library API: the development fabric balances its instances
 //! with it too.
 
@@ -22,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::connect::{connect, Unreachable};
+use crate::connect::{close_politely, connect, Unreachable};
 use crate::metrics::{RouteStats, TargetStats};
 use crate::settings::Target;
 
@@ -55,7 +62,8 @@ impl fmt::Display for Policy {
 pub struct HealthCheck {
     /// Time between checks of a target.
     pub interval: Seconds,
-    /// How long a check's connect may take.
+    /// How long a check's connect may take; also how long it waits for the
+    /// target to close after the check has sent its end of stream.
     pub timeout: Seconds,
     /// Consecutive successes that bring an ejected target back.
     pub rise: u32,
@@ -139,8 +147,8 @@ pub struct Balancer {
 
 impl Balancer {
     /// A balancer over `targets`; with `checks`, a task checks each target
-    /// every interval until the balancer is dropped. Counters live in
-    /// `stats`, so they outlast the balancer across reloads.
+    /// every interval until the balancer is retired or dropped. Counters
+    /// live in `stats`, so they outlast the balancer across reloads.
     pub fn new(
         route: &str,
         targets: &[Target],
@@ -183,6 +191,14 @@ impl Balancer {
             }
         }
         balancer
+    }
+
+    /// Stops the health checks now, a check in progress included. A reload
+    /// calls it on the balancer it replaces: the connections still running
+    /// hold that balancer, and its checks must not go on (and keep setting
+    /// the targets' shared `up`) until the last of them ends.
+    pub fn retire(&self) {
+        self.stop.cancel();
     }
 
     /// The backends, in configured order.
@@ -266,17 +282,21 @@ async fn check_forever(
 ) {
     let mut tick = tokio::time::interval(health.interval.0.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match connect(&backend.target, health.timeout.0).await {
-            Ok((stream, _)) => {
-                drop(stream);
-                backend.succeeded(health.rise, &route);
+    let check = async {
+        loop {
+            tick.tick().await;
+            match connect(&backend.target, health.timeout.0).await {
+                Ok((stream, _)) => {
+                    backend.succeeded(health.rise, &route);
+                    close_politely(stream, health.timeout.0).await;
+                }
+                Err(Unreachable(why)) => backend.failed(health.fall, &route, &why),
             }
-            Err(Unreachable(why)) => backend.failed(health.fall, &route, &why),
         }
+    };
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => {}
+        _ = check => {}
     }
 }

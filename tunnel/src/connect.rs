@@ -1,12 +1,14 @@
 //! Connecting to a target: the host name is resolved at every connect (the
 //! target may move), each address is tried in turn within one connect
-//! timeout, and the socket gets `TCP_NODELAY` and keepalive.
+//! timeout, and the socket gets `TCP_NODELAY` and keepalive. A probe that
+//! only wanted to know the target accepts hangs up politely.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -83,4 +85,29 @@ pub fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
             .with_interval(Duration::from_secs(10).min(time));
         let _ = SockRef::from(stream).set_tcp_keepalive(&probes);
     }
+}
+
+/// Most bytes [`close_politely`] reads before it stops listening.
+const CLOSE_READ_MAX: usize = 64 * 1024;
+
+/// Ends a probe's connection (a health check, a readiness wait) the way an
+/// ordinary client does: send our end of stream, read and discard until the
+/// server closes (at most `within` and 64 KiB), then close. Dropping the
+/// socket at once would make a server that greets its clients write into a
+/// closed connection and get a reset, which it would log as an error.
+pub async fn close_politely(mut stream: TcpStream, within: Duration) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 1024];
+    let mut left = CLOSE_READ_MAX;
+    let _ = tokio::time::timeout(within, async {
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
