@@ -23,7 +23,7 @@ pub async fn connect(
     target: &Target,
     timeout: Duration,
 ) -> Result<(TcpStream, SocketAddr), Unreachable> {
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline_after(timeout);
     let addrs: Vec<SocketAddr> = match tokio::time::timeout_at(
         deadline,
         tokio::net::lookup_host((target.host.as_str(), target.port)),
@@ -65,6 +65,16 @@ pub async fn connect(
         last.unwrap_or_else(|| format!("{target}: no address tried")),
     ))
 }
+
+/// The instant `after` from now; a duration beyond the clock's range (a
+/// timeout written as "never") gives a far future instead of a panic.
+pub(crate) fn deadline_after(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after).unwrap_or_else(|| now + FAR_FUTURE)
+}
+
+/// Later than any wait needs: about 30 years, as tokio's own timers use.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 fn describe(e: &io::Error) -> String {
     match e.kind() {

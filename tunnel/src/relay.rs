@@ -429,7 +429,10 @@ impl<P: Pump + Unpin> Future for Relay<'_, P> {
             match this.deadline.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(()) => {
-                    let due = *this.last_active + *this.idle;
+                    let due = this
+                        .last_active
+                        .checked_add(*this.idle)
+                        .unwrap_or_else(|| crate::connect::deadline_after(*this.idle));
                     if due <= Instant::now() {
                         return Poll::Ready(outcome(this.pump, End::IdleTimeout, None));
                     }
