@@ -484,6 +484,56 @@ mod tests {
         assert_eq!(outcome.end, End::ClosedByClient);
     }
 
+    /// A receiver that never reads: the direction keeps at most one scratch
+    /// read and stops reading from the sender (whose bytes stay in its own
+    /// socket buffer), and gives the memory back once the receiver reads.
+    #[tokio::test]
+    async fn a_receiver_that_never_reads_holds_at_most_one_scratch_read() {
+        let (mut sender, mut source) = duplex(4 * SCRATCH);
+        let (mut sink, mut receiver) = duplex(1024);
+        sender.write_all(&vec![1u8; 4 * SCRATCH]).await.unwrap();
+        let mut direction = Direction::default();
+        let mut active = false;
+        for _ in 0..10 {
+            std::future::poll_fn(|cx| {
+                let copy = direction.poll_copy(
+                    cx,
+                    Pin::new(&mut source),
+                    Pin::new(&mut sink),
+                    &mut active,
+                    false,
+                );
+                assert!(copy.is_pending(), "the copy cannot finish");
+                Poll::Ready(())
+            })
+            .await;
+        }
+        assert!(direction.pending.capacity() <= SCRATCH);
+        assert_eq!(direction.bytes, 1024, "only what the receiver took");
+        // The sender finishes and the receiver reads everything: the
+        // pending bytes follow, and the buffer is freed.
+        drop(sender);
+        let mut got = Vec::new();
+        let (copied, read) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(
+                std::future::poll_fn(|cx| direction.poll_copy(
+                    cx,
+                    Pin::new(&mut source),
+                    Pin::new(&mut sink),
+                    &mut active,
+                    false,
+                )),
+                receiver.read_to_end(&mut got)
+            )
+        })
+        .await
+        .expect("the copy finishes");
+        assert!(copied.is_ok() && read.is_ok());
+        assert_eq!(got.len(), 4 * SCRATCH);
+        assert_eq!(direction.bytes, 4 * SCRATCH as u64);
+        assert_eq!(direction.pending.capacity(), 0);
+    }
+
     #[tokio::test]
     async fn buffered_relay_ends_when_idle_and_on_closing() {
         let (_client_app, mut client_side) = duplex(64);
