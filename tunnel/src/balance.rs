@@ -8,6 +8,13 @@
 //! successful checks. When every target is down, all are tried anyway: a
 //! check may lag behind a recovery, and refusing outright helps no one.
 //!
+//! A check is a polite client: it connects, sends its end of stream, reads
+//! and discards whatever the target says until the target closes (within
+//! the check timeout), and only then closes, so a server that greets its
+//! clients sees an ordinary disconnect, not a reset. A balancer that a
+//! reload replaces is retired: its checks stop at once, although its last
+//! connections may run for hours.
+//!
 //! This is a library API: the development fabric balances its instances
 //! with it too.
 
@@ -22,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::connect::{connect, Unreachable};
+use crate::connect::{close_politely, connect, Unreachable};
 use crate::metrics::{RouteStats, TargetStats};
 use crate::settings::Target;
 
@@ -56,7 +63,8 @@ pub struct HealthCheck {
     /// Time between checks of a target.
     #[serde(deserialize_with = "common::settings::nonzero_duration")]
     pub interval: Seconds,
-    /// How long a check's connect may take.
+    /// How long a check's connect may take; also how long it waits for the
+    /// target to close after the check has sent its end of stream.
     #[serde(deserialize_with = "common::settings::nonzero_duration")]
     pub timeout: Seconds,
     /// Consecutive successes that bring an ejected target back.
@@ -143,8 +151,8 @@ pub struct Balancer {
 
 impl Balancer {
     /// A balancer over `targets`; with `checks`, a task checks each target
-    /// every interval until the balancer is dropped. Counters live in
-    /// `stats`, so they outlast the balancer across reloads.
+    /// every interval until the balancer is retired or dropped. Counters
+    /// live in `stats`, so they outlast the balancer across reloads.
     pub fn new(
         route: &str,
         targets: &[Target],
@@ -189,6 +197,14 @@ impl Balancer {
         balancer
     }
 
+    /// Stops the health checks now, a check in progress included. A reload
+    /// calls it on the balancer it replaces: the connections still running
+    /// hold that balancer, and its checks must not go on (and keep setting
+    /// the targets' shared `up`) until the last of them ends.
+    pub fn retire(&self) {
+        self.stop.cancel();
+    }
+
     /// The backends, in configured order.
     pub fn backends(&self) -> &[Arc<Backend>] {
         &self.backends
@@ -197,15 +213,22 @@ impl Balancer {
     /// The order to try backends in for one new connection: live ones by
     /// policy, or every one when none is live.
     fn order(&self) -> Vec<Arc<Backend>> {
-        let n = self.backends.len();
-        let start = match self.policy {
-            Policy::FirstAvailable => 0,
-            _ => self.next.fetch_add(1, Ordering::Relaxed) % n.max(1),
-        };
-        let rotated = (0..n).map(|i| self.backends[(start + i) % n].clone());
-        let mut live: Vec<Arc<Backend>> = rotated.clone().filter(|b| b.is_up()).collect();
+        let mut live: Vec<Arc<Backend>> = self
+            .backends
+            .iter()
+            .filter(|b| b.is_up())
+            .cloned()
+            .collect();
         if live.is_empty() {
-            live = rotated.collect();
+            live = self.backends.clone();
+        }
+        if self.policy != Policy::FirstAvailable {
+            // The turn runs over the live targets only: rotating over all of
+            // them and then skipping the dead would hand each dead target's
+            // turns to the live one after it ([A, B, dead, dead] gave A
+            // three connections in four).
+            let start = self.next.fetch_add(1, Ordering::Relaxed) % live.len().max(1);
+            live.rotate_left(start);
         }
         if self.policy == Policy::LeastConnections {
             // Stable: ties keep the rotation, so they are spread too.
@@ -249,14 +272,6 @@ impl Balancer {
     }
 }
 
-impl Balancer {
-    /// Stops the health checks now; connections still running keep the
-    /// balancer, but nothing checks targets for it any more.
-    pub fn retire(&self) {
-        self.stop.cancel();
-    }
-}
-
 impl Drop for Balancer {
     fn drop(&mut self) {
         self.stop.cancel();
@@ -271,17 +286,21 @@ async fn check_forever(
 ) {
     let mut tick = tokio::time::interval(health.interval.0.max(Duration::from_millis(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match connect(&backend.target, health.timeout.0).await {
-            Ok((stream, _)) => {
-                drop(stream);
-                backend.succeeded(health.rise, &route);
+    let check = async {
+        loop {
+            tick.tick().await;
+            match connect(&backend.target, health.timeout.0).await {
+                Ok((stream, _)) => {
+                    backend.succeeded(health.rise, &route);
+                    close_politely(stream, health.timeout.0).await;
+                }
+                Err(Unreachable(why)) => backend.failed(health.fall, &route, &why),
             }
-            Err(Unreachable(why)) => backend.failed(health.fall, &route, &why),
         }
+    };
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => {}
+        _ = check => {}
     }
 }

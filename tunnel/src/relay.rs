@@ -7,6 +7,11 @@
 //! per-thread scratch buffer and written straight on; only what the
 //! receiver cannot take at once is kept, and freed as soon as it is sent.
 //! A connection with no traffic either way for the idle timeout is closed.
+//!
+//! A reset is passed on: when either side resets (or a read or write fails
+//! otherwise), [`relay_tcp`] closes both sockets with a reset of its own
+//! (`SO_LINGER` 0), so a truncated reply never reaches a client as a clean
+//! end of stream, and a target sees a client's reset as a reset.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -33,9 +38,15 @@ pub enum End {
     ClosedByClient,
     /// The target finished first (and then the client).
     ClosedByTarget,
+    /// The client reset the connection (a read from it or a write to it
+    /// failed with a reset or a broken pipe).
+    ResetByClient,
+    /// The target reset the connection (a read from it or a write to it
+    /// failed with a reset or a broken pipe).
+    ResetByTarget,
     /// No traffic either way for the idle timeout.
     IdleTimeout,
-    /// A read or write failed (reset by a peer, say).
+    /// A read or write failed otherwise (a keepalive timeout, say).
     Error,
     /// Still open when the shutdown grace period ended.
     Shutdown,
@@ -47,6 +58,8 @@ impl End {
         match self {
             End::ClosedByClient => "closed by client",
             End::ClosedByTarget => "closed by target",
+            End::ResetByClient => "reset by client",
+            End::ResetByTarget => "reset by target",
             End::IdleTimeout => "idle timeout",
             End::Error => "connection error",
             End::Shutdown => "closed at shutdown",
@@ -65,6 +78,16 @@ pub struct Outcome {
     pub end: End,
     /// The error, when `end` is [`End::Error`].
     pub error: Option<io::ErrorKind>,
+}
+
+/// Which end of one direction's copy failed: the stream read from, or the
+/// stream written to. The relay turns it into the side that failed.
+#[derive(Debug)]
+pub(crate) enum Failed {
+    /// Reading from the source failed.
+    Reading(io::Error),
+    /// Writing to (or shutting down) the destination failed.
+    Writing(io::Error),
 }
 
 /// One direction of a buffered relay.
@@ -97,7 +120,7 @@ impl Direction {
         mut writer: Pin<&mut W>,
         active: &mut bool,
         stop_on_bulk: bool,
-    ) -> Poll<io::Result<()>>
+    ) -> Poll<Result<(), Failed>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
@@ -107,9 +130,10 @@ impl Direction {
                 return Poll::Ready(Ok(()));
             }
             if self.sent < self.pending.len() {
-                let n = ready!(writer.as_mut().poll_write(cx, &self.pending[self.sent..]))?;
+                let n = ready!(writer.as_mut().poll_write(cx, &self.pending[self.sent..]))
+                    .map_err(Failed::Writing)?;
                 if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    return Poll::Ready(Err(Failed::Writing(io::ErrorKind::WriteZero.into())));
                 }
                 self.sent += n;
                 self.bytes += n as u64;
@@ -128,7 +152,7 @@ impl Direction {
                     let mut buf = ReadBuf::new(&mut scratch[..]);
                     match reader.as_mut().poll_read(cx, &mut buf) {
                         Poll::Pending => Poll::Pending,
-                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(Failed::Reading(e))),
                         Poll::Ready(Ok(())) => {
                             let data = buf.filled();
                             if data.is_empty() {
@@ -138,7 +162,7 @@ impl Direction {
                             // Write straight on; keep only what does not fit.
                             let written = match writer.as_mut().poll_write(cx, data) {
                                 Poll::Ready(Ok(n)) => n,
-                                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                                Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::Writing(e))),
                                 Poll::Pending => 0,
                             };
                             if written < data.len() {
@@ -152,7 +176,7 @@ impl Direction {
                 match read {
                     Poll::Pending => {
                         if self.needs_flush {
-                            ready!(writer.as_mut().poll_flush(cx))?;
+                            ready!(writer.as_mut().poll_flush(cx)).map_err(Failed::Writing)?;
                             self.needs_flush = false;
                         }
                         return Poll::Pending;
@@ -168,7 +192,7 @@ impl Direction {
                 continue;
             }
             if !self.shut_down {
-                ready!(writer.as_mut().poll_shutdown(cx))?;
+                ready!(writer.as_mut().poll_shutdown(cx)).map_err(Failed::Writing)?;
                 self.shut_down = true;
             }
             return Poll::Ready(Ok(()));
@@ -179,13 +203,16 @@ impl Direction {
 /// The two directions of a relay, each moved forward by a poll.
 pub(crate) trait Pump {
     /// Client to target; Ready once it has ended.
-    fn poll_up(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<io::Result<()>>;
+    fn poll_up(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<Result<(), Failed>>;
     /// Target to client; Ready once it has ended.
-    fn poll_down(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<io::Result<()>>;
+    fn poll_down(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<Result<(), Failed>>;
     /// Whether each direction has ended: (up, down).
     fn done(&self) -> (bool, bool);
     /// Bytes moved: (up, down).
     fn bytes(&self) -> (u64, u64);
+    /// Makes both sockets close with a reset rather than a FIN when they
+    /// are dropped, where the streams allow it.
+    fn abort(&mut self);
 }
 
 /// Copies through user space; works for any stream (TLS included).
@@ -201,7 +228,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     T: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    fn poll_up(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<io::Result<()>> {
+    fn poll_up(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<Result<(), Failed>> {
         self.up.poll_copy(
             cx,
             Pin::new(&mut *self.client),
@@ -210,7 +237,7 @@ where
             false,
         )
     }
-    fn poll_down(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<io::Result<()>> {
+    fn poll_down(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<Result<(), Failed>> {
         self.down.poll_copy(
             cx,
             Pin::new(&mut *self.target),
@@ -225,13 +252,20 @@ where
     fn bytes(&self) -> (u64, u64) {
         (self.up.bytes, self.down.bytes)
     }
+    fn abort(&mut self) {
+        // Any stream: there is no socket option to reach. The caller sees
+        // the reset in the outcome and can pass it on (see `relay`).
+    }
 }
 
 /// Relays between `client` and `target` until both directions have ended,
 /// either side fails, nothing moves for `idle`, or `closing` is cancelled
 /// (seen when the future is next polled: whoever cancels it must wake the
 /// task, as the shared accept loop does).
-/// Any stream type: bytes pass through user space.
+/// Any stream type: bytes pass through user space. The streams are left
+/// as they are; when the outcome is a reset or an error, the caller should
+/// close the other side with a reset too ([`abort`] on its socket), as
+/// [`relay_tcp`] does, so a truncated stream does not look complete.
 pub fn relay<'a, C, T>(
     client: &'a mut C,
     target: &'a mut T,
@@ -252,7 +286,8 @@ where
 }
 
 /// Like [`relay`] for two TCP sockets: on Linux the bytes never leave the
-/// kernel (`splice(2)`).
+/// kernel (`splice(2)`). When the relay ends in a reset or an error, both
+/// sockets are set to close with a reset ([`abort`]) when dropped.
 pub fn relay_tcp<'a>(
     client: &'a mut tokio::net::TcpStream,
     target: &'a mut tokio::net::TcpStream,
@@ -261,6 +296,14 @@ pub fn relay_tcp<'a>(
 ) -> impl Future<Output = Outcome> + 'a {
     let pump = crate::splice::Spliced::new(client, target);
     run(pump, idle, closing)
+}
+
+/// Makes `stream` close with a reset (RST) instead of a FIN when it is
+/// dropped (`SO_LINGER` 0): its peer reads an error, not an end of stream,
+/// and unsent bytes are discarded.
+pub fn abort(stream: &tokio::net::TcpStream) {
+    // The socket may already be gone (reset by its peer); nothing to do then.
+    let _ = stream.set_zero_linger();
 }
 
 pub(crate) fn run<'t, P: Pump + Unpin>(
@@ -295,6 +338,37 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// The side of the connection a failed copy points at.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Client,
+    Target,
+}
+
+/// How a failure on `side` ends the relay: a reset when the peer reset the
+/// connection (or vanished so that a write or shutdown failed), an error
+/// otherwise.
+fn failure(side: Side, e: &io::Error) -> (End, Option<io::ErrorKind>) {
+    use io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, NotConnected};
+    match (e.kind(), side) {
+        (ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected, Side::Client) => {
+            (End::ResetByClient, None)
+        }
+        (ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected, Side::Target) => {
+            (End::ResetByTarget, None)
+        }
+        (kind, _) => (End::Error, Some(kind)),
+    }
+}
+
+fn failed<P: Pump>(pump: &mut P, side: Side, e: &io::Error) -> Outcome {
+    // Whatever failed, the stream is cut short: the other side must see a
+    // reset, never an orderly end that would make it look complete.
+    pump.abort();
+    let (end, error) = failure(side, e);
+    outcome(pump, end, error)
+}
+
 fn outcome<P: Pump>(pump: &P, end: End, error: Option<io::ErrorKind>) -> Outcome {
     let (sent, received) = pump.bytes();
     Outcome {
@@ -319,8 +393,11 @@ impl<P: Pump + Unpin> Future for Relay<'_, P> {
                 Poll::Ready(Ok(())) => {
                     this.first_done.get_or_insert(End::ClosedByClient);
                 }
-                Poll::Ready(Err(e)) => {
-                    return Poll::Ready(outcome(this.pump, End::Error, Some(e.kind())))
+                Poll::Ready(Err(Failed::Reading(e))) => {
+                    return Poll::Ready(failed(this.pump, Side::Client, &e))
+                }
+                Poll::Ready(Err(Failed::Writing(e))) => {
+                    return Poll::Ready(failed(this.pump, Side::Target, &e))
                 }
                 Poll::Pending => {}
             }
@@ -330,8 +407,11 @@ impl<P: Pump + Unpin> Future for Relay<'_, P> {
                 Poll::Ready(Ok(())) => {
                     this.first_done.get_or_insert(End::ClosedByTarget);
                 }
-                Poll::Ready(Err(e)) => {
-                    return Poll::Ready(outcome(this.pump, End::Error, Some(e.kind())))
+                Poll::Ready(Err(Failed::Reading(e))) => {
+                    return Poll::Ready(failed(this.pump, Side::Target, &e))
+                }
+                Poll::Ready(Err(Failed::Writing(e))) => {
+                    return Poll::Ready(failed(this.pump, Side::Client, &e))
                 }
                 Poll::Pending => {}
             }
@@ -349,7 +429,10 @@ impl<P: Pump + Unpin> Future for Relay<'_, P> {
             match this.deadline.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(()) => {
-                    let due = *this.last_active + *this.idle;
+                    let due = this
+                        .last_active
+                        .checked_add(*this.idle)
+                        .unwrap_or_else(|| crate::connect::deadline_after(*this.idle));
                     if due <= Instant::now() {
                         return Poll::Ready(outcome(this.pump, End::IdleTimeout, None));
                     }
@@ -399,6 +482,56 @@ mod tests {
         let outcome = relaying.await.unwrap();
         assert_eq!((outcome.sent, outcome.received), (50_000, 200_000));
         assert_eq!(outcome.end, End::ClosedByClient);
+    }
+
+    /// A receiver that never reads: the direction keeps at most one scratch
+    /// read and stops reading from the sender (whose bytes stay in its own
+    /// socket buffer), and gives the memory back once the receiver reads.
+    #[tokio::test]
+    async fn a_receiver_that_never_reads_holds_at_most_one_scratch_read() {
+        let (mut sender, mut source) = duplex(4 * SCRATCH);
+        let (mut sink, mut receiver) = duplex(1024);
+        sender.write_all(&vec![1u8; 4 * SCRATCH]).await.unwrap();
+        let mut direction = Direction::default();
+        let mut active = false;
+        for _ in 0..10 {
+            std::future::poll_fn(|cx| {
+                let copy = direction.poll_copy(
+                    cx,
+                    Pin::new(&mut source),
+                    Pin::new(&mut sink),
+                    &mut active,
+                    false,
+                );
+                assert!(copy.is_pending(), "the copy cannot finish");
+                Poll::Ready(())
+            })
+            .await;
+        }
+        assert!(direction.pending.capacity() <= SCRATCH);
+        assert_eq!(direction.bytes, 1024, "only what the receiver took");
+        // The sender finishes and the receiver reads everything: the
+        // pending bytes follow, and the buffer is freed.
+        drop(sender);
+        let mut got = Vec::new();
+        let (copied, read) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(
+                std::future::poll_fn(|cx| direction.poll_copy(
+                    cx,
+                    Pin::new(&mut source),
+                    Pin::new(&mut sink),
+                    &mut active,
+                    false,
+                )),
+                receiver.read_to_end(&mut got)
+            )
+        })
+        .await
+        .expect("the copy finishes");
+        assert!(copied.is_ok() && read.is_ok());
+        assert_eq!(got.len(), 4 * SCRATCH);
+        assert_eq!(direction.bytes, 4 * SCRATCH as u64);
+        assert_eq!(direction.pending.capacity(), 0);
     }
 
     #[tokio::test]

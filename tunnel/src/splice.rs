@@ -19,7 +19,7 @@ use std::pin::Pin;
 use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 
-use crate::relay::{Direction, Pump};
+use crate::relay::{abort, Direction, Failed, Pump};
 
 /// Bytes a pipe holds; one splice moves at most this much.
 const PIPE_SIZE: usize = 1 << 20;
@@ -102,14 +102,15 @@ impl SpliceDirection {
     }
 
     /// Moves bytes from `src` to `dst` until either would block; Ready once
-    /// EOF has been passed on as a shutdown of `dst`'s write side.
-    pub fn poll_copy(
+    /// EOF has been passed on as a shutdown of `dst`'s write side. A failure
+    /// says whether reading `src` or writing `dst` failed.
+    pub(crate) fn poll_copy(
         &mut self,
         cx: &mut Context<'_>,
         src: &mut TcpStream,
         dst: &mut TcpStream,
         active: &mut bool,
-    ) -> Poll<io::Result<()>> {
+    ) -> Poll<Result<(), Failed>> {
         if !self.spliced {
             ready!(self.buffered.poll_copy(
                 cx,
@@ -127,7 +128,7 @@ impl SpliceDirection {
         let state = &mut self.buffered;
         loop {
             if self.in_pipe > 0 {
-                ready!(dst.poll_write_ready(cx))?;
+                ready!(dst.poll_write_ready(cx)).map_err(Failed::Writing)?;
                 let pipe = self.pipe.as_ref().expect("data in flight has a pipe");
                 match dst.try_io(Interest::WRITABLE, || {
                     splice(&pipe.read, None, dst.as_fd(), None, self.in_pipe, FLAGS).map_err(to_io)
@@ -141,12 +142,14 @@ impl SpliceDirection {
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(e)),
+                    // Bytes left in the pipe go with it: it is dropped, not
+                    // given back to the pool.
+                    Err(e) => return Poll::Ready(Err(Failed::Writing(e))),
                 }
                 continue;
             }
             if !state.read_done {
-                ready!(src.poll_read_ready(cx))?;
+                ready!(src.poll_read_ready(cx)).map_err(Failed::Reading)?;
                 let pipe = match self.pipe.take().map_or_else(take_pipe, Ok) {
                     Ok(p) => p,
                     Err(e) => {
@@ -174,13 +177,14 @@ impl SpliceDirection {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => give_back(pipe),
                     Err(e) => {
                         give_back(pipe);
-                        return Poll::Ready(Err(e));
+                        return Poll::Ready(Err(Failed::Reading(e)));
                     }
                 }
                 continue;
             }
             if !state.shut_down {
-                ready!(AsyncWrite::poll_shutdown(Pin::new(&mut *dst), cx))?;
+                ready!(AsyncWrite::poll_shutdown(Pin::new(&mut *dst), cx))
+                    .map_err(Failed::Writing)?;
                 state.shut_down = true;
             }
             return Poll::Ready(Ok(()));
@@ -208,10 +212,10 @@ impl<'a> Spliced<'a> {
 }
 
 impl Pump for Spliced<'_> {
-    fn poll_up(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<io::Result<()>> {
+    fn poll_up(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<Result<(), Failed>> {
         self.up.poll_copy(cx, self.client, self.target, active)
     }
-    fn poll_down(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<io::Result<()>> {
+    fn poll_down(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<Result<(), Failed>> {
         self.down.poll_copy(cx, self.target, self.client, active)
     }
     fn done(&self) -> (bool, bool) {
@@ -219,5 +223,9 @@ impl Pump for Spliced<'_> {
     }
     fn bytes(&self) -> (u64, u64) {
         (self.up.total(), self.down.total())
+    }
+    fn abort(&mut self) {
+        abort(self.client);
+        abort(self.target);
     }
 }

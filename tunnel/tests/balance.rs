@@ -77,6 +77,17 @@ async fn tunnel(
     policy: Policy,
     checks: Option<HealthCheck>,
 ) -> (Arc<Tunnel>, SocketAddr) {
+    let addrs: Vec<SocketAddr> = targets.iter().map(|t| t.addr).collect();
+    tunnel_over(&addrs, policy, checks).await
+}
+
+/// A tunnel with one route over `targets`, live or not, and where it
+/// listens.
+async fn tunnel_over(
+    targets: &[SocketAddr],
+    policy: Policy,
+    checks: Option<HealthCheck>,
+) -> (Arc<Tunnel>, SocketAddr) {
     let tunnel = Arc::new(Tunnel::new(Duration::from_secs(1), AccessLog::to_log()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -85,7 +96,7 @@ async fn tunnel(
         listen: vec![ListenAddr(addr)],
         targets: targets
             .iter()
-            .map(|t| t.addr.to_string().parse().unwrap())
+            .map(|t| t.to_string().parse().unwrap())
             .collect(),
         balance: policy,
         health: checks.unwrap_or_default(),
@@ -234,5 +245,117 @@ async fn three_targets_two_killed_mid_run_every_connection_served() {
         "ejections",
     )
     .await;
+    tunnel.shutdown().await;
+}
+
+/// An address nothing listens on: a port bound and closed again.
+async fn dead_address() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The targets of `layout` in order: `a` and `b` for the live targets, `.`
+/// for a dead address.
+async fn layout(layout: &str, a: &Target, b: &Target) -> Vec<SocketAddr> {
+    let mut addrs = Vec::new();
+    for c in layout.chars() {
+        addrs.push(match c {
+            'a' => a.addr,
+            'b' => b.addr,
+            _ => dead_address().await,
+        });
+    }
+    addrs
+}
+
+/// A tunnel over `targets` with fast checks, once the checks have ejected
+/// every dead target.
+async fn tunnel_with_dead_ejected(
+    targets: &[SocketAddr],
+    live: &[SocketAddr],
+    policy: Policy,
+) -> (Arc<Tunnel>, SocketAddr) {
+    let (tunnel, addr) = tunnel_over(targets, policy, Some(fast_checks())).await;
+    let balancers = tunnel.balancers().await;
+    let backends = balancers["pool"].backends();
+    wait_until(
+        || {
+            backends.iter().all(|b| {
+                let is_live = live.iter().any(|l| b.target.to_string() == l.to_string());
+                b.is_up() == is_live
+            })
+        },
+        "the dead targets ejected",
+    )
+    .await;
+    (tunnel, addr)
+}
+
+#[tokio::test]
+async fn round_robin_is_even_over_the_live_targets_wherever_the_dead_ones_are() {
+    let (a, b) = (Target::start("a").await, Target::start("b").await);
+    for order in ["ab..", "..ab", ".a.b", "a..b", "a.b."] {
+        let targets = layout(order, &a, &b).await;
+        let (tunnel, addr) =
+            tunnel_with_dead_ejected(&targets, &[a.addr, b.addr], Policy::RoundRobin).await;
+        let mut seen = HashMap::new();
+        for _ in 0..40 {
+            *seen.entry(who(addr).await.0).or_insert(0) += 1;
+        }
+        assert_eq!(
+            seen,
+            HashMap::from([("a".to_string(), 20), ("b".to_string(), 20)]),
+            "targets {order}"
+        );
+        tunnel.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn least_connections_spreads_ties_evenly_over_the_live_targets() {
+    let (a, b) = (Target::start("a").await, Target::start("b").await);
+    for order in ["ab..", "..ab"] {
+        let targets = layout(order, &a, &b).await;
+        let (tunnel, addr) =
+            tunnel_with_dead_ejected(&targets, &[a.addr, b.addr], Policy::LeastConnections).await;
+        let balancers = tunnel.balancers().await;
+        let backends = balancers["pool"].backends();
+        let mut seen = HashMap::new();
+        for _ in 0..20 {
+            let (name, stream) = who(addr).await;
+            *seen.entry(name).or_insert(0) += 1;
+            drop(stream);
+            // Every pick is a tie: wait until the tunnel has seen the close.
+            wait_until(
+                || {
+                    backends
+                        .iter()
+                        .all(|b| b.stats.active.load(Ordering::Relaxed) == 0)
+                },
+                "the connection closed",
+            )
+            .await;
+        }
+        assert_eq!(
+            seen,
+            HashMap::from([("a".to_string(), 10), ("b".to_string(), 10)]),
+            "targets {order}"
+        );
+        tunnel.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn first_available_skips_dead_targets_in_front() {
+    let (a, b) = (Target::start("a").await, Target::start("b").await);
+    let targets = layout("..ab", &a, &b).await;
+    let (tunnel, addr) =
+        tunnel_with_dead_ejected(&targets, &[a.addr, b.addr], Policy::FirstAvailable).await;
+    for _ in 0..10 {
+        assert_eq!(who(addr).await.0, "a");
+    }
     tunnel.shutdown().await;
 }

@@ -434,3 +434,15 @@ async fn connections_without_a_byte_are_logged_only_when_asked() {
         );
     }
 }
+
+#[tokio::test]
+async fn timeouts_beyond_the_clocks_range_mean_never_not_a_panic() {
+    let (target, _) = echo_target().await;
+    let (tunnel, addr, _log) = tunnel_to(target, |r| {
+        r.connect_timeout = Seconds(Duration::MAX);
+        r.idle_timeout = Seconds(Duration::MAX);
+    })
+    .await;
+    assert_eq!(roundtrip(addr, b"still works").await, b"still works");
+    tunnel.shutdown().await;
+}
