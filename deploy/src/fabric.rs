@@ -625,7 +625,10 @@ async fn wait_ready(addr: SocketAddr, child: &mut Child, id: &str) {
         // A full backlog would hold a connect for minutes.
         let attempt =
             tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr));
-        if let Ok(Ok(_)) = attempt.await {
+        if let Ok(Ok(probe)) = attempt.await {
+            // Closed as a client would: a server that greets sees an end
+            // of stream, not a reset, and logs nothing.
+            tunnel::connect::close_politely(probe, Duration::from_millis(500)).await;
             return;
         }
         if let Ok(Some(_)) = child.try_wait() {
