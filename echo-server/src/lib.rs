@@ -5,8 +5,11 @@
 //! answers `Current time: HH:MM:SS` (24-hour), `9` says goodbye and closes.
 //! Anything else gets one line saying what was wrong, then the menu again.
 //! A session is bounded: a line longer than the limit ends it, and so does a
-//! client that sends nothing for the idle timeout; neither affects any other
-//! session. On shutdown every connected user is told before the connection
+//! telnet subnegotiation that never ends, or a client that sends nothing (or
+//! takes none of its answers) for the idle timeout; none of this affects any
+//! other session. Its memory is bounded too: a client that sends and never
+//! reads stops being read once [`OUTPUT_BOUND`] bytes of answers wait for
+//! it. On shutdown every connected user is told before the connection
 //! closes.
 
 pub mod telnet;
