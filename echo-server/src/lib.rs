@@ -41,6 +41,15 @@ pub const OUTPUT_BOUND: usize = 16 * 1024;
 /// The output buffer a session keeps while it waits for input; a larger
 /// one, grown by a burst of answers, is given back.
 const KEPT_OUTPUT: usize = 1024;
+/// The kernel's send buffer for each client (Linux doubles it for its own
+/// bookkeeping). Left to itself the kernel grows it to megabytes for a
+/// client that takes nothing, and the session fills it with answers: a
+/// menu needs far less, and so a client that never reads costs the
+/// machine little memory and the server little work.
+pub const SOCKET_SEND_BUFFER: usize = 32 * 1024;
+/// The kernel's receive buffer for each client: what a client can have
+/// waiting that the session has not read yet.
+pub const SOCKET_RECEIVE_BUFFER: usize = 16 * 1024;
 
 /// The program's name: its configuration prefix is `ECHO_SERVER_`.
 pub const PROGRAM: &str = "echo-server";
@@ -395,6 +404,12 @@ impl DateTime {
             if out.capacity() > KEPT_OUTPUT {
                 out = Vec::new();
             }
+            if n == READ_SIZE {
+                // A client that pipelines (a full read, likely more
+                // waiting) lets the other sessions of this thread have a
+                // turn before its next read.
+                tokio::task::yield_now().await;
+            }
         }
     }
 
@@ -543,6 +558,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let host = gethostname::gethostname().to_string_lossy().into_owned();
     let service = Arc::new(DateTime::new(&settings, &host)?);
+    // Accepted sockets inherit the listener's buffer sizes (those accepted
+    // by the kernel before this line keep the defaults).
+    let socket = socket2::SockRef::from(&listener);
+    if let Err(e) = socket
+        .set_send_buffer_size(SOCKET_SEND_BUFFER)
+        .and_then(|()| socket.set_recv_buffer_size(SOCKET_RECEIVE_BUFFER))
+    {
+        tracing::warn!(error = %e, "cannot bound the clients' socket buffers; the kernel's defaults apply");
+    }
     tracing::info!(
         listen = %listener.local_addr()?,
         instance = %settings.instance,

@@ -512,9 +512,12 @@ async fn prompts(stream: &mut TcpStream, count: usize) -> usize {
 #[tokio::test]
 async fn a_client_that_never_reads_is_held_back_then_answered_in_full() {
     let server = Server::start(utc()).await;
+    // Served before the flood begins, and after: the service is running.
+    let mut other = Client::connect(server.addr).await;
+    other.until(text::PROMPT).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    // Small buffers on the client's side, so the server's holding back
-    // shows quickly.
+    // Small buffers on the client's side: what it sends beyond them waits
+    // in the server's kernel buffers and the session's own.
     socket.set_recv_buffer_size(4096).unwrap();
     socket.set_send_buffer_size(4096).unwrap();
     let mut flood = socket.connect(server.addr).await.unwrap();
@@ -539,11 +542,15 @@ async fn a_client_that_never_reads_is_held_back_then_answered_in_full() {
             "the server read {sent} bytes from a client that reads nothing"
         );
     }
-    // Meanwhile everyone else is served.
-    let mut c = Client::connect(server.addr).await;
-    c.until(text::PROMPT).await;
-    c.send(b"1\n").await;
-    assert!(c.until(text::PROMPT).await.starts_with(text::DATE));
+    // The server took little: its socket buffers for a client are small
+    // (left to itself the kernel grows the send buffer to megabytes, and
+    // the session fills them with answers).
+    assert!(
+        sent < 128 * 1024,
+        "the server took {sent} bytes from a client that reads nothing"
+    );
+    other.send(b"1\n").await;
+    assert!(other.until(text::PROMPT).await.starts_with(text::DATE));
     // Every line it took is answered once the client reads: the session
     // was held back, never cut off or answered in part.
     let lines_sent = sent / 2;

@@ -528,7 +528,7 @@ fn memory_per_connection_is_bounded_and_given_back() {
     );
     // Meanwhile the service answers everyone else.
     let mut c = std::net::TcpStream::connect(server.addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     c.write_all(b"2\n9\n").unwrap();
     let mut answer = String::new();
     c.read_to_string(&mut answer).unwrap();
