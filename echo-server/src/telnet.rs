@@ -22,17 +22,15 @@
 
 /// Telnet's "interpret as command" byte.
 pub const IAC: u8 = 255;
-/// Telnet's "subnegotiation begins" command.
-pub const SB: u8 = 250;
-/// Telnet's "subnegotiation ends" command.
-pub const SE: u8 = 240;
 const DONT: u8 = 254;
 const DO: u8 = 253;
 const WONT: u8 = 252;
 const WILL: u8 = 251;
+const SB: u8 = 250;
 const EL: u8 = 248;
 const EC: u8 = 247;
 const AYT: u8 = 246;
+const SE: u8 = 240;
 
 /// The most bytes a subnegotiation may carry between `IAC SB` and `IAC SE`
 /// (BSD telnetd's buffer is as large). A window size report takes 5 to 9,
