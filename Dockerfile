@@ -4,6 +4,11 @@
 
 FROM rust:1.95-slim-bookworm AS build
 ARG PROGRAM=echo-server
+# jemalloc, echo-server's allocator, is built with make.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p "${PROGRAM}" --bin "${PROGRAM}" \

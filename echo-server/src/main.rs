@@ -4,10 +4,19 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use common::cli::{load, parse_args, serve_endpoint, CommonArgs, Loaded, ServeArgs};
+use common::cli::{load, parse_args, serve_endpoint, CommonArgs, Loaded, ServeArgs, EXIT_CONFIG};
+use common::config::ConfigErrors;
 use common::endpoint::Endpoint;
 use echo_server::{run, Settings, ENDPOINT, PROGRAM};
 use serde::Serialize;
+
+// A session's buffers come and go with bursts of input. jemalloc, with its
+// background thread, gives freed pages back to the system within seconds
+// even when the server then sits idle, so the process returns to its size
+// at rest when clients leave; glibc's allocator and mimalloc keep them
+// until the same threads allocate again.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// The date/time service: connect with `telnet HOST 1234` and pick from the menu.
 ///
@@ -55,6 +64,11 @@ fn main() -> ExitCode {
         Loaded::Run(resolved) => resolved,
         Loaded::Exit(code) => return code,
     };
+    let conflicts = resolved.settings.conflicts(|key| resolved.origin(key));
+    if !conflicts.is_empty() {
+        common::telemetry::say(format_args!("{PROGRAM}: {}", ConfigErrors(conflicts)));
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let settings = resolved.settings;
     let _log = common::telemetry::init(&settings.log);
     let endpoint = Endpoint {

@@ -7,6 +7,18 @@
 //! in its default line-at-a-time mode with local echo, which suits a menu.
 //! Lines end in CR LF, LF, or CR NUL (and a bare CR); backspace, DEL and
 //! telnet's erase commands edit the line for clients that send keys raw.
+//!
+//! Nothing the client sends can make the reader hold more than a line, or
+//! stop listening. A line is limited to the reader's limit. A subnegotiation
+//! is limited to [`SUBNEGOTIATION_LIMIT`] bytes: since every option is
+//! refused, the only ones a client sends are short status reports (window
+//! size, terminal type) that it sends before it sees the refusal, so a
+//! longer one means the client lost track of the protocol and the session
+//! ends. As BSD's telnetd does, `IAC` followed by a command other than `SE`
+//! or `IAC` inside a subnegotiation ends it and the command is obeyed.
+//!
+//! The reader decodes one event at a time ([`LineReader::decode`]), so its
+//! caller can stop between two answers when its output backs up.
 
 /// Telnet's "interpret as command" byte.
 pub const IAC: u8 = 255;
@@ -20,6 +32,11 @@ const EC: u8 = 247;
 const AYT: u8 = 246;
 const SE: u8 = 240;
 
+/// The most bytes a subnegotiation may carry between `IAC SB` and `IAC SE`
+/// (BSD telnetd's buffer is as large). A window size report takes 5 to 9,
+/// a terminal type at most about 45.
+pub const SUBNEGOTIATION_LIMIT: usize = 512;
+
 /// Something the reader found in the client's bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
@@ -27,6 +44,9 @@ pub enum Input {
     Line(Vec<u8>),
     /// The line grew past the limit before it ended.
     TooLong,
+    /// A subnegotiation ran past [`SUBNEGOTIATION_LIMIT`] bytes without its
+    /// `IAC SE`.
+    SubnegotiationTooLong,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,8 +56,10 @@ enum State {
     AfterCr,
     Iac,
     Option(u8),
-    Sub,
-    SubIac,
+    /// Inside a subnegotiation, with this many bytes of it seen.
+    Sub(usize),
+    /// An IAC inside a subnegotiation, with this many bytes of it seen.
+    SubIac(usize),
 }
 
 /// Turns the client's bytes into lines and negotiation replies.
@@ -58,81 +80,121 @@ impl LineReader {
         }
     }
 
-    /// Feeds bytes read from the client. Complete lines go to `inputs`,
-    /// bytes to send back (negotiation refusals) to `replies`. After
-    /// [`Input::TooLong`] the rest of `bytes` is ignored: the caller closes.
-    pub fn feed(&mut self, bytes: &[u8], inputs: &mut Vec<Input>, replies: &mut Vec<u8>) {
-        for &b in bytes {
-            match self.state {
-                State::AfterCr if b == b'\n' || b == 0 => self.state = State::Data,
-                State::Data | State::AfterCr => {
-                    self.state = State::Data;
-                    match b {
-                        IAC => self.state = State::Iac,
-                        b'\r' => {
-                            inputs.push(Input::Line(std::mem::take(&mut self.line)));
-                            self.state = State::AfterCr;
-                        }
-                        b'\n' => inputs.push(Input::Line(std::mem::take(&mut self.line))),
-                        0x08 | 0x7f => {
-                            self.line.pop();
-                        }
-                        0 => {}
-                        _ => {
-                            if !self.push(b, inputs) {
-                                return;
-                            }
-                        }
-                    }
+    /// Decodes `bytes` up to the first event: a complete input, or a reply
+    /// to negotiation (appended to `replies`, at most 9 bytes). Returns how
+    /// many bytes it used, and the input if one completed; call again with
+    /// the rest. After [`Input::TooLong`] or [`Input::SubnegotiationTooLong`]
+    /// the caller closes the session.
+    pub fn decode(&mut self, bytes: &[u8], replies: &mut Vec<u8>) -> (usize, Option<Input>) {
+        for (i, &b) in bytes.iter().enumerate() {
+            let replied = replies.len();
+            let input = self.byte(b, replies);
+            if input.is_some() || replies.len() != replied {
+                return (i + 1, input);
+            }
+        }
+        (bytes.len(), None)
+    }
+
+    /// Decodes all of `bytes`: inputs go to `inputs`, replies to `replies`.
+    /// It stops at [`Input::TooLong`] or [`Input::SubnegotiationTooLong`],
+    /// ignoring the rest.
+    pub fn feed(&mut self, mut bytes: &[u8], inputs: &mut Vec<Input>, replies: &mut Vec<u8>) {
+        while !bytes.is_empty() {
+            let (used, input) = self.decode(bytes, replies);
+            bytes = &bytes[used..];
+            match input {
+                Some(Input::Line(line)) => inputs.push(Input::Line(line)),
+                Some(end) => {
+                    inputs.push(end);
+                    return;
                 }
-                State::Iac => {
-                    self.state = State::Data;
-                    match b {
-                        // IAC IAC is a data byte 255.
-                        IAC if !self.push(b, inputs) => return,
-                        IAC => {}
-                        WILL | WONT | DO | DONT => self.state = State::Option(b),
-                        SB => self.state = State::Sub,
-                        EC => {
-                            self.line.pop();
-                        }
-                        EL => self.line.clear(),
-                        AYT => replies.extend_from_slice(b"\r\n[yes]\r\n"),
-                        // NOP, data mark, break, interrupt, abort output, GA:
-                        // nothing to do for a menu.
-                        _ => {}
-                    }
-                }
-                State::Option(command) => {
-                    self.state = State::Data;
-                    match command {
-                        WILL => replies.extend_from_slice(&[IAC, DONT, b]),
-                        DO => replies.extend_from_slice(&[IAC, WONT, b]),
-                        // WONT and DONT agree with what we do already; an
-                        // answer could start a negotiation loop.
-                        _ => {}
-                    }
-                }
-                State::Sub => {
-                    if b == IAC {
-                        self.state = State::SubIac;
-                    }
-                }
-                State::SubIac => {
-                    self.state = if b == SE { State::Data } else { State::Sub };
-                }
+                None => {}
             }
         }
     }
 
-    fn push(&mut self, b: u8, inputs: &mut Vec<Input>) -> bool {
+    fn byte(&mut self, b: u8, replies: &mut Vec<u8>) -> Option<Input> {
+        match self.state {
+            State::AfterCr if b == b'\n' || b == 0 => self.state = State::Data,
+            State::Data | State::AfterCr => {
+                self.state = State::Data;
+                match b {
+                    IAC => self.state = State::Iac,
+                    b'\r' => {
+                        self.state = State::AfterCr;
+                        return Some(Input::Line(std::mem::take(&mut self.line)));
+                    }
+                    b'\n' => return Some(Input::Line(std::mem::take(&mut self.line))),
+                    0x08 | 0x7f => {
+                        self.line.pop();
+                    }
+                    0 => {}
+                    _ => return self.push(b),
+                }
+            }
+            State::Iac => return self.command(b, replies),
+            State::Option(command) => {
+                self.state = State::Data;
+                match command {
+                    WILL => replies.extend_from_slice(&[IAC, DONT, b]),
+                    DO => replies.extend_from_slice(&[IAC, WONT, b]),
+                    // WONT and DONT agree with what we do already; an
+                    // answer could start a negotiation loop.
+                    _ => {}
+                }
+            }
+            State::Sub(seen) => {
+                if seen >= SUBNEGOTIATION_LIMIT {
+                    self.state = State::Data;
+                    self.line.clear();
+                    return Some(Input::SubnegotiationTooLong);
+                }
+                self.state = if b == IAC {
+                    State::SubIac(seen + 1)
+                } else {
+                    State::Sub(seen + 1)
+                };
+            }
+            State::SubIac(seen) => match b {
+                SE => self.state = State::Data,
+                // An escaped 255 in the subnegotiation's data.
+                IAC => self.state = State::Sub(seen + 1),
+                // A command in the middle: the subnegotiation was cut
+                // short; obey the command.
+                _ => return self.command(b, replies),
+            },
+        }
+        None
+    }
+
+    /// The command byte after an IAC.
+    fn command(&mut self, b: u8, replies: &mut Vec<u8>) -> Option<Input> {
+        self.state = State::Data;
+        match b {
+            // IAC IAC is a data byte 255.
+            IAC => return self.push(b),
+            WILL | WONT | DO | DONT => self.state = State::Option(b),
+            SB => self.state = State::Sub(0),
+            EC => {
+                self.line.pop();
+            }
+            EL => self.line.clear(),
+            AYT => replies.extend_from_slice(b"\r\n[yes]\r\n"),
+            // NOP, data mark, break, interrupt, abort output, GA, a stray
+            // SE: nothing to do for a menu.
+            _ => {}
+        }
+        None
+    }
+
+    fn push(&mut self, b: u8) -> Option<Input> {
         if self.line.len() >= self.limit {
-            self.line.clear();
-            inputs.push(Input::TooLong);
-            return false;
+            self.line = Vec::new();
+            return Some(Input::TooLong);
         }
         self.line.push(b);
-        true
+        None
     }
 }
 
@@ -206,6 +268,47 @@ mod tests {
     fn an_escaped_iac_is_data() {
         let (inputs, _) = read(&[IAC, IAC, b'\n']);
         assert_eq!(inputs, vec![Input::Line(vec![255])]);
+    }
+
+    #[test]
+    fn a_subnegotiation_without_its_end_is_bounded() {
+        // The option byte and 511 more: at the limit, still waiting.
+        let mut bytes = vec![IAC, SB, 24];
+        bytes.extend(std::iter::repeat_n(b'x', SUBNEGOTIATION_LIMIT - 1));
+        let (inputs, _) = read(&bytes);
+        assert!(inputs.is_empty(), "{inputs:?}");
+        bytes.extend_from_slice(b"9\r\n");
+        let (inputs, _) = read(&bytes);
+        assert_eq!(inputs, vec![Input::SubnegotiationTooLong]);
+        // Escaped IACs count too: they cannot keep one open forever.
+        let mut bytes = vec![IAC, SB, 24];
+        bytes.extend(std::iter::repeat_n(IAC, 2 * SUBNEGOTIATION_LIMIT));
+        bytes.push(b'9');
+        let (inputs, _) = read(&bytes);
+        assert_eq!(inputs, vec![Input::SubnegotiationTooLong]);
+    }
+
+    #[test]
+    fn a_command_inside_a_subnegotiation_ends_it_and_is_obeyed() {
+        let (inputs, replies) = read(&[IAC, SB, 31, 0, IAC, DO, 1, b'9', b'\n']);
+        assert_eq!(inputs, vec![line("9")]);
+        assert_eq!(replies, vec![IAC, WONT, 1]);
+    }
+
+    #[test]
+    fn decode_stops_at_each_event() {
+        let mut reader = LineReader::new(16);
+        let mut replies = Vec::new();
+        let bytes = [b'1', b'\n', IAC, DO, 1, IAC, WILL, 3, b'2', b'\n'];
+        assert_eq!(reader.decode(&bytes, &mut replies), (2, Some(line("1"))));
+        assert_eq!(reader.decode(&bytes[2..], &mut replies), (3, None));
+        assert_eq!(replies, vec![IAC, WONT, 1]);
+        assert_eq!(reader.decode(&bytes[5..], &mut replies), (3, None));
+        assert_eq!(
+            reader.decode(&bytes[8..], &mut replies),
+            (2, Some(line("2")))
+        );
+        assert_eq!(reader.decode(b"12", &mut replies), (2, None));
     }
 
     #[test]

@@ -426,3 +426,175 @@ async fn a_thousand_concurrent_sessions() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn short_subnegotiations_are_skipped_and_9_still_quits() {
+    let server = Server::start(utc()).await;
+    let mut c = Client::connect(server.addr).await;
+    c.until(text::PROMPT).await;
+    // A window size (80x24) and a terminal type, each ended by IAC SE, the
+    // way telnet clients send them unasked; then 9.
+    let mut bytes = vec![255, 250, 31, 0, 80, 0, 24, 255, 240];
+    bytes.extend_from_slice(&[255, 250, 24, 0]);
+    bytes.extend_from_slice(b"XTERM-256COLOR");
+    bytes.extend_from_slice(&[255, 240]);
+    bytes.extend_from_slice(b"9\r\n");
+    c.send(&bytes).await;
+    assert_eq!(c.rest().await, text::GOODBYE);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_subnegotiation_that_never_ends_closes_the_session_with_a_reason() {
+    let server = Server::start(utc()).await;
+    let mut other = Client::connect(server.addr).await;
+    other.until(text::PROMPT).await;
+    let mut c = Client::connect(server.addr).await;
+    c.until(text::PROMPT).await;
+    // IAC SB, then menu choices and more, never IAC SE: the session must
+    // not swallow input forever.
+    c.send(&[255, 250, 24]).await;
+    for _ in 0..100 {
+        c.send(b"9\r\n1\r\n").await;
+    }
+    assert_eq!(
+        c.rest().await,
+        "\r\nTelnet subnegotiation over 512 bytes without its end (IAC SE); closing the connection.\r\n"
+    );
+    other.send(b"2\n").await;
+    assert!(other.until(text::PROMPT).await.starts_with(text::TIME));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_command_inside_a_subnegotiation_ends_it() {
+    let server = Server::start(utc()).await;
+    let mut c = Client::connect(server.addr).await;
+    c.until(text::PROMPT).await;
+    // IAC SB NAWS 0, cut short by IAC DO ECHO (as BSD telnetd reads it: the
+    // subnegotiation is over and the command is obeyed), then 9.
+    c.send(&[255, 250, 31, 0, 255, 253, 1, b'9', b'\r', b'\n'])
+        .await;
+    let mut refusal = [0u8; 3];
+    tokio::time::timeout(WAIT, c.stream.read_exact(&mut refusal))
+        .await
+        .expect("a reply to DO ECHO")
+        .unwrap();
+    assert_eq!(refusal, [255, 252, 1], "WONT ECHO");
+    assert_eq!(c.rest().await, text::GOODBYE);
+    server.shutdown().await;
+}
+
+/// Reads from `stream` until `count` prompts have arrived; returns how
+/// many did before the server closed or `WAIT` passed.
+async fn prompts(stream: &mut TcpStream, count: usize) -> usize {
+    let needle = text::PROMPT.as_bytes();
+    let mut seen = 0;
+    let mut carry: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let _ = tokio::time::timeout(WAIT, async {
+        while seen < count {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    carry.extend_from_slice(&buf[..n]);
+                    seen += carry.windows(needle.len()).filter(|w| *w == needle).count();
+                    let keep = carry.len().saturating_sub(needle.len() - 1);
+                    carry.drain(..keep);
+                }
+            }
+        }
+    })
+    .await;
+    seen
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_held_back_then_answered_in_full() {
+    let server = Server::start(utc()).await;
+    // Served before the flood begins, and after: the service is running.
+    let mut other = Client::connect(server.addr).await;
+    other.until(text::PROMPT).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    // Small buffers on the client's side: what it sends beyond them waits
+    // in the server's kernel buffers and the session's own.
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_send_buffer_size(4096).unwrap();
+    let mut flood = socket.connect(server.addr).await.unwrap();
+    let mut greeting = Client {
+        stream: flood,
+        seen: Vec::new(),
+    };
+    greeting.until(text::PROMPT).await;
+    flood = greeting.stream;
+    // Short wrong lines: each gets an answer about 60 times its size.
+    let lines = b"x\n".repeat(32 * 1024);
+    let mut sent = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), flood.write(&lines[sent % 2..])).await {
+            Ok(Ok(n)) => sent += n,
+            Ok(Err(e)) => panic!("the server closed while being flooded: {e}"),
+            // Nothing more is taken: the server stopped reading.
+            Err(_) => break,
+        }
+        assert!(
+            sent < 64 * 1024 * 1024,
+            "the server read {sent} bytes from a client that reads nothing"
+        );
+    }
+    // The server took little: its socket buffers for a client are small
+    // (left to itself the kernel grows the send buffer to megabytes, and
+    // the session fills them with answers).
+    assert!(
+        sent < 128 * 1024,
+        "the server took {sent} bytes from a client that reads nothing"
+    );
+    other.send(b"1\n").await;
+    assert!(other.until(text::PROMPT).await.starts_with(text::DATE));
+    // Every line it took is answered once the client reads: the session
+    // was held back, never cut off or answered in part.
+    let lines_sent = sent / 2;
+    assert_eq!(prompts(&mut flood, lines_sent).await, lines_sent);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn settings_that_cannot_work_are_refused() {
+    for (settings, key) in [
+        (
+            Settings {
+                max_line: 0,
+                ..utc()
+            },
+            "max_line",
+        ),
+        (
+            Settings {
+                max_line: 1 << 40,
+                ..utc()
+            },
+            "max_line",
+        ),
+        (
+            Settings {
+                instance: "a\r\nfake line".into(),
+                ..utc()
+            },
+            "instance",
+        ),
+        (
+            Settings {
+                time_zone: Some("Asia/Kolkata".parse().unwrap()),
+                ..utc()
+            },
+            "time_zone",
+        ),
+    ] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let result = tokio::time::timeout(WAIT, run(listener, settings, std::future::pending()))
+            .await
+            .expect("refused at once, not served");
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(err.contains(key), "{err}");
+    }
+}
