@@ -163,6 +163,38 @@ fn a_dead_log_pipe_never_stops_the_tunnel() {
 }
 
 #[test]
+fn a_log_reader_that_never_reads_never_stalls_the_tunnel() {
+    let (target, _) = echo_target();
+    let listen = local(free_port());
+    let mut command = Command::new(binary("tunnel"));
+    command
+        .args(["--listen", &listen.to_string(), "--target", &target.to_string()])
+        .env("TUNNEL_DENY", "127.0.0.2");
+    // Stderr is a pipe nobody reads: after 64 KiB of log lines a blocking
+    // write would wait forever.
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _unread = child.stderr.take();
+    wait_listening(listen, &mut child);
+    let _tunnel = Killed(child);
+    for i in 0..1500 {
+        if i % 3 == 0 {
+            assert!(refused(&mut connect_from("127.0.0.2", listen)));
+        } else {
+            let mut client = connect_from("127.0.0.1", listen);
+            assert!(
+                echoes(&mut client, b"through"),
+                "connection {i} was not served: the tunnel waits on its log"
+            );
+        }
+    }
+}
+
+#[test]
 fn mapped_access_entries_match_and_clients_are_logged_as_ipv4() {
     let (target, _) = echo_target();
     let port = free_port();
