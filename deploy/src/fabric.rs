@@ -31,9 +31,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use common::settings::{AccessList, ListenAddr, Seconds};
+pub use common::signal::Shutdown;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -195,74 +195,6 @@ fn free_loopback_port() -> anyhow::Result<SocketAddr> {
     Ok(socket.local_addr()?)
 }
 
-/// How the fabric is told to stop: a graceful stop first, and possibly a
-/// hurried one during it.
-#[derive(Debug, Clone, Default)]
-pub struct Shutdown {
-    graceful: CancellationToken,
-    now: CancellationToken,
-}
-
-impl Shutdown {
-    /// A shutdown that nothing has asked for yet.
-    pub fn new() -> Self {
-        Shutdown::default()
-    }
-
-    /// Starts a graceful stop: the balancers drain, the instances get
-    /// SIGTERM and the grace period.
-    pub fn begin(&self) {
-        self.graceful.cancel();
-    }
-
-    /// Cuts the stop short (and begins it if it had not begun): the
-    /// instances get SIGKILL at once and the balancers stop draining.
-    pub fn hurry(&self) {
-        self.graceful.cancel();
-        self.now.cancel();
-    }
-
-    /// A shutdown driven by SIGINT, SIGTERM and SIGHUP (the terminal was
-    /// closed): the first begins the stop, a second hurries it. Call it
-    /// within a Tokio runtime, before starting anything, so no signal finds
-    /// its default action (SIGHUP's is to die, leaving instances behind).
-    pub fn on_signals() -> io::Result<Shutdown> {
-        let mut signals = [
-            (signal(SignalKind::interrupt())?, "SIGINT"),
-            (signal(SignalKind::terminate())?, "SIGTERM"),
-            (signal(SignalKind::hangup())?, "SIGHUP"),
-        ];
-        let shutdown = Shutdown::new();
-        let asked = shutdown.clone();
-        tokio::spawn(async move {
-            let name = next_signal(&mut signals).await;
-            tracing::info!(
-                signal = name,
-                "stopping the fabric; a second signal stops it at once"
-            );
-            asked.begin();
-            let name = next_signal(&mut signals).await;
-            tracing::warn!(
-                signal = name,
-                "stopping at once: killing the instances, closing connections"
-            );
-            asked.hurry();
-        });
-        Ok(shutdown)
-    }
-}
-
-async fn next_signal(signals: &mut [(Signal, &'static str); 3]) -> &'static str {
-    let [(int, int_name), (term, term_name), (hup, hup_name)] = signals;
-    tokio::select! {
-        Some(()) = int.recv() => int_name,
-        Some(()) = term.recv() => term_name,
-        Some(()) = hup.recv() => hup_name,
-        // The runtime is going away: no signal will come.
-        else => std::future::pending().await,
-    }
-}
-
 /// Starts instances, all from one thread that lives as long as the fabric.
 /// An instance's parent-death signal fires when the *thread* that forked it
 /// ends; a runtime thread may end while the fabric runs (blocking-pool
@@ -374,7 +306,7 @@ pub async fn run(
         changed,
     };
     // Cancelled on a shutdown, or when the fabric cannot go on.
-    let stop = shutdown.graceful.child_token();
+    let stop = shutdown.begun().child_token();
     let supervisors = TaskTracker::new();
     for (index, (role, instance, binary, addr)) in plans.into_iter().enumerate() {
         let supervisor = Supervisor {
@@ -386,7 +318,7 @@ pub async fn run(
             addr,
             options: options.clone(),
             stop: stop.clone(),
-            now: shutdown.now.clone(),
+            now: shutdown.hurried().clone(),
             spawner: spawner.clone(),
             out: out.clone(),
             err: err.clone(),
@@ -434,7 +366,7 @@ pub async fn run(
     let drain = async {
         tokio::select! {
             _ = balancer.shutdown() => {}
-            _ = shutdown.now.cancelled() => {}
+            _ = shutdown.hurried().cancelled() => {}
         }
     };
     tokio::join!(drain, supervisors.wait());
@@ -791,7 +723,7 @@ mod tests {
             shutdown.hurry();
         };
         tokio::join!(
-            terminate(&mut child, Duration::from_secs(60), &shutdown.now),
+            terminate(&mut child, Duration::from_secs(60), shutdown.hurried()),
             second
         );
         assert!(

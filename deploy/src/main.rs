@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use common::cli::{parse_args, EXIT_CONFIG, EXIT_FAILED};
 use common::telemetry::{say, show};
 use deploy::definition::Definition;
-use deploy::fabric::{self, Options, Shutdown};
+use deploy::fabric::{self, Options};
 use deploy::{render, DEFAULT_DEFINITION, PROGRAM};
+use tokio::signal::unix::SignalKind;
 
 /// The service definition: roles, endpoints, settings, instance counts.
 #[derive(Debug, Parser)]
@@ -149,7 +150,14 @@ fn main() -> ExitCode {
                 }
             };
             let result = runtime.block_on(async {
-                let shutdown = Shutdown::on_signals().context("installing the signal handlers")?;
+                // SIGHUP too: a closed terminal stops the fabric, not just it.
+                let shutdown = common::signal::listen(&[
+                    (SignalKind::interrupt(), "SIGINT"),
+                    (SignalKind::terminate(), "SIGTERM"),
+                    (SignalKind::hangup(), "SIGHUP"),
+                ])
+                .context("installing the signal handlers")?
+                .clone();
                 fabric::run(&definition, &options, shutdown).await
             });
             // What is left (connections cut short by a second signal) is

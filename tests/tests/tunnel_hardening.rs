@@ -168,7 +168,12 @@ fn a_log_reader_that_never_reads_never_stalls_the_tunnel() {
     let listen = local(free_port());
     let mut command = Command::new(binary("tunnel"));
     command
-        .args(["--listen", &listen.to_string(), "--target", &target.to_string()])
+        .args([
+            "--listen",
+            &listen.to_string(),
+            "--target",
+            &target.to_string(),
+        ])
         .env("TUNNEL_DENY", "127.0.0.2");
     // Stderr is a pipe nobody reads: after 64 KiB of log lines a blocking
     // write would wait forever.

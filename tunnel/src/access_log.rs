@@ -106,7 +106,7 @@ impl AccessLog {
             received = entry.received,
             duration_ms = entry.duration.as_millis() as u64,
             end = entry.end,
-            detail = entry.detail.as_deref().unwrap_or(""),
+            detail = entry.detail.as_deref(),
             "connection"
         );
         if let Some((file, _)) = &self.file {
