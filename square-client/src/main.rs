@@ -72,5 +72,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(square_client::cli::run(&settings, args.numbers, format))
+    let code = runtime.block_on(square_client::cli::run(&settings, args.numbers, format));
+    // Answers are flushed as they come; what may still run is a read of a
+    // stdin that stays open (the server went away while a user types), and
+    // the exit must not wait for it.
+    runtime.shutdown_background();
+    code
 }

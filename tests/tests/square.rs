@@ -524,6 +524,29 @@ fn a_server_that_never_answers_is_given_up_after_the_reply_timeout() {
             "gave up after {took:?}, before {timeout:?}"
         );
     }
+    // Numbers on a stdin that stays open: the exit does not wait for it.
+    let mut typing = client()
+        .args(["--reply-timeout", "1s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = typing.stdin.take().unwrap();
+    stdin.write_all(b"12\n").unwrap();
+    let typed = Instant::now();
+    while typing.try_wait().unwrap().is_none() {
+        if typed.elapsed() > Duration::from_secs(20) {
+            let _ = typing.kill();
+            let _ = typing.wait();
+            panic!("square-client still runs 20 s after a 1s reply timeout, stdin open");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = typing.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
+    drop(stdin);
+
     while by_default.try_wait().unwrap().is_none() {
         if default_started.elapsed() > Duration::from_secs(90) {
             let _ = by_default.kill();
