@@ -61,22 +61,30 @@ impl PageBuf {
         self.len = 0;
     }
 
-    /// Makes room for `additional` more bytes. Buffers are sized for the
-    /// longest answer, so this moves to a larger mapping only if that
+    /// Moves to a mapping with room for `additional` more bytes. Buffers
+    /// are sized for the longest answer, so this happens only if that
     /// sizing is wrong.
-    fn reserve(&mut self, additional: usize) {
+    #[cold]
+    fn grow(&mut self, additional: usize) {
         let needed = self
             .len
             .checked_add(additional)
             .expect("a buffer size fits in memory");
-        if needed <= self.capacity() {
-            return;
-        }
         let mut larger = PageBuf::with_capacity(needed.max(2 * self.capacity()))
             .unwrap_or_else(|e| panic!("{e}"));
         larger.map[..self.len].copy_from_slice(&self.map[..self.len]);
         larger.len = self.len;
         *self = larger;
+    }
+
+    /// The `count` bytes after those held, made room for if need be.
+    #[inline]
+    fn room(&mut self, count: usize) -> &mut [u8] {
+        let start = self.len;
+        if self.map.len() - start < count {
+            self.grow(count);
+        }
+        &mut self.map[start..start + count]
     }
 }
 
@@ -89,16 +97,22 @@ impl Deref for PageBuf {
 }
 
 impl Output for PageBuf {
+    #[inline]
     fn extend_from_slice(&mut self, bytes: &[u8]) {
-        self.reserve(bytes.len());
-        self.map[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.room(bytes.len()).copy_from_slice(bytes);
         self.len += bytes.len();
     }
 
+    #[inline]
     fn push_repeated(&mut self, byte: u8, count: usize) {
-        self.reserve(count);
-        self.map[self.len..self.len + count].fill(byte);
+        self.room(count).fill(byte);
         self.len += count;
+    }
+
+    #[inline]
+    fn push(&mut self, byte: u8) {
+        self.room(1)[0] = byte;
+        self.len += 1;
     }
 }
 

@@ -156,57 +156,86 @@ impl Answerer<'_> {
         }
     }
 
-    /// Appends the answer to `line` of `input` (a complete line without its
-    /// `\n`, or the last one).
+    /// Appends the answer to `line` (a complete line without its `\n`, or
+    /// the last one) to `out`, unless it is a number for [`Compute`]: then
+    /// returns false and appends nothing. Synchronous, so that the many
+    /// small requests of a pipelined batch cost no future each.
+    fn answer_in_place(&mut self, line: &[u8], out: &mut PageBuf) -> bool {
+        if line.len() > self.limits.max_line {
+            refuse_too_long(line, self.limits.max_line, out);
+        } else {
+            match number::parse(line, self.limits.max_digits) {
+                Ok(n) if n.significant_digits() > OFFLOAD_DIGITS => return false,
+                Ok(n) => {
+                    number::write_square(n, out);
+                    out.push(b'\n');
+                }
+                Err(rejection) => {
+                    out.extend_from_slice(b"ERR ");
+                    number::describe(rejection, line.trim_ascii(), out);
+                    out.push(b'\n');
+                }
+            }
+        }
+        // A request costs at least as much as a few bytes.
+        self.unchecked += line.len() + 16;
+        true
+    }
+
+    /// Whether the work done in place since the thread was last given up
+    /// has used up a [`SLICE`]: the clock is read every [`CHECK_BYTES`].
+    fn slice_used(&mut self) -> bool {
+        if self.unchecked < CHECK_BYTES {
+            return false;
+        }
+        self.unchecked = 0;
+        if self.slice.elapsed() < SLICE {
+            return false;
+        }
+        self.slice = Instant::now();
+        true
+    }
+
+    /// Appends the answer to `line` of `input`, worked out by [`Compute`]
+    /// with both buffers handed over and back.
+    async fn answer_big(
+        &mut self,
+        input: &mut Option<PageBuf>,
+        line: Range<usize>,
+        out: &mut Option<PageBuf>,
+    ) -> io::Result<()> {
+        let (taken_input, taken_out) = (input.take(), out.take());
+        let (back_input, back_out) = self
+            .compute
+            .square(
+                taken_input.expect("the line is in the input"),
+                line,
+                self.limits.max_digits,
+                taken_out.expect("mapped before the line was looked at"),
+            )
+            .await?;
+        *input = Some(back_input);
+        *out = Some(back_out);
+        // Waiting for it gave the thread up.
+        self.slice = Instant::now();
+        self.unchecked = 0;
+        Ok(())
+    }
+
+    /// Appends the answer to `line` of `input`, however it is worked out,
+    /// giving the thread up when a slice is used.
     async fn answer(
         &mut self,
         input: &mut Option<PageBuf>,
         line: Range<usize>,
         out: &mut Option<PageBuf>,
     ) -> io::Result<()> {
-        let buf = self.out(out)?;
         let text = &input.as_ref().expect("a line to answer")[line.clone()];
-        if text.len() > self.limits.max_line {
-            refuse_too_long(text, self.limits.max_line, buf);
-        } else {
-            match number::parse(text, self.limits.max_digits) {
-                Ok(n) if n.significant_digits() > OFFLOAD_DIGITS => {
-                    let (taken_input, taken_out) = (input.take(), out.take());
-                    let (back_input, back_out) = self
-                        .compute
-                        .square(
-                            taken_input.expect("held above"),
-                            line,
-                            self.limits.max_digits,
-                            taken_out.expect("mapped above"),
-                        )
-                        .await?;
-                    *input = Some(back_input);
-                    *out = Some(back_out);
-                    // Waiting for it gave the thread up.
-                    self.slice = Instant::now();
-                    self.unchecked = 0;
-                    return Ok(());
-                }
-                Ok(n) => {
-                    number::write_square(n, buf);
-                    buf.push(b'\n');
-                }
-                Err(rejection) => {
-                    buf.extend_from_slice(b"ERR ");
-                    number::describe(rejection, text.trim_ascii(), buf);
-                    buf.push(b'\n');
-                }
-            }
+        if !self.answer_in_place(text, self.out(out)?) {
+            return self.answer_big(input, line, out).await;
         }
-        // A request costs at least as much as a few bytes.
-        self.unchecked += line.len() + 16;
-        if self.unchecked >= CHECK_BYTES {
-            self.unchecked = 0;
-            if self.slice.elapsed() >= SLICE {
-                tokio::task::yield_now().await;
-                self.slice = Instant::now();
-            }
+        if self.slice_used() {
+            tokio::task::yield_now().await;
         }
         Ok(())
     }
@@ -258,8 +287,12 @@ where
             let end = searched + at;
             if discarding {
                 discarding = false;
-            } else {
-                answerer.answer(&mut input, start..end, &mut out).await?;
+            } else if !answerer.answer_in_place(&buf[start..end], answerer.out(&mut out)?) {
+                answerer
+                    .answer_big(&mut input, start..end, &mut out)
+                    .await?;
+            } else if answerer.slice_used() {
+                tokio::task::yield_now().await;
             }
             start = end + 1;
             searched = start;
