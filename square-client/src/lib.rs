@@ -37,6 +37,10 @@ pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_SIZE: usize = 64 * 1024;
 /// How much of a very long request line is kept to show with its answer.
 const LONG_LINE_PREFIX: usize = 64;
+/// The longest answer line taken from a server: twice that of the largest
+/// square a square-server can send (a million digits squared is 2,000,002
+/// bytes). A longer one is from something else, and is not kept growing.
+const MAX_ANSWER: usize = 4 * 1024 * 1024;
 
 /// Why a square could not be had.
 #[derive(Debug)]
@@ -189,7 +193,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             let stream = self.stream.get_mut();
             stream.write_all(&request).await?;
             stream.flush().await?;
-            self.stream.read_until(b'\n', &mut self.line).await
+            // One byte over the limit is enough to tell.
+            (&mut self.stream)
+                .take(MAX_ANSWER as u64 + 1)
+                .read_until(b'\n', &mut self.line)
+                .await
         };
         match tokio::time::timeout(self.reply_timeout, exchange).await {
             Ok(result) => result.map_err(SquareError::Connection)?,
@@ -200,6 +208,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             }
         };
         let Some(answer) = self.line.strip_suffix(b"\n") else {
+            if self.line.len() > MAX_ANSWER {
+                return Err(SquareError::Connection(too_long_answer()));
+            }
             return Err(SquareError::Connection(closed_early(1)));
         };
         let answer = String::from_utf8_lossy(answer.strip_suffix(b"\r").unwrap_or(answer));
@@ -312,6 +323,16 @@ where
         writer.abort();
         result
     }
+}
+
+fn too_long_answer() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "the server sent a line of more than {} MiB, longer than any square; is it a square server?",
+            MAX_ANSWER >> 20
+        ),
+    )
 }
 
 fn closed_early(unanswered: usize) -> io::Error {
@@ -550,6 +571,9 @@ impl<S: AsyncRead + AsyncWrite> Replies<S> {
             }
             buf.drain(..start);
             searched = buf.len();
+            if buf.len() > MAX_ANSWER {
+                return Err(SquareError::Connection(too_long_answer()));
+            }
             if !out.is_empty() {
                 output.write_all(&out).await.map_err(SquareError::Output)?;
                 // Flushed per batch so an interactive user sees each answer.

@@ -263,3 +263,51 @@ async fn waiting_for_input_is_no_reply_timeout() {
     assert_eq!(output, b"25 36 ");
     typist.await.unwrap();
 }
+
+#[tokio::test]
+async fn an_endless_answer_is_not_kept() {
+    use tokio::io::AsyncWriteExt;
+    // Something that answers any connection with 8 MiB and no newline, then
+    // holds it open.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let talker = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let chunk = vec![b'7'; 64 * 1024];
+            tokio::spawn(async move {
+                for _ in 0..128 {
+                    if stream.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                std::future::pending::<()>().await;
+            });
+            held.push(());
+        }
+    });
+    let is_too_long = |e: &SquareError| {
+        matches!(e, SquareError::Connection(_)) && e.to_string().contains("more than 4 MiB")
+    };
+    let mut client = Client::connect(&addr).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(20), client.square("12"))
+        .await
+        .expect("square() stops reading a line that never ends");
+    assert!(result.as_ref().is_err_and(is_too_long), "{result:?}");
+
+    let client = Client::connect(&addr).await.unwrap();
+    let mut output = Vec::new();
+    let result = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.stream(
+            std::io::Cursor::new(b"12\n".to_vec()),
+            &mut output,
+            StreamOptions::default(),
+            |_, _| {},
+        ),
+    )
+    .await
+    .expect("stream() stops reading a line that never ends");
+    assert!(result.as_ref().is_err_and(is_too_long), "{result:?}");
+    talker.abort();
+}
