@@ -25,7 +25,8 @@ pub enum Format {
 
 /// Squares `numbers`, or each line of standard input when there are none,
 /// and returns the exit status: 0 when every number was squared, 1 when
-/// any was refused, 64 for a usage error, 69 when the server is unreachable.
+/// any was refused, 64 for a usage error, 69 when the server is unreachable
+/// or leaves requests unanswered for the reply timeout.
 pub async fn run(settings: &Settings, numbers: Vec<String>, format: Format) -> ExitCode {
     let (input, options): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, _) = if numbers.is_empty()
     {
@@ -49,7 +50,7 @@ pub async fn run(settings: &Settings, numbers: Vec<String>, format: Format) -> E
 
     let server = settings.server.to_string();
     let client = match Client::connect_timeout(&server, settings.connect_timeout.0).await {
-        Ok(client) => client,
+        Ok(client) => client.with_reply_timeout(settings.reply_timeout.0),
         Err(e) => {
             common::telemetry::say(format_args!(
                 "{PROGRAM}: {e}; start square-server there, or give another address with --server or SQUARE_CLIENT_SERVER"
@@ -72,6 +73,15 @@ pub async fn run(settings: &Settings, numbers: Vec<String>, format: Format) -> E
         }
         Err(e @ SquareError::Connection(_)) => {
             common::telemetry::say(format_args!("{PROGRAM}: {e} (at {server})"));
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+        Err(SquareError::NoAnswer { waited }) => {
+            common::telemetry::say(format_args!(
+                "{PROGRAM}: the square server at {server} sent no answer for {}; check that square-server \
+                 is what listens there and that it is not overloaded, or wait longer with --reply-timeout \
+                 or SQUARE_CLIENT_REPLY_TIMEOUT",
+                humantime::format_duration(waited)
+            ));
             ExitCode::from(EXIT_UNAVAILABLE)
         }
         Err(e) => {

@@ -6,10 +6,17 @@
 //! bounded window: a writer task reads the input and sends requests in
 //! batches while the caller's task reads the answers, so throughput is not
 //! limited by round trips and memory stays constant however long the input.
+//!
+//! Every wait on the server is bounded: connecting by the connect timeout,
+//! and, while any request is unanswered, each wait for more of the answers
+//! by the reply timeout ([`Client::with_reply_timeout`]); a server that
+//! accepts and never answers is [`SquareError::NoAnswer`]. Only waiting for
+//! the caller's own input is not bounded.
 
 pub mod cli;
 pub mod settings;
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::time::Duration;
@@ -22,11 +29,18 @@ use tokio::sync::mpsc;
 
 /// How long [`Client::connect`] waits for the server to accept.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for the server's next answer while requests are
+/// unanswered, unless told otherwise.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bytes asked of the input or the socket per read.
 const READ_SIZE: usize = 64 * 1024;
 /// How much of a very long request line is kept to show with its answer.
 const LONG_LINE_PREFIX: usize = 64;
+/// The longest answer line taken from a server: twice that of the largest
+/// square a square-server can send (a million digits squared is 2,000,002
+/// bytes). A longer one is from something else, and is not kept growing.
+const MAX_ANSWER: usize = 4 * 1024 * 1024;
 
 /// Why a square could not be had.
 #[derive(Debug)]
@@ -55,6 +69,12 @@ pub enum SquareError {
     /// The connection failed or the server closed it before answering
     /// everything.
     Connection(io::Error),
+    /// Requests were unanswered and nothing came from the server for the
+    /// reply timeout.
+    NoAnswer {
+        /// The reply timeout.
+        waited: Duration,
+    },
     /// Reading the input of [`Client::stream`] failed.
     Input(io::Error),
     /// Writing the output of [`Client::stream`] failed.
@@ -75,6 +95,11 @@ impl fmt::Display for SquareError {
             SquareError::Connection(e) => {
                 write!(f, "lost the connection to the square server: {e}")
             }
+            SquareError::NoAnswer { waited } => write!(
+                f,
+                "the square server sent no answer for {}",
+                humantime::format_duration(*waited)
+            ),
             SquareError::Input(e) => write!(f, "cannot read the input: {e}"),
             SquareError::Output(e) => write!(f, "cannot write the output: {e}"),
         }
@@ -98,6 +123,7 @@ impl std::error::Error for SquareError {
 pub struct Client<S = TcpStream> {
     stream: BufReader<S>,
     line: Vec<u8>,
+    reply_timeout: Duration,
 }
 
 impl Client<TcpStream> {
@@ -136,12 +162,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Client {
             stream: BufReader::new(stream),
             line: Vec::new(),
+            reply_timeout: DEFAULT_REPLY_TIMEOUT,
         }
+    }
+
+    /// Waits at most `timeout` for the server's next answer while requests
+    /// are unanswered (and, at the end of [`Client::stream`], for it to
+    /// close); [`DEFAULT_REPLY_TIMEOUT`] unless set.
+    pub fn with_reply_timeout(mut self, timeout: Duration) -> Self {
+        self.reply_timeout = timeout;
+        self
     }
 
     /// The exact square of `number` (`"12"` gives `"144"`, `"1.5"` gives
     /// `"2.25"`). [`SquareError::Rejected`] carries the server's reason when
-    /// it is not a number; the connection stays usable.
+    /// it is not a number; the connection stays usable. After
+    /// [`SquareError::NoAnswer`] it does not (a late answer would be taken
+    /// for the next one): connect again.
     pub async fn square(&mut self, number: &str) -> Result<String, SquareError> {
         if number.contains(['\n', '\r']) {
             return Err(SquareError::InvalidRequest {
@@ -151,18 +188,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let mut request = Vec::with_capacity(number.len() + 1);
         request.extend_from_slice(number.as_bytes());
         request.push(b'\n');
-        let stream = self.stream.get_mut();
-        stream
-            .write_all(&request)
-            .await
-            .map_err(SquareError::Connection)?;
-        stream.flush().await.map_err(SquareError::Connection)?;
         self.line.clear();
-        self.stream
-            .read_until(b'\n', &mut self.line)
-            .await
-            .map_err(SquareError::Connection)?;
+        let exchange = async {
+            let stream = self.stream.get_mut();
+            stream.write_all(&request).await?;
+            stream.flush().await?;
+            // One byte over the limit is enough to tell.
+            (&mut self.stream)
+                .take(MAX_ANSWER as u64 + 1)
+                .read_until(b'\n', &mut self.line)
+                .await
+        };
+        match tokio::time::timeout(self.reply_timeout, exchange).await {
+            Ok(result) => result.map_err(SquareError::Connection)?,
+            Err(_) => {
+                return Err(SquareError::NoAnswer {
+                    waited: self.reply_timeout,
+                })
+            }
+        };
         let Some(answer) = self.line.strip_suffix(b"\n") else {
+            if self.line.len() > MAX_ANSWER {
+                return Err(SquareError::Connection(too_long_answer()));
+            }
             return Err(SquareError::Connection(closed_early(1)));
         };
         let answer = String::from_utf8_lossy(answer.strip_suffix(b"\r").unwrap_or(answer));
@@ -257,16 +305,34 @@ where
         W: AsyncWrite + Unpin,
         F: FnMut(Reply<'_>, &mut Vec<u8>),
     {
+        let reply_timeout = self.reply_timeout;
         let stream = self.stream.into_inner();
         let (socket_in, socket_out) = tokio::io::split(stream);
         let (tx, rx) = mpsc::channel(options.max_batches.max(1));
         let writer = tokio::spawn(send_requests(input, socket_out, tx, options));
-        let result = read_replies(socket_in, rx, output, &mut on_reply).await;
+        let replies = Replies {
+            socket: socket_in,
+            sent: rx,
+            announced: VecDeque::new(),
+            writer_gone: false,
+            reply_timeout,
+        };
+        let result = replies.read(output, &mut on_reply).await;
         // On success the writer has finished; on failure it may be waiting
         // for input that no longer matters.
         writer.abort();
         result
     }
+}
+
+fn too_long_answer() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "the server sent a line of more than {} MiB, longer than any square; is it a square server?",
+            MAX_ANSWER >> 20
+        ),
+    )
 }
 
 fn closed_early(unanswered: usize) -> io::Error {
@@ -419,123 +485,170 @@ impl<W: AsyncRead + AsyncWrite> Feeder<'_, W> {
 }
 
 /// The reader: matches each answer line with the next request sent.
-async fn read_replies<S, W, F>(
-    mut socket: ReadHalf<S>,
-    mut rx: mpsc::Receiver<Sent>,
-    output: &mut W,
-    on_reply: &mut F,
-) -> Result<Summary, SquareError>
-where
-    S: AsyncRead + AsyncWrite,
-    W: AsyncWrite + Unpin,
-    F: FnMut(Reply<'_>, &mut Vec<u8>),
-{
-    let mut summary = Summary::default();
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_SIZE);
-    let mut out: Vec<u8> = Vec::with_capacity(2 * READ_SIZE);
-    let mut searched = 0;
-    // The batch being answered and the offset of its next request.
-    let mut current = Bytes::new();
-    let mut next = 0;
-    loop {
-        let mut start = 0;
-        while let Some(at) = memchr::memchr(b'\n', &buf[searched..]) {
-            let end = searched + at;
-            let line = &buf[start..end];
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let (input, input_truncated): (&[u8], bool) = loop {
-                if next < current.len() {
-                    let len = memchr::memchr(b'\n', &current[next..])
-                        .expect("every request in a batch ends in a newline");
-                    let input = &current[next..next + len];
-                    next += len + 1;
-                    break (input, false);
-                }
-                match rx.recv().await {
-                    Some(Sent::Lines(batch)) => {
-                        current = batch;
-                        next = 0;
-                    }
-                    Some(Sent::Long(prefix)) => {
-                        current = prefix;
-                        next = current.len();
-                        break (&current[..], true);
-                    }
-                    Some(Sent::InputFailed(e)) => return Err(SquareError::Input(e)),
-                    Some(Sent::End) | None => {
-                        return Err(SquareError::Connection(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "the server sent more answers than there were requests",
-                        )))
-                    }
-                }
-            };
-            let text = std::str::from_utf8(line).map_err(|_| {
-                SquareError::Connection(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "the server sent an answer that is not text",
-                ))
-            })?;
-            let answer = match text.strip_prefix("ERR ") {
-                Some(reason) => {
-                    summary.rejected += 1;
-                    Err(reason)
-                }
-                None => {
-                    summary.squared += 1;
-                    Ok(text)
-                }
-            };
-            on_reply(
-                Reply {
-                    input,
-                    input_truncated,
-                    answer,
-                },
-                &mut out,
-            );
-            start = end + 1;
-            searched = start;
-        }
-        buf.drain(..start);
-        searched = buf.len();
-        if !out.is_empty() {
-            output.write_all(&out).await.map_err(SquareError::Output)?;
-            // Flushed per batch so an interactive user sees each answer.
-            output.flush().await.map_err(SquareError::Output)?;
-            out.clear();
-        }
-        buf.reserve(READ_SIZE);
-        let read = socket
-            .read_buf(&mut buf)
-            .await
-            .map_err(SquareError::Connection)?;
-        if read == 0 {
-            return finish(summary, &buf, &current[next..], &mut rx);
-        }
-    }
+struct Replies<S> {
+    socket: ReadHalf<S>,
+    /// What the writer announces, in the order it sends it.
+    sent: mpsc::Receiver<Sent>,
+    /// Announcements taken from `sent` while waiting, not yet answered.
+    announced: VecDeque<Sent>,
+    /// The writer has gone without announcing the end: it could not send.
+    writer_gone: bool,
+    reply_timeout: Duration,
 }
 
-/// At the server's EOF: fine when everything sent was answered and the
-/// writer had already announced the end.
-fn finish(
-    summary: Summary,
-    partial: &[u8],
-    unanswered: &[u8],
-    rx: &mut mpsc::Receiver<Sent>,
-) -> Result<Summary, SquareError> {
-    let mut missing = memchr::memchr_iter(b'\n', unanswered).count();
-    if !partial.is_empty() {
-        missing += 1;
+impl<S: AsyncRead + AsyncWrite> Replies<S> {
+    async fn read<W, F>(mut self, output: &mut W, on_reply: &mut F) -> Result<Summary, SquareError>
+    where
+        W: AsyncWrite + Unpin,
+        F: FnMut(Reply<'_>, &mut Vec<u8>),
+    {
+        let mut summary = Summary::default();
+        let mut buf: Vec<u8> = Vec::with_capacity(READ_SIZE);
+        let mut out: Vec<u8> = Vec::with_capacity(2 * READ_SIZE);
+        let mut searched = 0;
+        // The batch being answered and the offset of its next request.
+        let mut current = Bytes::new();
+        let mut next = 0;
+        loop {
+            let mut start = 0;
+            while let Some(at) = memchr::memchr(b'\n', &buf[searched..]) {
+                let end = searched + at;
+                let line = &buf[start..end];
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let (input, input_truncated): (&[u8], bool) = loop {
+                    if next < current.len() {
+                        let len = memchr::memchr(b'\n', &current[next..])
+                            .expect("every request in a batch ends in a newline");
+                        let input = &current[next..next + len];
+                        next += len + 1;
+                        break (input, false);
+                    }
+                    match self.next_sent() {
+                        Some(Sent::Lines(batch)) => {
+                            current = batch;
+                            next = 0;
+                        }
+                        Some(Sent::Long(prefix)) => {
+                            current = prefix;
+                            next = current.len();
+                            break (&current[..], true);
+                        }
+                        Some(Sent::InputFailed(e)) => return Err(SquareError::Input(e)),
+                        Some(Sent::End) | None => {
+                            return Err(SquareError::Connection(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "the server sent more answers than there were requests",
+                            )))
+                        }
+                    }
+                };
+                let text = std::str::from_utf8(line).map_err(|_| {
+                    SquareError::Connection(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the server sent an answer that is not text",
+                    ))
+                })?;
+                let answer = match text.strip_prefix("ERR ") {
+                    Some(reason) => {
+                        summary.rejected += 1;
+                        Err(reason)
+                    }
+                    None => {
+                        summary.squared += 1;
+                        Ok(text)
+                    }
+                };
+                on_reply(
+                    Reply {
+                        input,
+                        input_truncated,
+                        answer,
+                    },
+                    &mut out,
+                );
+                start = end + 1;
+                searched = start;
+            }
+            buf.drain(..start);
+            searched = buf.len();
+            if buf.len() > MAX_ANSWER {
+                return Err(SquareError::Connection(too_long_answer()));
+            }
+            if !out.is_empty() {
+                output.write_all(&out).await.map_err(SquareError::Output)?;
+                // Flushed per batch so an interactive user sees each answer.
+                output.flush().await.map_err(SquareError::Output)?;
+                out.clear();
+            }
+            buf.reserve(READ_SIZE);
+            let awaited = next < current.len()
+                || !self.announced.is_empty()
+                || !self.sent.is_empty()
+                || self.writer_gone;
+            let read = if awaited {
+                // Requests are unanswered, or everything is sent and the
+                // server is to close: that wait is bounded.
+                match tokio::time::timeout(self.reply_timeout, self.socket.read_buf(&mut buf)).await
+                {
+                    Ok(read) => read,
+                    Err(_) => {
+                        return Err(SquareError::NoAnswer {
+                            waited: self.reply_timeout,
+                        })
+                    }
+                }
+            } else {
+                // Everything sent is answered: wait for more input (as long
+                // as it takes), watching the connection meanwhile.
+                tokio::select! {
+                    sent = self.sent.recv() => {
+                        match sent {
+                            Some(sent) => self.announced.push_back(sent),
+                            None => self.writer_gone = true,
+                        }
+                        continue;
+                    }
+                    read = self.socket.read_buf(&mut buf) => read,
+                }
+            };
+            if read.map_err(SquareError::Connection)? == 0 {
+                return self.finish(summary, &buf, &current[next..]);
+            }
+        }
     }
-    loop {
-        match rx.try_recv() {
-            Ok(Sent::Lines(batch)) => missing += memchr::memchr_iter(b'\n', &batch).count(),
-            Ok(Sent::Long(_)) => missing += 1,
-            Ok(Sent::InputFailed(e)) => return Err(SquareError::Input(e)),
-            Ok(Sent::End) if missing == 0 => return Ok(summary),
-            // Closed by the server before our end of input reached it.
-            Ok(Sent::End) | Err(_) => return Err(SquareError::Connection(closed_early(missing))),
+
+    /// The next thing the writer announced. An answer is read only after
+    /// its request was announced and sent, so there is none when the
+    /// server answers what was not asked.
+    fn next_sent(&mut self) -> Option<Sent> {
+        self.announced
+            .pop_front()
+            .or_else(|| self.sent.try_recv().ok())
+    }
+
+    /// At the server's EOF: fine when everything sent was answered and the
+    /// writer had already announced the end.
+    fn finish(
+        mut self,
+        summary: Summary,
+        partial: &[u8],
+        unanswered: &[u8],
+    ) -> Result<Summary, SquareError> {
+        let mut missing = memchr::memchr_iter(b'\n', unanswered).count();
+        if !partial.is_empty() {
+            missing += 1;
+        }
+        loop {
+            match self.next_sent() {
+                Some(Sent::Lines(batch)) => missing += memchr::memchr_iter(b'\n', &batch).count(),
+                Some(Sent::Long(_)) => missing += 1,
+                Some(Sent::InputFailed(e)) => return Err(SquareError::Input(e)),
+                Some(Sent::End) if missing == 0 => return Ok(summary),
+                // Closed by the server before our end of input reached it.
+                Some(Sent::End) | None => {
+                    return Err(SquareError::Connection(closed_early(missing)))
+                }
+            }
         }
     }
 }

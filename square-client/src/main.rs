@@ -13,7 +13,8 @@ use square_client::settings::Settings;
 ///
 /// Prints each square on its own line. With no NUMBER, squares every line of
 /// standard input, pipelined. Exit status: 0 all squared, 1 a number was
-/// refused, 64 usage or configuration error, 69 the server is unreachable.
+/// refused, 64 usage or configuration error, 69 the server is unreachable
+/// or sends no answer within the reply timeout.
 #[derive(Debug, Parser, Serialize)]
 #[command(name = "square-client", version)]
 struct Args {
@@ -30,6 +31,11 @@ struct Args {
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     connect_timeout: Option<String>,
+
+    /// How long to wait for the server's next answer while requests are unanswered, such as 30s or 2m [default: 30s] (also SQUARE_CLIENT_REPLY_TIMEOUT)
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reply_timeout: Option<String>,
 
     /// Print one JSON object per line: {"input":"12","square":"144"} or {"input":"x","error":"..."}
     #[arg(long)]
@@ -66,5 +72,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(square_client::cli::run(&settings, args.numbers, format))
+    let code = runtime.block_on(square_client::cli::run(&settings, args.numbers, format));
+    // Answers are flushed as they come; what may still run is a read of a
+    // stdin that stays open (the server went away while a user types), and
+    // the exit must not wait for it.
+    runtime.shutdown_background();
+    code
 }

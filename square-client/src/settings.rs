@@ -3,7 +3,8 @@
 //! `SQUARE_CLIENT_*` environment < flags).
 
 use common::settings::{LogSettings, Seconds};
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// The square server's address: `HOST:PORT`, resolved when connecting.
 pub use common::settings::HostPort as ServerAddr;
@@ -14,8 +15,14 @@ pub use common::settings::HostPort as ServerAddr;
 pub struct Settings {
     /// The square server, `HOST:PORT`.
     pub server: ServerAddr,
-    /// How long to wait for the server to accept the connection.
+    /// How long to wait for the server to accept the connection (more
+    /// than 0).
+    #[serde(deserialize_with = "some_time")]
     pub connect_timeout: Seconds,
+    /// How long to wait for the server's next answer while requests are
+    /// unanswered (more than 0).
+    #[serde(deserialize_with = "some_time")]
+    pub reply_timeout: Seconds,
     /// Log level and format.
     #[serde(flatten)]
     pub log: LogSettings,
@@ -26,7 +33,20 @@ impl Default for Settings {
         Settings {
             server: "127.0.0.1:2345".parse().expect("a valid default"),
             connect_timeout: Seconds::from_secs(5),
+            reply_timeout: Seconds::from_secs(30),
             log: LogSettings::default(),
         }
     }
+}
+
+/// Reads a timeout, which must leave some time: with 0 every wait would
+/// fail at once.
+fn some_time<'de, D: Deserializer<'de>>(d: D) -> Result<Seconds, D::Error> {
+    let timeout = Seconds::deserialize(d)?;
+    if timeout.0.is_zero() {
+        return Err(D::Error::custom(
+            "must be more than 0, or nothing could ever arrive in time; write it like 5s or 500ms",
+        ));
+    }
+    Ok(timeout)
 }

@@ -174,3 +174,140 @@ async fn the_server_closing_early_is_a_connection_error() {
     );
     assert_eq!(output, b"25");
 }
+
+/// A listener that accepts and never answers (nor reads): its address, and
+/// the task holding the connections.
+async fn silent() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    (addr, holder)
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_is_given_up() {
+    let (addr, holder) = silent().await;
+    let timeout = Duration::from_millis(300);
+    let mut client = Client::connect(&addr)
+        .await
+        .unwrap()
+        .with_reply_timeout(timeout);
+    let asked = tokio::time::Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(10), client.square("12"))
+        .await
+        .expect("square() gives up by itself");
+    assert!(
+        matches!(result, Err(SquareError::NoAnswer { waited }) if waited == timeout),
+        "{result:?}"
+    );
+    assert!(asked.elapsed() >= timeout);
+    assert_eq!(
+        result.unwrap_err().to_string(),
+        "the square server sent no answer for 300ms"
+    );
+
+    let client = Client::connect(&addr)
+        .await
+        .unwrap()
+        .with_reply_timeout(timeout);
+    let mut output = Vec::new();
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.stream(
+            std::io::Cursor::new(b"1\n2\n".to_vec()),
+            &mut output,
+            StreamOptions::default(),
+            |_, _| {},
+        ),
+    )
+    .await
+    .expect("stream() gives up by itself");
+    assert!(
+        matches!(result, Err(SquareError::NoAnswer { .. })),
+        "{result:?}"
+    );
+    holder.abort();
+}
+
+#[tokio::test]
+async fn waiting_for_input_is_no_reply_timeout() {
+    let addr = server(square_server::Settings::default()).await;
+    let client = Client::connect(&addr)
+        .await
+        .unwrap()
+        .with_reply_timeout(Duration::from_millis(200));
+    let (input, mut typing) = tokio::io::duplex(64);
+    let typist = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        typing.write_all(b"5\n").await.unwrap();
+        // Five reply timeouts with every request answered.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        typing.write_all(b"6\n").await.unwrap();
+    });
+    let mut output = Vec::new();
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.stream(input, &mut output, StreamOptions::default(), |r, out| {
+            out.extend_from_slice(r.answer.unwrap().as_bytes());
+            out.push(b' ');
+        }),
+    )
+    .await
+    .expect("the stream ends with its input");
+    assert_eq!(result.unwrap().squared, 2);
+    assert_eq!(output, b"25 36 ");
+    typist.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_endless_answer_is_not_kept() {
+    use tokio::io::AsyncWriteExt;
+    // Something that answers any connection with 8 MiB and no newline, then
+    // holds it open.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let talker = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let chunk = vec![b'7'; 64 * 1024];
+            tokio::spawn(async move {
+                for _ in 0..128 {
+                    if stream.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                std::future::pending::<()>().await;
+            });
+            held.push(());
+        }
+    });
+    let is_too_long = |e: &SquareError| {
+        matches!(e, SquareError::Connection(_)) && e.to_string().contains("more than 4 MiB")
+    };
+    let mut client = Client::connect(&addr).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(20), client.square("12"))
+        .await
+        .expect("square() stops reading a line that never ends");
+    assert!(result.as_ref().is_err_and(is_too_long), "{result:?}");
+
+    let client = Client::connect(&addr).await.unwrap();
+    let mut output = Vec::new();
+    let result = tokio::time::timeout(
+        Duration::from_secs(20),
+        client.stream(
+            std::io::Cursor::new(b"12\n".to_vec()),
+            &mut output,
+            StreamOptions::default(),
+            |_, _| {},
+        ),
+    )
+    .await
+    .expect("stream() stops reading a line that never ends");
+    assert!(result.as_ref().is_err_and(is_too_long), "{result:?}");
+    talker.abort();
+}

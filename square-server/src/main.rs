@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use common::cli::{load, parse_args, serve_endpoint, CommonArgs, Loaded, ServeArgs};
+use common::cli::{load, parse_args, serve_endpoint, CommonArgs, Loaded, ServeArgs, EXIT_CONFIG};
+use common::config::ConfigErrors;
 use common::endpoint::Endpoint;
 use serde::Serialize;
 use square_server::{Settings, ENDPOINT, PROGRAM};
@@ -29,10 +30,15 @@ struct Args {
     #[serde(skip_serializing_if = "Option::is_none")]
     listen: Option<String>,
 
-    /// Most digits in a number [default: 10000] (also SQUARE_SERVER_MAX_DIGITS)
+    /// Most digits in a number, 1 to 1000000 [default: 10000] (also SQUARE_SERVER_MAX_DIGITS)
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_digits: Option<usize>,
+
+    /// Most bytes in a request line, max_digits + 2 to 1048576 [default: 16384] (also SQUARE_SERVER_MAX_LINE)
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_line: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -40,10 +46,23 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(code) => return code,
     };
-    let settings = match load::<Settings, _>(PROGRAM, &args.common, &args) {
-        Loaded::Run(resolved) => resolved.settings,
+    let resolved = match load::<Settings, _>(PROGRAM, &args.common, &args) {
+        Loaded::Run(resolved) => resolved,
         Loaded::Exit(code) => return code,
     };
+    let problems = resolved.settings.problems();
+    if !problems.is_empty() {
+        let problems = problems
+            .into_iter()
+            .map(|mut problem| {
+                problem.origin = resolved.origin(&problem.key);
+                problem
+            })
+            .collect();
+        common::telemetry::say(format_args!("{PROGRAM}: {}", ConfigErrors(problems)));
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let settings = resolved.settings;
     let _log = common::telemetry::init(&settings.log);
     let endpoint = Endpoint {
         program: PROGRAM,

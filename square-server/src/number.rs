@@ -15,6 +15,35 @@
 
 use num_bigint::BigUint;
 
+/// Where answers are written: a `Vec<u8>`, or a connection's output
+/// buffer.
+pub trait Output {
+    /// Appends `bytes`.
+    fn extend_from_slice(&mut self, bytes: &[u8]);
+
+    /// Appends `count` copies of `byte`.
+    fn push_repeated(&mut self, byte: u8, count: usize);
+
+    /// Appends one byte.
+    fn push(&mut self, byte: u8) {
+        self.extend_from_slice(&[byte]);
+    }
+}
+
+impl Output for Vec<u8> {
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        Vec::extend_from_slice(self, bytes);
+    }
+
+    fn push_repeated(&mut self, byte: u8, count: usize) {
+        self.resize(self.len() + count, byte);
+    }
+
+    fn push(&mut self, byte: u8) {
+        Vec::push(self, byte);
+    }
+}
+
 /// Significant digits that always fit the `u64`/`u128` fast path.
 const FAST_DIGITS: usize = 19;
 
@@ -45,6 +74,14 @@ pub struct Parsed<'a> {
     pub int: &'a [u8],
     /// Fraction digits, without trailing zeros.
     pub frac: &'a [u8],
+}
+
+impl Parsed<'_> {
+    /// Digits that count for the cost of squaring: the integer and fraction
+    /// digits without leading or trailing zeros.
+    pub fn significant_digits(&self) -> usize {
+        self.int.len() + self.frac.len()
+    }
 }
 
 /// Parses one request, allowing at most `max_digits` digits as written
@@ -85,12 +122,12 @@ pub fn parse(text: &[u8], max_digits: usize) -> Result<Parsed<'_>, Rejection> {
 }
 
 /// Appends the exact square of `n` in its shortest form.
-pub fn write_square(n: Parsed<'_>, out: &mut Vec<u8>) {
+pub fn write_square(n: Parsed<'_>, out: &mut impl Output) {
     // Squaring doubles the number of fraction digits; since the last
     // fraction digit is not zero, neither is the square's last digit, so
     // there are never trailing zeros to strip afterwards.
     let scale = 2 * n.frac.len();
-    if n.int.len() + n.frac.len() <= FAST_DIGITS {
+    if n.significant_digits() <= FAST_DIGITS {
         let value = n
             .int
             .iter()
@@ -106,7 +143,7 @@ pub fn write_square(n: Parsed<'_>, out: &mut Vec<u8>) {
 
 /// The `num-bigint` path; public to the crate so tests can check it on
 /// small numbers against the fast path.
-pub(crate) fn write_big_square(n: Parsed<'_>, out: &mut Vec<u8>) {
+pub(crate) fn write_big_square(n: Parsed<'_>, out: &mut impl Output) {
     let scale = 2 * n.frac.len();
     let mut digits = Vec::with_capacity(n.int.len() + n.frac.len());
     digits.extend_from_slice(n.int);
@@ -122,7 +159,7 @@ pub(crate) fn write_big_square(n: Parsed<'_>, out: &mut Vec<u8>) {
 
 /// Writes `digits` (a whole number without leading zeros) divided by
 /// `10^scale`.
-fn place_point(digits: &[u8], scale: usize, out: &mut Vec<u8>) {
+fn place_point(digits: &[u8], scale: usize, out: &mut impl Output) {
     if scale == 0 {
         out.extend_from_slice(digits);
     } else if digits.len() > scale {
@@ -132,14 +169,14 @@ fn place_point(digits: &[u8], scale: usize, out: &mut Vec<u8>) {
         out.extend_from_slice(frac);
     } else {
         out.extend_from_slice(b"0.");
-        out.resize(out.len() + scale - digits.len(), b'0');
+        out.push_repeated(b'0', scale - digits.len());
         out.extend_from_slice(digits);
     }
 }
 
 /// Appends the answer to one request line: its square or `ERR <reason>`,
 /// then a newline.
-pub fn answer(line: &[u8], max_digits: usize, out: &mut Vec<u8>) {
+pub fn answer(line: &[u8], max_digits: usize, out: &mut impl Output) {
     match parse(line, max_digits) {
         Ok(n) => write_square(n, out),
         Err(rejection) => {
@@ -151,7 +188,7 @@ pub fn answer(line: &[u8], max_digits: usize, out: &mut Vec<u8>) {
 }
 
 /// Appends the reason for `rejection` of `input`, naming the input.
-pub fn describe(rejection: Rejection, input: &[u8], out: &mut Vec<u8>) {
+pub fn describe(rejection: Rejection, input: &[u8], out: &mut impl Output) {
     match rejection {
         Rejection::Empty => {
             out.extend_from_slice(b"empty line; send one number per line, such as 12")
@@ -175,7 +212,7 @@ pub fn describe(rejection: Rejection, input: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Appends the reason a line over `max_line` bytes was refused.
-pub fn describe_too_long(input: &[u8], max_line: usize, out: &mut Vec<u8>) {
+pub fn describe_too_long(input: &[u8], max_line: usize, out: &mut impl Output) {
     let mut buf = itoa::Buffer::new();
     out.extend_from_slice(b"line too long: ");
     quote(input, out);
@@ -187,7 +224,7 @@ pub fn describe_too_long(input: &[u8], max_line: usize, out: &mut Vec<u8>) {
 /// Appends `input` in double quotes, shortened to [`QUOTE_BYTES`] bytes with
 /// `...`, with quotes, backslashes and anything but printable ASCII escaped
 /// so that an answer always stays on one line.
-pub fn quote(input: &[u8], out: &mut Vec<u8>) {
+pub fn quote(input: &[u8], out: &mut impl Output) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     for &b in input.iter().take(QUOTE_BYTES) {

@@ -1,7 +1,8 @@
 //! End-to-end: the real `square-server` and `square-client` binaries, as a
 //! user runs them: numbers as arguments, a stream on stdin (in constant
 //! memory however long), bad input in the middle, `--json`, an unreachable
-//! server, and the exit statuses.
+//! server, a server that never answers, closed output streams, and the exit
+//! statuses.
 
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::process::{Child, Command, Output, Stdio};
@@ -403,4 +404,250 @@ fn a_busy_port_names_the_flag_to_change() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("already in use"), "{stderr}");
     assert!(stderr.contains("SQUARE_SERVER_LISTEN"), "{stderr}");
+}
+
+/// A listener that accepts connections and never answers them (nor reads
+/// them): the server that hangs, for the client's timeouts.
+struct Silent {
+    addr: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Silent {
+    fn start() -> Silent {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => held.push(stream),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Silent {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Runs `command` with `input` on stdin, killing it (and failing) if it is
+/// still running after `limit`.
+fn run_within(mut command: Command, input: &[u8], limit: Duration) -> (Output, Duration) {
+    let started = Instant::now();
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} is still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = started.elapsed();
+    (child.wait_with_output().unwrap(), took)
+}
+
+#[test]
+fn a_server_that_never_answers_is_given_up_after_the_reply_timeout() {
+    let silent = Silent::start();
+    let client = || {
+        let mut command = Command::new(binary("square-client"));
+        command
+            .args(["--server", &silent.addr])
+            .env_remove("SQUARE_CLIENT_SERVER")
+            .env_remove("SQUARE_CLIENT_REPLY_TIMEOUT");
+        command
+    };
+    // The default timeout, 30 s: started first, checked last.
+    let default_started = Instant::now();
+    let mut by_default = client()
+        .arg("12")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A number as an argument, with the flag.
+    let mut with_flag = client();
+    with_flag.args(["--reply-timeout", "1s", "12"]);
+    // Numbers on stdin, with the environment variable.
+    let mut with_env = client();
+    with_env.env("SQUARE_CLIENT_REPLY_TIMEOUT", "500ms");
+    for (command, input, timeout, shown) in [
+        (with_flag, &b""[..], Duration::from_secs(1), "1s"),
+        (
+            with_env,
+            &b"12\n13\n"[..],
+            Duration::from_millis(500),
+            "500ms",
+        ),
+    ] {
+        let (out, took) = run_within(command, input, Duration::from_secs(20));
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{stderr}");
+        assert!(out.stdout.is_empty());
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        for part in [
+            format!(
+                "the square server at {} sent no answer for {shown}",
+                silent.addr
+            ),
+            "--reply-timeout or SQUARE_CLIENT_REPLY_TIMEOUT".to_string(),
+        ] {
+            assert!(stderr.contains(&part), "{stderr}");
+        }
+        assert!(
+            took >= timeout,
+            "gave up after {took:?}, before {timeout:?}"
+        );
+    }
+    // Numbers on a stdin that stays open: the exit does not wait for it.
+    let mut typing = client()
+        .args(["--reply-timeout", "1s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = typing.stdin.take().unwrap();
+    stdin.write_all(b"12\n").unwrap();
+    let typed = Instant::now();
+    while typing.try_wait().unwrap().is_none() {
+        if typed.elapsed() > Duration::from_secs(20) {
+            let _ = typing.kill();
+            let _ = typing.wait();
+            panic!("square-client still runs 20 s after a 1s reply timeout, stdin open");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = typing.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
+    drop(stdin);
+
+    while by_default.try_wait().unwrap().is_none() {
+        if default_started.elapsed() > Duration::from_secs(90) {
+            let _ = by_default.kill();
+            let _ = by_default.wait();
+            panic!("square-client still waits for an answer after 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = default_started.elapsed();
+    let out = by_default.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("sent no answer for 30s"), "{stderr}");
+    assert!(took >= Duration::from_secs(30), "gave up after {took:?}");
+}
+
+#[test]
+fn waiting_for_input_is_not_bounded_by_the_reply_timeout() {
+    let server = Server::start();
+    let mut child = server
+        .client()
+        .args(["--reply-timeout", "300ms"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdin.write_all(b"3\n").unwrap();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "9\n");
+    // Everything sent is answered: a user who types slowly is no timeout.
+    std::thread::sleep(Duration::from_secs(1));
+    stdin.write_all(b"4\n").unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "16\n");
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+/// The write end of a pipe whose read end is already closed: writing to it
+/// fails (EPIPE), as for `square-client ... | true`.
+fn closed_pipe() -> Stdio {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    Stdio::from(write)
+}
+
+#[test]
+fn a_closed_stdout_or_stderr_is_no_crash() {
+    let server = Server::start();
+    // The exit status, and stderr when it is not the closed pipe.
+    let run = |mut command: Command, stdout: Stdio, closed_stderr: bool| {
+        let stderr = if closed_stderr {
+            closed_pipe()
+        } else {
+            Stdio::piped()
+        };
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let give_up = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > give_up {
+                let _ = child.kill();
+                panic!("{command:?} is still running after 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        (out.status.code(), text(&out.stderr))
+    };
+    // `square-client 3 | true`: the answer has nowhere to go; nothing to say.
+    let mut squares = server.client();
+    squares.arg("3");
+    assert_eq!(run(squares, closed_pipe(), false), (Some(1), String::new()));
+
+    let mut print_config = server.client();
+    print_config.arg("--print-config");
+    assert_eq!(
+        run(print_config, closed_pipe(), false),
+        (Some(0), String::new())
+    );
+
+    // Refusals and failures are reported on stderr, which is closed.
+    let mut refused = server.client();
+    refused.arg("x");
+    assert_eq!(run(refused, Stdio::null(), true).0, Some(1));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut unreachable = Command::new(binary("square-client"));
+    unreachable.args(["--server", &format!("127.0.0.1:{port}"), "12"]);
+    assert_eq!(run(unreachable, Stdio::null(), true).0, Some(69));
 }
