@@ -312,26 +312,57 @@ where
     T: Serialize + DeserializeOwned + Default,
     F: Serialize,
 {
+    let file = match &sources.file {
+        Some(path) => {
+            let check = format!("--config or {}", env_var(sources.program, "config"));
+            Some((path.clone(), read_file(path, "configuration file", &check)?))
+        }
+        None => None,
+    };
+    resolve_with(sources, file)
+}
+
+/// Resolves like [`resolve`], with `text` as the content of the YAML file
+/// `path` instead of reading `sources.file`: `path` only names the file in
+/// errors. This checks configuration text without touching the file system.
+pub fn resolve_yaml<T, F>(
+    sources: &Sources<F>,
+    path: &Path,
+    text: &str,
+) -> Result<Resolved<T>, ConfigErrors>
+where
+    T: Serialize + DeserializeOwned + Default,
+    F: Serialize,
+{
+    resolve_with(sources, Some((path.to_path_buf(), text.to_string())))
+}
+
+fn resolve_with<T, F>(
+    sources: &Sources<F>,
+    file: Option<(PathBuf, String)>,
+) -> Result<Resolved<T>, ConfigErrors>
+where
+    T: Serialize + DeserializeOwned + Default,
+    F: Serialize,
+{
     let mut defaults = Layer::read(Serialized::defaults(T::default()))?;
     defaults.metadata = Metadata::named("built-in default");
     let mut layers = vec![defaults];
 
-    let mut file = None;
-    if let Some(path) = &sources.file {
-        let check = format!("--config or {}", env_var(sources.program, "config"));
-        let text = read_file(path, "configuration file", &check)?;
+    if let Some((path, text)) = &file {
         let origin = Some(Origin::File {
             path: path.clone(),
             line: None,
         });
         if !text.trim().is_empty() {
             // serde_yaml's own message carries the line and column.
-            if let Err(e) = serde_yaml::from_str::<serde_yaml::Value>(&text) {
+            if let Err(e) = serde_yaml::from_str::<serde_yaml::Value>(text) {
                 return Err(ConfigErrors::single(origin, format!("not valid YAML: {e}")));
             }
-            layers.push(Layer::read(Yaml::file_exact(path))?);
+            let mut layer = Layer::read(Yaml::string(text))?;
+            layer.metadata = Metadata::from("YAML file", Source::File(path.clone()));
+            layers.push(layer);
         }
-        file = Some((path.clone(), text));
     }
 
     if let Some(converted) = &sources.converted {
@@ -964,6 +995,40 @@ mod tests {
         .to_string();
         assert!(errors.contains("not valid YAML"), "{errors}");
         assert!(errors.contains("line"), "{errors}");
+    }
+
+    #[test]
+    fn text_resolves_like_the_file_it_stands_for() {
+        let text = "greeting: from text\nidle_timeout: soonish\n";
+        let path = Path::new("/etc/never-read.yaml");
+        let errors = resolve_yaml::<Settings, _>(
+            &sources("cfgtest-text", None, Flags::default()),
+            path,
+            text,
+        )
+        .unwrap_err();
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert_eq!(
+            errors.0[0].origin,
+            Some(Origin::File {
+                path: path.to_path_buf(),
+                line: Some(2)
+            })
+        );
+        let resolved: Resolved<Settings> = resolve_yaml(
+            &sources("cfgtest-text", None, Flags::default()),
+            path,
+            "greeting: from text\n",
+        )
+        .unwrap();
+        assert_eq!(resolved.settings.greeting, "from text");
+        assert_eq!(
+            resolved.origin("greeting"),
+            Some(Origin::File {
+                path: path.to_path_buf(),
+                line: Some(1)
+            })
+        );
     }
 
     #[test]

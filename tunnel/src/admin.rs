@@ -72,69 +72,128 @@ impl<S: Stream> Handler<S> for Admin {
     }
 }
 
+/// The most bytes a request head may have.
+pub const MAX_HEAD: usize = 8192;
+
+/// What the bytes read so far of a request head call for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// The head has not ended yet: read more.
+    Incomplete,
+    /// More than [`MAX_HEAD`] bytes: refuse with 431.
+    TooLarge,
+    /// A complete head, asking for this.
+    Complete(Request),
+}
+
+/// What a complete request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// `GET /metrics`; `body` is false for `HEAD`.
+    Metrics {
+        /// Whether the body is wanted (not for `HEAD`).
+        body: bool,
+    },
+    /// `GET /healthz`.
+    Health {
+        /// Whether the body is wanted (not for `HEAD`).
+        body: bool,
+    },
+    /// `GET` of any other path: 404.
+    NotFound {
+        /// Whether the body is wanted (not for `HEAD`).
+        body: bool,
+    },
+    /// Any method but `GET` and `HEAD`: 405.
+    MethodNotAllowed,
+}
+
+/// Reads the bytes a client has sent so far (the whole buffer, from the
+/// start of the connection) as a request head: only the request line
+/// matters; the head ends at an empty line (CR LF or LF).
+pub fn parse_head(head: &[u8]) -> Head {
+    if head.len() > MAX_HEAD {
+        return Head::TooLarge;
+    }
+    if !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        return Head::Incomplete;
+    }
+    let head = String::from_utf8_lossy(head);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let body = method != "HEAD";
+    let path = path.split('?').next().unwrap_or("");
+    Head::Complete(match (method, path) {
+        ("GET" | "HEAD", "/metrics") => Request::Metrics { body },
+        ("GET" | "HEAD", "/healthz") => Request::Health { body },
+        ("GET" | "HEAD", _) => Request::NotFound { body },
+        _ => Request::MethodNotAllowed,
+    })
+}
+
 async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     admin: &Admin,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
+    let request = loop {
+        match parse_head(&head) {
+            Head::Complete(request) => break request,
+            Head::TooLarge => {
+                return respond(
+                    &mut stream,
+                    "431 Request Header Fields Too Large",
+                    "text/plain",
+                    "request too large\n",
+                    true,
+                )
+                .await;
+            }
+            Head::Incomplete => {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
         }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > 8192 {
-            return respond(
-                &mut stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "request too large\n",
-                true,
-            )
-            .await;
-        }
-    }
-    let head = String::from_utf8_lossy(&head);
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let body_wanted = method != "HEAD";
-    let path = path.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET" | "HEAD", "/metrics") => {
+    };
+    match request {
+        Request::Metrics { body } => {
             respond(
                 &mut stream,
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
                 &admin.metrics.render(),
-                body_wanted,
+                body,
             )
             .await
         }
-        ("GET" | "HEAD", "/healthz") if (admin.accepting)() => {
-            respond(&mut stream, "200 OK", "text/plain", "ok\n", body_wanted).await
+        Request::Health { body } if (admin.accepting)() => {
+            respond(&mut stream, "200 OK", "text/plain", "ok\n", body).await
         }
-        ("GET" | "HEAD", "/healthz") => {
+        Request::Health { body } => {
             respond(
                 &mut stream,
                 "503 Service Unavailable",
                 "text/plain",
                 "not accepting connections on every route; see the log\n",
-                body_wanted,
+                body,
             )
             .await
         }
-        ("GET" | "HEAD", _) => {
+        Request::NotFound { body } => {
             respond(
                 &mut stream,
                 "404 Not Found",
                 "text/plain",
                 "not found; try /metrics or /healthz\n",
-                body_wanted,
+                body,
             )
             .await
         }
-        _ => {
+        Request::MethodNotAllowed => {
             respond(
                 &mut stream,
                 "405 Method Not Allowed",
@@ -163,4 +222,44 @@ async fn respond<S: AsyncWrite + Unpin>(
         stream.write_all(body.as_bytes()).await?;
     }
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_are_read_by_their_request_line() {
+        assert_eq!(parse_head(b""), Head::Incomplete);
+        assert_eq!(parse_head(b"GET /metrics HTTP/1.1\r\n"), Head::Incomplete);
+        assert_eq!(
+            parse_head(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Head::Complete(Request::Metrics { body: true })
+        );
+        assert_eq!(
+            parse_head(b"HEAD /healthz?probe=1 HTTP/1.0\n\n"),
+            Head::Complete(Request::Health { body: false })
+        );
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\n\r\n"),
+            Head::Complete(Request::NotFound { body: true })
+        );
+        assert_eq!(
+            parse_head(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            Head::Complete(Request::MethodNotAllowed)
+        );
+        assert_eq!(
+            parse_head(b"\xff\xfe /healthz\n\n"),
+            Head::Complete(Request::MethodNotAllowed)
+        );
+        let mut big = b"GET /metrics HTTP/1.1\r\n".to_vec();
+        big.resize(MAX_HEAD + 1, b'a');
+        assert_eq!(parse_head(&big), Head::TooLarge);
+        big.truncate(MAX_HEAD - 4);
+        big.extend_from_slice(b"\r\n\r\n");
+        assert_eq!(
+            parse_head(&big),
+            Head::Complete(Request::Metrics { body: true })
+        );
+    }
 }

@@ -350,6 +350,21 @@ impl Parser<'_> {
             self.problem(n, Some(fields[0]), message);
             return;
         }
+        // 0.0.0.0 takes the port on every IPv4 address (and :: on every
+        // address): rinetd itself would fail to bind the second rule.
+        let overlap = self
+            .binds
+            .iter()
+            .filter(|(other, _)| crate::overlaps(**other, listen))
+            .map(|(other, line)| (*other, *line))
+            .min_by_key(|(_, line)| *line);
+        if let Some((other, first)) = overlap {
+            let message = format!(
+                "{listen} overlaps {other} of the rule on line {first} (a wildcard address takes the port on every address); keep one of them or use another port"
+            );
+            self.problem(n, Some(fields[0]), message);
+            return;
+        }
         self.binds.insert(listen, n);
         if self.problems.len() > before {
             return;
@@ -938,6 +953,12 @@ deny 192.168.1.100
             2,
             "already forwarded by the rule on line 1",
         );
+        one_problem(
+            "5.0.0.0 5432 h 1\n0.0.0.0 5432 other 2",
+            2,
+            "overlaps 5.0.0.0:5432 of the rule on line 1",
+        );
+        one_problem(":: 80 h 1\n127.0.0.1 80 other 2", 2, "overlaps [::]:80");
         one_problem("allow\n0.0.0.0 1 h 1", 1, "exactly one pattern");
         one_problem(
             "deny 1.2.3.4 5.6.7.8\n0.0.0.0 1 h 1",
