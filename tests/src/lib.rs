@@ -47,6 +47,51 @@ pub fn binary(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// An echo server on threads of the test process: every connection gets
+/// back what it sends. Returns its address and a count of the connections
+/// it accepted.
+pub fn counting_echo_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::Write;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// [`counting_echo_server`] without the count.
+pub fn echo_server() -> SocketAddr {
+    counting_echo_server().0
+}
+
+/// `127.0.0.1:port`.
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Waits up to 15 s for `check` to hold, looking every 50 ms.
+pub fn wait_for(mut check: impl FnMut() -> bool, what: &str) {
+    let end = Instant::now() + Duration::from_secs(15);
+    while !check() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -7,31 +7,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use tests::{binary, free_port, Running};
-
-/// An echo server on a thread; returns its address.
-fn echo_target() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-fn local(port: u16) -> SocketAddr {
-    format!("127.0.0.1:{port}").parse().unwrap()
-}
+use tests::{binary, echo_server, free_port, local, wait_for, Running};
 
 fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).unwrap();
@@ -48,7 +24,7 @@ fn echo(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
 
 #[test]
 fn the_quick_form_forwards() {
-    let target = echo_target();
+    let target = echo_server();
     let listen = local(free_port());
     let mut command = Command::new(binary("tunnel"));
     command.args([
@@ -66,7 +42,7 @@ fn the_quick_form_forwards() {
 
 #[test]
 fn the_original_host_and_port_settings_name_the_target() {
-    let target = echo_target();
+    let target = echo_server();
     let listen = local(free_port());
     let mut command = Command::new(binary("tunnel"));
     command
@@ -77,22 +53,12 @@ fn the_original_host_and_port_settings_name_the_target() {
     assert_eq!(echo(&mut connect(listen), b"from env"), b"from env");
 }
 
-fn wait_for(mut check: impl FnMut() -> bool, what: &str) {
-    for _ in 0..200 {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting for {what}");
-}
-
 #[test]
 fn sighup_reloads_routes_and_a_bad_file_keeps_the_old_ones() {
     let dir = tempfile_dir("reload");
     let config = dir.join("tunnel.yaml");
     let log = dir.join("access.log");
-    let (a, b) = (echo_target(), echo_target());
+    let (a, b) = (echo_server(), echo_server());
     let (first, second) = (local(free_port()), local(free_port()));
     std::fs::write(
         &config,
@@ -220,7 +186,7 @@ fn a_rinetd_conf_runs_as_it_is() {
     let dir = tempfile_dir("rinetd");
     let conf = dir.join("rinetd.conf");
     let log = dir.join("rinetd.log");
-    let target = echo_target();
+    let target = echo_server();
     let (open, closed) = (local(free_port()), local(free_port()));
     std::fs::write(
         &conf,
@@ -274,7 +240,7 @@ fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 #[test]
 fn metrics_pass_promtool_and_count_what_happened() {
     let promtool = tests::require("promtool");
-    let live = echo_target();
+    let live = echo_server();
     // A target that refuses: bound and dropped.
     let dead = TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -372,7 +338,7 @@ fn metrics_pass_promtool_and_count_what_happened() {
 
 #[test]
 fn relay_threads_serve_and_drain_like_the_main_thread() {
-    let target = echo_target();
+    let target = echo_server();
     let listen = local(free_port());
     let mut command = Command::new(binary("tunnel"));
     command

@@ -5,43 +5,14 @@
 //! flags, overlapping listeners, a planted pid-file symlink.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
-use tests::{binary, free_port, wait_listening, Running};
-
-/// An echo server on a thread; returns its address and a count of the
-/// connections it accepted.
-fn echo_target() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { continue };
-            count.fetch_add(1, Ordering::SeqCst);
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    (addr, accepted)
-}
-
-fn local(port: u16) -> SocketAddr {
-    format!("127.0.0.1:{port}").parse().unwrap()
-}
+use tests::{binary, counting_echo_server, free_port, local, wait_for, wait_listening, Running};
 
 /// A connection from the loopback address `from` (127.0.0.2, say).
 fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
@@ -78,14 +49,6 @@ fn refused(s: &mut TcpStream) -> bool {
     let _ = s.write_all(b"knock");
     let mut buf = [0u8; 16];
     matches!(s.read(&mut buf), Ok(0) | Err(_))
-}
-
-fn wait_for(mut check: impl FnMut() -> bool, what: &str) {
-    let end = Instant::now() + Duration::from_secs(15);
-    while !check() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> String {
@@ -126,7 +89,7 @@ fn read(path: &Path) -> String {
 
 #[test]
 fn a_dead_log_pipe_never_stops_the_tunnel() {
-    let (target, _) = echo_target();
+    let (target, _) = counting_echo_server();
     let listen = local(free_port());
     let admin = local(free_port());
     let dir = tempfile::tempdir().unwrap();
@@ -164,7 +127,7 @@ fn a_dead_log_pipe_never_stops_the_tunnel() {
 
 #[test]
 fn a_log_reader_that_never_reads_never_stalls_the_tunnel() {
-    let (target, _) = echo_target();
+    let (target, _) = counting_echo_server();
     let listen = local(free_port());
     let mut command = Command::new(binary("tunnel"));
     command
@@ -201,7 +164,7 @@ fn a_log_reader_that_never_reads_never_stalls_the_tunnel() {
 
 #[test]
 fn mapped_access_entries_match_and_clients_are_logged_as_ipv4() {
-    let (target, _) = echo_target();
+    let (target, _) = counting_echo_server();
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let access = dir.path().join("access.log");
@@ -235,7 +198,7 @@ fn write_config(path: &Path, text: &str) {
 
 #[test]
 fn a_routes_cap_is_shared_by_its_addresses_and_kept_across_reloads() {
-    let (target, _) = echo_target();
+    let (target, _) = counting_echo_server();
     let (a, b) = (local(free_port()), local(free_port()));
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tunnel.yaml");
@@ -282,8 +245,8 @@ fn a_routes_cap_is_shared_by_its_addresses_and_kept_across_reloads() {
 
 #[test]
 fn a_replaced_balancers_health_checks_stop_at_the_reload() {
-    let (old_target, old_accepts) = echo_target();
-    let (new_target, _) = echo_target();
+    let (old_target, old_accepts) = counting_echo_server();
+    let (new_target, _) = counting_echo_server();
     let listen = local(free_port());
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tunnel.yaml");
@@ -390,7 +353,7 @@ fn settings_that_cannot_work_are_refused_at_start() {
 
 #[test]
 fn a_second_stop_signal_skips_the_grace_period() {
-    let (target, _) = echo_target();
+    let (target, _) = counting_echo_server();
     let listen = local(free_port());
     let mut command = Command::new(binary("tunnel"));
     command
@@ -472,7 +435,7 @@ fn rinetd_conf_is_a_layer_the_environment_and_flags_apply_over() {
 
 #[test]
 fn a_reload_onto_an_overlapping_address_names_the_tunnels_own_listener() {
-    let (target, _) = echo_target();
+    let (target, _) = counting_echo_server();
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tunnel.yaml");
@@ -499,7 +462,7 @@ fn a_reload_onto_an_overlapping_address_names_the_tunnels_own_listener() {
 
 #[test]
 fn a_reload_says_which_changed_settings_wait_for_a_restart() {
-    let (target, _) = echo_target();
+    let (target, _) = counting_echo_server();
     let listen = local(free_port());
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tunnel.yaml");
@@ -525,7 +488,7 @@ fn a_reload_says_which_changed_settings_wait_for_a_restart() {
 
 #[test]
 fn the_admin_endpoint_has_its_own_access_list() {
-    let (target, _) = echo_target();
+    let (target, _) = counting_echo_server();
     let listen = local(free_port());
     let admin = local(free_port());
     let mut command = Command::new(binary("tunnel"));
@@ -550,7 +513,7 @@ fn the_admin_endpoint_has_its_own_access_list() {
 
 #[test]
 fn the_pid_file_replaces_a_planted_symlink_instead_of_following_it() {
-    let (target, _) = echo_target();
+    let (target, _) = counting_echo_server();
     let listen = local(free_port());
     let dir = tempfile::tempdir().unwrap();
     let victim = dir.path().join("precious");
