@@ -398,11 +398,6 @@ impl ConnectionCap {
         }))
     }
 
-    /// The limit.
-    pub fn limit(&self) -> usize {
-        self.0.limit.load(Ordering::Relaxed)
-    }
-
     /// Connections holding a place now.
     pub fn active(&self) -> usize {
         self.0.active.load(Ordering::Relaxed)
