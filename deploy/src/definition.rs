@@ -1,20 +1,27 @@
 //! The service definition (`deploy/service.yaml`): roles, their program,
 //! instance count, endpoints (public or internal, with a port) and
-//! settings. [`Definition::load`] reads and checks one, reporting every
-//! problem at once with its line in the file.
+//! settings; the images they run from; and a layer of settings per
+//! environment (the local fabric, Kubernetes, compose), so one definition
+//! points the local tunnel at `127.0.0.1:5432` and the cluster's at the
+//! real database.
+//!
+//! [`Definition::load`] reads and checks one, reporting every problem at
+//! once with its line and column, schema mistakes included; then
+//! [`Definition::findings`] checks what one environment would run.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use common::config::yaml_line;
-use serde::{Deserialize, Serialize};
+use common::yaml::{self, Node, Pos};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::programs::Program;
 
 /// Who can reach an endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Visibility {
     /// Reachable from outside: a load balancer on all addresses.
@@ -25,8 +32,7 @@ pub enum Visibility {
 }
 
 /// A named endpoint of a role.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     /// Its name (`EchoEndpoint`).
     pub name: String,
@@ -34,39 +40,123 @@ pub struct Endpoint {
     pub visibility: Visibility,
     /// The port clients use.
     pub port: u16,
+    /// Where it is written.
+    pub pos: Pos,
 }
 
 /// A role: a program run as some number of identical instances.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Role {
     /// The role's name, unique in the definition.
     pub name: String,
     /// Which program it runs.
     pub program: String,
     /// How many instances.
-    #[serde(default = "one")]
     pub instances: i64,
     /// Its endpoints.
-    #[serde(default)]
     pub endpoints: Vec<Endpoint>,
     /// Settings, handed to each instance as `<PREFIX>_<KEY>`.
-    #[serde(default)]
     pub settings: BTreeMap<String, Value>,
+    /// Where the role and its parts are written: `""` for the role,
+    /// `name`, `program`, `instances`, `settings` and `settings.<key>`.
+    pub places: BTreeMap<String, Pos>,
 }
 
-fn one() -> i64 {
-    1
+/// Where a definition runs; each can have its own layer of settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Environment {
+    /// `deploy run`: every instance on this machine.
+    Local,
+    /// `deploy render kubernetes`.
+    Kubernetes,
+    /// `deploy render compose`.
+    Compose,
+}
+
+impl Environment {
+    /// Every environment, in the order they are checked.
+    pub const ALL: [Environment; 3] = [
+        Environment::Local,
+        Environment::Kubernetes,
+        Environment::Compose,
+    ];
+
+    /// Its name in the definition (`kubernetes`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Environment::Local => "local",
+            Environment::Kubernetes => "kubernetes",
+            Environment::Compose => "compose",
+        }
+    }
+
+    /// Whether its instances run apart from this machine, where loopback
+    /// is the instance itself.
+    pub fn is_cluster(self) -> bool {
+        self != Environment::Local
+    }
+
+    fn named(name: &str) -> Option<Environment> {
+        Environment::ALL.into_iter().find(|e| e.name() == name)
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What one environment changes for one role.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoleLayer {
+    /// Instances there, in place of the role's.
+    pub instances: Option<(i64, Pos)>,
+    /// Settings there, over the role's, key by key; `null` removes one.
+    pub settings: BTreeMap<String, (Value, Pos)>,
+}
+
+/// Where the images come from: `<registry>/<program>:<tag>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    /// The repository prefix (`ghcr.io/acme/tcp-roles`); by default the
+    /// service's name, for images built on the machine that runs them.
+    pub registry: String,
+    /// The tag; by default the version of these programs.
+    pub tag: String,
+}
+
+impl Image {
+    /// The image of `program`, without its tag.
+    pub fn repository(&self, program: &str) -> String {
+        format!("{}/{program}", self.registry)
+    }
 }
 
 /// A whole service definition.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Definition {
+    /// The file it was read from, for messages.
+    pub file: PathBuf,
     /// The service's name; names the Kubernetes resources' common label.
     pub name: String,
+    /// Where the images come from.
+    pub image: Image,
     /// Its roles.
     pub roles: Vec<Role>,
+    /// Per environment, per role name, what changes there.
+    pub environments: BTreeMap<Environment, BTreeMap<String, RoleLayer>>,
+    /// Which environment's layer has been applied, if any.
+    pub applied: Option<Environment>,
+}
+
+/// How bad a problem is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// It cannot run (or render) this way.
+    Error,
+    /// It runs, but probably not as meant.
+    Warning,
 }
 
 /// A problem in a definition, with where it is.
@@ -74,18 +164,24 @@ pub struct Definition {
 pub struct Problem {
     /// The file.
     pub file: PathBuf,
-    /// 1-based line, when known.
-    pub line: Option<usize>,
+    /// Line and column, when known.
+    pub pos: Option<Pos>,
+    /// Error or warning.
+    pub severity: Severity,
     /// What is wrong and what to do.
     pub message: String,
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "{} line {line}: {}", self.file.display(), self.message),
-            None => write!(f, "{}: {}", self.file.display(), self.message),
+        write!(f, "{}", self.file.display())?;
+        if let Some(pos) = self.pos {
+            write!(f, ":{pos}")?;
         }
+        if self.severity == Severity::Warning {
+            f.write_str(": warning")?;
+        }
+        write!(f, ": {}", self.message)
     }
 }
 
@@ -110,9 +206,903 @@ impl fmt::Display for Problems {
 
 impl std::error::Error for Problems {}
 
+impl Problems {
+    /// Whether any of them is an error.
+    pub fn has_errors(&self) -> bool {
+        self.0.iter().any(|p| p.severity == Severity::Error)
+    }
+}
+
 /// The most instances a role may have: a Deployment's replicas are a
 /// 32-bit number.
 pub const MAX_INSTANCES: i64 = i32::MAX as i64;
+
+/// The port of the tunnel's admin endpoint in a cluster, where its
+/// readiness is probed, unless its settings name one.
+pub const ADMIN_PORT: u16 = 9900;
+
+impl Role {
+    /// The program it runs (checked by [`Definition::load`]).
+    pub fn program(&self) -> Program {
+        Program::named(&self.program).expect("a checked definition names known programs")
+    }
+
+    /// Its instance count (checked to be at least 1).
+    pub fn count(&self) -> usize {
+        self.instances.max(1) as usize
+    }
+
+    /// The id of instance `index`, in the original platform's form
+    /// (`echo-server_IN_0`).
+    pub fn instance_id(&self, index: usize) -> String {
+        format!("{}_IN_{index}", self.name)
+    }
+
+    /// Where `part` of the role is written, else the role itself.
+    pub fn place(&self, part: &str) -> Option<Pos> {
+        self.places.get(part).or(self.places.get("")).copied()
+    }
+}
+
+/// Collects the problems of one file as it is read.
+struct Reader<'a> {
+    file: &'a Path,
+    problems: Vec<Problem>,
+}
+
+impl Reader<'_> {
+    fn error(&mut self, pos: Option<Pos>, message: String) {
+        self.problems.push(Problem {
+            file: self.file.to_path_buf(),
+            pos,
+            severity: Severity::Error,
+            message,
+        });
+    }
+
+    /// The entries of `node` when it is a mapping with only `known` keys;
+    /// each unknown key is reported (with the nearest known one).
+    fn mapping<'n>(
+        &mut self,
+        node: &'n Node,
+        what: &str,
+        known: &[&str],
+    ) -> Option<&'n [(yaml::Key, Node)]> {
+        let Some(entries) = node.entries() else {
+            self.error(
+                Some(node.pos),
+                format!("{what} should be a mapping, not {}", node.kind()),
+            );
+            return None;
+        };
+        for (key, _) in entries {
+            if !known.contains(&key.name.as_str()) {
+                let hint = nearest(&key.name, known)
+                    .map(|k| format!("did you mean {k}? "))
+                    .unwrap_or_default();
+                self.error(
+                    Some(key.pos),
+                    format!(
+                        "{what} has no key {:?}; {hint}its keys are {}",
+                        key.name,
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+        Some(entries)
+    }
+
+    /// `node` as a `T`, or a problem at it saying what `what` should be.
+    fn typed<T: serde::de::DeserializeOwned>(
+        &mut self,
+        node: &Node,
+        what: &str,
+        expected: &str,
+    ) -> Option<T> {
+        match node.typed::<T>() {
+            Ok(value) => Some(value),
+            Err(_) => {
+                let shown = match &node.value {
+                    yaml::Value::Str(s) => format!("{s:?}"),
+                    yaml::Value::Int(i) => i.to_string(),
+                    yaml::Value::Float(f) => f.to_string(),
+                    yaml::Value::Bool(b) => b.to_string(),
+                    _ => node.kind().to_string(),
+                };
+                self.error(
+                    Some(node.pos),
+                    format!("{what} is {shown}; it should be {expected}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, node: &Node, what: &str) -> Option<String> {
+        self.typed(node, what, "a string")
+    }
+
+    fn required<'n>(
+        &mut self,
+        entries: &'n [(yaml::Key, Node)],
+        key: &str,
+        what: &str,
+        at: Pos,
+    ) -> Option<&'n Node> {
+        let found = entries.iter().find(|(k, _)| k.name == key).map(|(_, v)| v);
+        if found.is_none() {
+            self.error(Some(at), format!("{what} has no {key}; add one"));
+        }
+        found
+    }
+}
+
+fn get<'n>(entries: &'n [(yaml::Key, Node)], key: &str) -> Option<(&'n yaml::Key, &'n Node)> {
+    entries
+        .iter()
+        .find(|(k, _)| k.name == key)
+        .map(|(k, v)| (k, v))
+}
+
+/// The known word closest to `word`, when it is a likely typo of it.
+fn nearest<'k>(word: &str, known: &[&'k str]) -> Option<&'k str> {
+    let distance = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut last = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let here = row[j + 1];
+                row[j + 1] = (last + usize::from(ca != *cb))
+                    .min(row[j] + 1)
+                    .min(here + 1);
+                last = here;
+            }
+        }
+        row[b.len()]
+    };
+    known
+        .iter()
+        .map(|k| (distance(word, k), *k))
+        .filter(|(d, k)| *d <= 2.min(k.len() / 2))
+        .min()
+        .map(|(_, k)| k)
+}
+
+const TOP_KEYS: [&str; 4] = ["name", "image", "roles", "environments"];
+const ROLE_KEYS: [&str; 5] = ["name", "program", "instances", "endpoints", "settings"];
+const ENDPOINT_KEYS: [&str; 3] = ["name", "visibility", "port"];
+const IMAGE_KEYS: [&str; 2] = ["registry", "tag"];
+const LAYER_KEYS: [&str; 2] = ["instances", "settings"];
+
+impl Definition {
+    /// Reads and checks the definition in `path`.
+    pub fn load(path: &Path) -> Result<Definition, Problems> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Problems(vec![Problem {
+                file: path.to_path_buf(),
+                pos: None,
+                severity: Severity::Error,
+                message: format!("cannot read the service definition: {e}"),
+            }])
+        })?;
+        Definition::parse(&text, path)
+    }
+
+    /// Parses and checks a definition; `path` names it in messages. Every
+    /// problem is reported, each at its line and column.
+    pub fn parse(text: &str, path: &Path) -> Result<Definition, Problems> {
+        let mut r = Reader {
+            file: path,
+            problems: Vec::new(),
+        };
+        let doc = yaml::parse(text).map_err(|e| {
+            Problems(vec![Problem {
+                file: path.to_path_buf(),
+                pos: e.pos,
+                severity: Severity::Error,
+                message: format!("not valid YAML: {}", e.message),
+            }])
+        })?;
+        let start = Pos { line: 1, column: 1 };
+        let Some(top) = r.mapping(&doc, "the definition", &TOP_KEYS) else {
+            return Err(Problems(r.problems));
+        };
+        let name = r
+            .required(top, "name", "the definition", start)
+            .and_then(|n| r.string(n, "name"))
+            .unwrap_or_default();
+        let name_pos = get(top, "name").map(|(_, v)| v.pos);
+        if let (Some(pos), Some(why)) = (name_pos, name_problem(&name, NameUse::Service)) {
+            r.error(Some(pos), format!("service name {name:?} {why}"));
+        }
+        let image = read_image(&mut r, get(top, "image").map(|(_, v)| v), &name);
+
+        let mut roles = Vec::new();
+        if let Some(node) = r.required(top, "roles", "the definition", start) {
+            match node.items() {
+                Some([]) => r.error(Some(node.pos), "no roles; add at least one".into()),
+                Some(items) => {
+                    for item in items {
+                        if let Some(role) = read_role(&mut r, item) {
+                            roles.push(role);
+                        }
+                    }
+                }
+                None => r.error(
+                    Some(node.pos),
+                    format!("roles should be a list of roles, not {}", node.kind()),
+                ),
+            }
+        }
+        check_roles(&mut r, &roles);
+
+        let mut environments = BTreeMap::new();
+        if let Some((_, node)) = get(top, "environments") {
+            environments = read_environments(&mut r, node, &roles);
+        }
+        r.problems.sort_by_key(|p| p.pos);
+        if r.problems.is_empty() {
+            Ok(Definition {
+                file: path.to_path_buf(),
+                name,
+                image,
+                roles,
+                environments,
+                applied: None,
+            })
+        } else {
+            Err(Problems(r.problems))
+        }
+    }
+
+    /// The definition as it runs in `environment`: that environment's
+    /// instances and settings in place of the roles' own.
+    pub fn in_environment(&self, environment: Environment) -> Definition {
+        let mut applied = self.clone();
+        applied.applied = Some(environment);
+        let Some(layers) = self.environments.get(&environment) else {
+            return applied;
+        };
+        for role in &mut applied.roles {
+            let Some(layer) = layers.get(&role.name) else {
+                continue;
+            };
+            if let Some((instances, pos)) = layer.instances {
+                role.instances = instances;
+                role.places.insert("instances".into(), pos);
+            }
+            for (key, (value, pos)) in &layer.settings {
+                if value.is_null() {
+                    role.settings.remove(key);
+                } else {
+                    role.settings.insert(key.clone(), value.clone());
+                }
+                role.places.insert(format!("settings.{key}"), *pos);
+            }
+        }
+        applied
+    }
+
+    /// What is wrong or worth knowing about running in `environment`
+    /// (errors stop `deploy run` and `deploy render`; warnings do not).
+    pub fn findings(&self, environment: Environment) -> Vec<Problem> {
+        self.findings_in(environment)
+            .into_iter()
+            .map(|(pos, severity, text)| Problem {
+                file: self.file.clone(),
+                pos,
+                severity,
+                message: format!(
+                    "{environment}: {}",
+                    text.replace("{env}", environment.name())
+                ),
+            })
+            .collect()
+    }
+
+    /// The findings of one environment, as templates where `{env}` stands
+    /// for the environment's name, so the same finding in several
+    /// environments is reported once.
+    fn findings_in(&self, environment: Environment) -> Vec<Finding> {
+        let applied = self.in_environment(environment);
+        let mut found = Vec::new();
+        for role in &applied.roles {
+            let program = role.program();
+            let hint = |key: &str| {
+                format!(
+                    "set environments.{{env}}.roles.{}.settings.{key}",
+                    role.name
+                )
+            };
+            match program.targets(&role.settings) {
+                Err(why) => found.push((
+                    role.place("settings"),
+                    Severity::Error,
+                    format!("role {}: {why}", role.name),
+                )),
+                Ok(targets) => {
+                    for target in targets {
+                        if environment.is_cluster() && is_loopback(&target.host) {
+                            let pos = [
+                                "settings.host",
+                                "settings.target",
+                                "settings.targets",
+                                "settings.routes",
+                            ]
+                            .iter()
+                            .find_map(|k| role.places.get(*k))
+                            .copied()
+                            .or(role.place("settings"));
+                            found.push((
+                                pos,
+                                Severity::Error,
+                                format!(
+                                    "role {} would forward to {target}, which there is the instance itself; {} (or target) to where the service really is, as seen from there",
+                                    role.name,
+                                    hint("host")
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+            if program.name == "tunnel" {
+                for endpoint in &role.endpoints {
+                    if endpoint.visibility == Visibility::Public
+                        && program.allowed(&role.settings).is_empty()
+                    {
+                        found.push((
+                            Some(endpoint.pos),
+                            Severity::Warning,
+                            format!(
+                                "public endpoint {}/{} has no allow list: whatever it reaches (a database) is open to every network (in Kubernetes, the internet through a LoadBalancer); list its clients' networks in the role's allow setting, or make the endpoint internal",
+                                role.name,
+                                endpoint.name,
+                            ),
+                        ));
+                    }
+                }
+                if environment == Environment::Kubernetes {
+                    if let Some(problem) = admin_problem(role) {
+                        found.push((role.place("settings.admin"), Severity::Error, problem));
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// Every finding in every environment (the same one in several
+    /// environments once), and the notes that hold in all of them.
+    pub fn all_findings(&self) -> Vec<Problem> {
+        let mut found: Vec<Problem> = Vec::new();
+        for role in &self.roles {
+            if role.endpoints.is_empty() {
+                found.push(Problem {
+                    file: self.file.clone(),
+                    pos: role.place(""),
+                    severity: Severity::Warning,
+                    message: format!(
+                        "role {} has no endpoint: it runs its instances, but nothing can connect to them (in Kubernetes a Deployment without a Service or probes)",
+                        role.name
+                    ),
+                });
+            }
+        }
+        let mut grouped: Vec<(Finding, Vec<Environment>)> = Vec::new();
+        for environment in Environment::ALL {
+            for finding in self.findings_in(environment) {
+                match grouped.iter_mut().find(|(f, _)| *f == finding) {
+                    Some((_, envs)) => envs.push(environment),
+                    None => grouped.push((finding, vec![environment])),
+                }
+            }
+        }
+        for ((pos, severity, text), envs) in grouped {
+            let names: Vec<&str> = envs.iter().map(|e| e.name()).collect();
+            let env = match names.as_slice() {
+                [one] => one.to_string(),
+                many => format!("<{}>", many.join("|")),
+            };
+            found.push(Problem {
+                file: self.file.clone(),
+                pos,
+                severity,
+                message: format!("{}: {}", names.join(", "), text.replace("{env}", &env)),
+            });
+        }
+        found.sort_by_key(|p| p.pos);
+        found
+    }
+}
+
+/// A finding in one environment: where, how bad, and a message where
+/// `{env}` stands for the environment's name.
+type Finding = (Option<Pos>, Severity, String);
+
+/// The admin address of a tunnel role in a cluster: its own, which must
+/// listen on every address to be probed, or [`ADMIN_PORT`].
+pub fn admin_port(role: &Role) -> Result<u16, String> {
+    match role.settings.get("admin") {
+        None | Some(Value::Null) => Ok(ADMIN_PORT),
+        Some(value) => {
+            let text = crate::programs::scalar(value);
+            let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+                format!("admin {text:?} is not an address such as 0.0.0.0:{ADMIN_PORT}")
+            })?;
+            if !addr.ip().is_unspecified() {
+                return Err(format!(
+                    "admin {addr} cannot be probed by the kubelet; listen on 0.0.0.0:{} (or leave admin out for 0.0.0.0:{ADMIN_PORT})",
+                    addr.port()
+                ));
+            }
+            Ok(addr.port())
+        }
+    }
+}
+
+fn admin_problem(role: &Role) -> Option<String> {
+    let port = match admin_port(role) {
+        Ok(port) => port,
+        Err(why) => return Some(format!("role {}: {why}", role.name)),
+    };
+    role.endpoints
+        .iter()
+        .find(|e| crate::render::container_port(e.port) == port)
+        .map(|e| {
+            format!(
+                "role {}: endpoint {} and the admin endpoint (readiness, metrics) would both listen on port {port}; set environments.kubernetes.roles.{}.settings.admin to 0.0.0.0:<another port>",
+                role.name, e.name, role.name
+            )
+        })
+}
+
+/// Whether `host` names this machine: 127.0.0.0/8, ::1, `localhost`.
+pub fn is_loopback(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    match host.parse::<IpAddr>() {
+        Ok(ip) => ip.to_canonical().is_loopback() || ip.is_unspecified(),
+        Err(_) => host == "localhost" || host.ends_with(".localhost"),
+    }
+}
+
+fn read_image(r: &mut Reader<'_>, node: Option<&Node>, service: &str) -> Image {
+    let mut image = Image {
+        registry: service.to_string(),
+        tag: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let Some(node) = node else {
+        return image;
+    };
+    let Some(entries) = r.mapping(node, "image", &IMAGE_KEYS) else {
+        return image;
+    };
+    if let Some((_, v)) = get(entries, "registry") {
+        if let Some(registry) = r.string(v, "image.registry") {
+            match registry_problem(&registry) {
+                Some(why) => r.error(Some(v.pos), format!("image registry {registry:?} {why}")),
+                None => image.registry = registry,
+            }
+        }
+    }
+    if let Some((_, v)) = get(entries, "tag") {
+        // A tag like 1.0 reads as a number; take it as written.
+        let tag = match &v.value {
+            yaml::Value::Int(i) => Some(i.to_string()),
+            yaml::Value::Float(_) => {
+                r.error(
+                    Some(v.pos),
+                    "image.tag reads as a number; quote it (tag: \"1.10\") so it stays as written"
+                        .into(),
+                );
+                None
+            }
+            _ => r.string(v, "image.tag"),
+        };
+        if let Some(tag) = tag {
+            match tag_problem(&tag) {
+                Some(why) => r.error(Some(v.pos), format!("image tag {tag:?} {why}")),
+                None => image.tag = tag,
+            }
+        }
+    }
+    image
+}
+
+/// Why `registry` cannot prefix an image repository, or `None`.
+pub fn registry_problem(registry: &str) -> Option<String> {
+    let rule = "write a registry and path such as ghcr.io/acme/tcp-roles, without scheme or tag";
+    if registry.is_empty() {
+        return Some(format!("is empty; {rule}"));
+    }
+    if registry.contains("://") || registry.contains('@') || registry.ends_with('/') {
+        return Some(format!("is not a repository prefix; {rule}"));
+    }
+    let mut parts = registry.split('/');
+    let host = parts.next().unwrap_or_default();
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
+    let path_ok = parts.all(|p| {
+        !p.is_empty()
+            && p.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+            })
+    });
+    (!host_ok || !path_ok).then(|| format!("is not a repository prefix; {rule}"))
+}
+
+/// Why `tag` is not an image tag, or `None`.
+pub fn tag_problem(tag: &str) -> Option<String> {
+    let ok = !tag.is_empty()
+        && tag.len() <= 128
+        && tag
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && tag
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    (!ok).then(|| {
+        "is not an image tag: at most 128 letters, digits, '_', '.' and '-', not starting with '.' or '-'".to_string()
+    })
+}
+
+fn read_role(r: &mut Reader<'_>, node: &Node) -> Option<Role> {
+    let called = match node.get("name").map(|n| &n.value) {
+        Some(yaml::Value::Str(name)) => format!("role {name}"),
+        _ => "a role".to_string(),
+    };
+    let entries = r.mapping(node, &called, &ROLE_KEYS)?;
+    let mut places = BTreeMap::from([(String::new(), node.pos)]);
+    for (key, _) in entries {
+        places.insert(key.name.clone(), key.pos);
+    }
+    let name = r
+        .required(entries, "name", "a role", node.pos)
+        .and_then(|n| r.string(n, "role name"));
+    let what = match &name {
+        Some(name) => format!("role {name}"),
+        None => "a role".to_string(),
+    };
+    let program = r
+        .required(entries, "program", &what, node.pos)
+        .and_then(|n| r.string(n, &format!("{what}: program")));
+    let instances = match get(entries, "instances") {
+        Some((_, n)) => r.typed::<i64>(n, &format!("{what}: instances"), "a number of instances"),
+        None => Some(1),
+    };
+    let mut endpoints = Vec::new();
+    if let Some((_, list)) = get(entries, "endpoints") {
+        match list.items() {
+            Some(items) => {
+                for item in items {
+                    if let Some(e) = read_endpoint(r, item, &what) {
+                        endpoints.push(e);
+                    }
+                }
+            }
+            None if list.value == yaml::Value::Null => {}
+            None => r.error(
+                Some(list.pos),
+                format!("{what}: endpoints should be a list, not {}", list.kind()),
+            ),
+        }
+    }
+    let mut settings = BTreeMap::new();
+    if let Some((_, map)) = get(entries, "settings") {
+        if let Some(s) = read_settings(r, map, &format!("{what}: settings")) {
+            for (key, (value, pos)) in s {
+                places.insert(format!("settings.{key}"), pos);
+                settings.insert(key, value);
+            }
+        }
+    }
+    // What could not be read is reported; the rest is still checked.
+    Some(Role {
+        name: name?,
+        program: program.unwrap_or_default(),
+        instances: instances.unwrap_or(1),
+        endpoints,
+        settings,
+        places,
+    })
+}
+
+fn read_endpoint(r: &mut Reader<'_>, node: &Node, role: &str) -> Option<Endpoint> {
+    let what = format!("{role}: an endpoint");
+    let entries = r.mapping(node, &what, &ENDPOINT_KEYS)?;
+    let name = r
+        .required(entries, "name", &what, node.pos)
+        .and_then(|n| r.string(n, &format!("{role}: endpoint name")));
+    let what = match &name {
+        Some(name) => format!("{role}: endpoint {name}"),
+        None => what,
+    };
+    let visibility = r
+        .required(entries, "visibility", &what, node.pos)
+        .and_then(|n| {
+            r.typed::<Visibility>(n, &format!("{what}: visibility"), "public or internal")
+        });
+    let port = r.required(entries, "port", &what, node.pos).and_then(|n| {
+        r.typed::<u16>(n, &format!("{what}: port"), "a port number, 1 to 65535")
+            .filter(|p| {
+                if *p == 0 {
+                    r.error(
+                        Some(n.pos),
+                        format!("{what}: port 0 is no port; it should be 1 to 65535"),
+                    );
+                }
+                *p != 0
+            })
+    });
+    Some(Endpoint {
+        name: name?,
+        visibility: visibility?,
+        port: port?,
+        pos: node.pos,
+    })
+}
+
+fn read_settings(
+    r: &mut Reader<'_>,
+    node: &Node,
+    what: &str,
+) -> Option<BTreeMap<String, (Value, Pos)>> {
+    if node.value == yaml::Value::Null {
+        return Some(BTreeMap::new());
+    }
+    let Some(entries) = node.entries() else {
+        r.error(
+            Some(node.pos),
+            format!(
+                "{what} should be a mapping of the program's settings, not {}",
+                node.kind()
+            ),
+        );
+        return None;
+    };
+    Some(
+        entries
+            .iter()
+            .map(|(k, v)| (k.name.clone(), (v.to_json(), k.pos)))
+            .collect(),
+    )
+}
+
+/// The checks across roles: names, programs, instances, endpoints, ports,
+/// settings.
+fn check_roles(r: &mut Reader<'_>, roles: &[Role]) {
+    let mut names = BTreeMap::new();
+    let mut ports: BTreeMap<u16, String> = BTreeMap::new();
+    for (i, role) in roles.iter().enumerate() {
+        if let Some(why) = name_problem(&role.name, NameUse::Role) {
+            r.error(
+                role.place("name"),
+                format!("role name {:?} {why}", role.name),
+            );
+        } else if role.name == "kustomization" {
+            r.error(
+                role.place("name"),
+                "role name \"kustomization\" is taken: `deploy render kubernetes` writes kustomization.yaml itself; choose another name".into(),
+            );
+        } else if let Some(base) = role.name.strip_suffix("-balancer") {
+            if roles
+                .iter()
+                .any(|o| o.name == base && !o.endpoints.is_empty())
+            {
+                r.error(
+                    role.place("name"),
+                    format!("role name {:?} is taken: the compose file names role {base}'s balancer so; choose another name", role.name),
+                );
+            }
+        }
+        if let Some(first) = names.insert(role.name.clone(), i) {
+            r.error(
+                role.place("name"),
+                format!(
+                    "role name {} is used twice (roles {} and {})",
+                    role.name,
+                    first + 1,
+                    i + 1
+                ),
+            );
+        }
+        if role.instances < 1 {
+            r.error(
+                role.place("instances"),
+                format!(
+                    "role {} has {} instances; it needs at least 1",
+                    role.name, role.instances
+                ),
+            );
+        } else if role.instances > MAX_INSTANCES {
+            r.error(
+                role.place("instances"),
+                format!(
+                    "role {} has {} instances; at most {MAX_INSTANCES} can run",
+                    role.name, role.instances
+                ),
+            );
+        }
+        if role.program.is_empty() {
+            continue;
+        }
+        let Some(program) = Program::named(&role.program) else {
+            r.error(
+                role.place("program"),
+                format!(
+                    "role {}: unknown program {:?}; use one of {}",
+                    role.name,
+                    role.program,
+                    Program::names()
+                ),
+            );
+            continue;
+        };
+        for endpoint in &role.endpoints {
+            if endpoint.name != program.endpoint {
+                r.error(
+                    Some(endpoint.pos),
+                    format!(
+                        "role {}: {} has no endpoint {}; its endpoint is {}",
+                        role.name, program.name, endpoint.name, program.endpoint
+                    ),
+                );
+            }
+            if let Some(why) = port_name_problem(&endpoint.name) {
+                r.error(
+                    Some(endpoint.pos),
+                    format!(
+                        "role {}: endpoint name {:?} {why}",
+                        role.name, endpoint.name
+                    ),
+                );
+            }
+            let owner = format!("{}/{}", role.name, endpoint.name);
+            if let Some(other) = ports.insert(endpoint.port, owner.clone()) {
+                r.error(
+                    Some(endpoint.pos),
+                    format!("port {} is used by both {other} and {owner}; give each endpoint its own port", endpoint.port),
+                );
+            }
+        }
+        if role.endpoints.len() > 1 {
+            r.error(
+                role.place("endpoints"),
+                format!(
+                    "role {}: {} has one endpoint, {}",
+                    role.name, program.name, program.endpoint
+                ),
+            );
+        }
+        for (key, message) in program.check_settings(&role.settings) {
+            r.error(
+                role.place(&format!("settings.{key}")),
+                format!("role {}: setting {key}: {message}", role.name),
+            );
+        }
+    }
+}
+
+fn read_environments(
+    r: &mut Reader<'_>,
+    node: &Node,
+    roles: &[Role],
+) -> BTreeMap<Environment, BTreeMap<String, RoleLayer>> {
+    let mut environments = BTreeMap::new();
+    let names: Vec<&str> = Environment::ALL.iter().map(|e| e.name()).collect();
+    let Some(entries) = r.mapping(node, "environments", &names) else {
+        return environments;
+    };
+    for (key, body) in entries {
+        let Some(environment) = Environment::named(&key.name) else {
+            continue;
+        };
+        let what = format!("environments.{environment}");
+        let Some(body_entries) = r.mapping(body, &what, &["roles"]) else {
+            continue;
+        };
+        let mut layers = BTreeMap::new();
+        if let Some((_, role_map)) = get(body_entries, "roles") {
+            let Some(role_entries) = role_map.entries() else {
+                r.error(
+                    Some(role_map.pos),
+                    format!(
+                        "{what}.roles should map role names to their changes, not {}",
+                        role_map.kind()
+                    ),
+                );
+                continue;
+            };
+            for (role_key, layer_node) in role_entries {
+                let what = format!("{what}.roles.{}", role_key.name);
+                let Some(role) = roles.iter().find(|r| r.name == role_key.name) else {
+                    let known: Vec<&str> = roles.iter().map(|r| r.name.as_str()).collect();
+                    r.error(
+                        Some(role_key.pos),
+                        format!(
+                            "{what}: there is no role {}; the roles are {}",
+                            role_key.name,
+                            known.join(", ")
+                        ),
+                    );
+                    continue;
+                };
+                let Some(layer_entries) = r.mapping(layer_node, &what, &LAYER_KEYS) else {
+                    continue;
+                };
+                let mut layer = RoleLayer::default();
+                if let Some((k, n)) = get(layer_entries, "instances") {
+                    if let Some(count) =
+                        r.typed::<i64>(n, &format!("{what}.instances"), "a number of instances")
+                    {
+                        if !(1..=MAX_INSTANCES).contains(&count) {
+                            r.error(
+                                Some(n.pos),
+                                format!("{what}.instances is {count}; it should be 1 to {MAX_INSTANCES}"),
+                            );
+                        }
+                        layer.instances = Some((count, k.pos));
+                    }
+                }
+                if let Some((_, n)) = get(layer_entries, "settings") {
+                    if let Some(settings) = read_settings(r, n, &format!("{what}.settings")) {
+                        layer.settings = settings;
+                    }
+                }
+                if let Some(program) = Program::named(&role.program) {
+                    let set: BTreeMap<String, Value> = layer
+                        .settings
+                        .iter()
+                        .filter(|(_, (v, _))| !v.is_null())
+                        .map(|(k, (v, _))| (k.clone(), v.clone()))
+                        .collect();
+                    for (key, message) in program.check_settings(&set) {
+                        r.error(
+                            layer.settings.get(&key).map(|(_, p)| *p),
+                            format!("{what}: setting {key}: {message}"),
+                        );
+                    }
+                }
+                layers.insert(role.name.clone(), layer);
+            }
+        }
+        environments.insert(environment, layers);
+    }
+    environments
+}
+
+/// Why an endpoint's name cannot name its container port, or `None`:
+/// Kubernetes takes at most 15 lower-case letters, digits and '-' (an
+/// IANA service name), and the name is lower-cased.
+pub fn port_name_problem(endpoint: &str) -> Option<String> {
+    let name = endpoint.to_ascii_lowercase();
+    let rule = "it names a container port, which takes at most 15 letters, digits and single '-', with a letter, not starting or ending with '-'";
+    let what = if name.len() > 15 {
+        format!("is {} characters long", name.len())
+    } else if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        format!("contains {bad:?}")
+    } else if !name.chars().any(|c| c.is_ascii_lowercase())
+        || name.starts_with('-')
+        || name.ends_with('-')
+        || name.contains("--")
+    {
+        "is not a port name".to_string()
+    } else if name == "admin" {
+        "is taken by the tunnel's admin endpoint".to_string()
+    } else {
+        return None;
+    };
+    Some(format!("{what}; {rule}"))
+}
 
 /// What a name is used for, which decides what it may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,182 +1176,6 @@ fn suggest_name(name: &str) -> String {
     out.trim_end_matches('-').to_string()
 }
 
-impl Role {
-    /// The program it runs (checked by [`Definition::load`]).
-    pub fn program(&self) -> Program {
-        Program::named(&self.program).expect("a checked definition names known programs")
-    }
-
-    /// Its instance count (checked to be at least 1).
-    pub fn count(&self) -> usize {
-        self.instances.max(1) as usize
-    }
-
-    /// The id of instance `index`, in the original platform's form
-    /// (`echo-server_IN_0`).
-    pub fn instance_id(&self, index: usize) -> String {
-        format!("{}_IN_{index}", self.name)
-    }
-}
-
-impl Definition {
-    /// Reads and checks the definition in `path`.
-    pub fn load(path: &Path) -> Result<Definition, Problems> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Problems(vec![Problem {
-                file: path.to_path_buf(),
-                line: None,
-                message: format!("cannot read the service definition: {e}"),
-            }])
-        })?;
-        Definition::parse(&text, path)
-    }
-
-    /// Parses and checks a definition; `path` names it in messages.
-    pub fn parse(text: &str, path: &Path) -> Result<Definition, Problems> {
-        let problem = |line: Option<usize>, message: String| Problem {
-            file: path.to_path_buf(),
-            line,
-            message,
-        };
-        let definition: Definition = serde_yaml::from_str(text).map_err(|e| {
-            let line = e.location().map(|l| l.line());
-            Problems(vec![problem(line, e.to_string())])
-        })?;
-        let at = |keys: &[&str]| {
-            let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
-            yaml_line(text, &keys)
-        };
-        let mut problems = Vec::new();
-        let mut names = BTreeMap::new();
-        let mut ports: BTreeMap<u16, String> = BTreeMap::new();
-        if let Some(why) = name_problem(&definition.name, NameUse::Service) {
-            problems.push(problem(
-                at(&["name"]),
-                format!("service name {:?} {why}", definition.name),
-            ));
-        }
-        if definition.roles.is_empty() {
-            problems.push(problem(at(&["roles"]), "no roles; add at least one".into()));
-        }
-        for (i, role) in definition.roles.iter().enumerate() {
-            let index = i.to_string();
-            let here = |key: &str| at(&["roles", &index, key]).or(at(&["roles", &index]));
-            if let Some(why) = name_problem(&role.name, NameUse::Role) {
-                problems.push(problem(
-                    here("name"),
-                    format!("role name {:?} {why}", role.name),
-                ));
-            } else if role.name == "kustomization" {
-                problems.push(problem(
-                    here("name"),
-                    "role name \"kustomization\" is taken: `deploy render kubernetes` writes kustomization.yaml itself; choose another name".into(),
-                ));
-            } else if let Some(base) = role.name.strip_suffix("-balancer") {
-                if definition
-                    .roles
-                    .iter()
-                    .any(|r| r.name == base && !r.endpoints.is_empty())
-                {
-                    problems.push(problem(
-                        here("name"),
-                        format!("role name {:?} is taken: the compose file names role {base}'s balancer so; choose another name", role.name),
-                    ));
-                }
-            }
-            if let Some(first) = names.insert(role.name.clone(), i) {
-                problems.push(problem(
-                    here("name"),
-                    format!(
-                        "role name {} is used twice (roles {} and {})",
-                        role.name,
-                        first + 1,
-                        i + 1
-                    ),
-                ));
-            }
-            if role.instances < 1 {
-                problems.push(problem(
-                    here("instances"),
-                    format!(
-                        "role {} has {} instances; it needs at least 1",
-                        role.name, role.instances
-                    ),
-                ));
-            } else if role.instances > MAX_INSTANCES {
-                problems.push(problem(
-                    here("instances"),
-                    format!(
-                        "role {} has {} instances; at most {MAX_INSTANCES} can run",
-                        role.name, role.instances
-                    ),
-                ));
-            }
-            let Some(program) = Program::named(&role.program) else {
-                problems.push(problem(
-                    here("program"),
-                    format!(
-                        "role {}: unknown program {:?}; use one of {}",
-                        role.name,
-                        role.program,
-                        Program::names()
-                    ),
-                ));
-                continue;
-            };
-            for (j, endpoint) in role.endpoints.iter().enumerate() {
-                let e_index = j.to_string();
-                let line = at(&["roles", &index, "endpoints", &e_index]);
-                if endpoint.name != program.endpoint {
-                    problems.push(problem(
-                        line,
-                        format!(
-                            "role {}: {} has no endpoint {}; its endpoint is {}",
-                            role.name, program.name, endpoint.name, program.endpoint
-                        ),
-                    ));
-                }
-                if endpoint.port == 0 {
-                    problems.push(problem(
-                        line,
-                        format!(
-                            "role {}: endpoint {} needs a port",
-                            role.name, endpoint.name
-                        ),
-                    ));
-                }
-                let owner = format!("{}/{}", role.name, endpoint.name);
-                if let Some(other) = ports.insert(endpoint.port, owner.clone()) {
-                    problems.push(problem(
-                        at(&["roles", &index, "endpoints", &e_index, "port"]).or(line),
-                        format!("port {} is used by both {other} and {owner}; give each endpoint its own port", endpoint.port),
-                    ));
-                }
-            }
-            if role.endpoints.len() > 1 {
-                problems.push(problem(
-                    here("endpoints"),
-                    format!(
-                        "role {}: {} has one endpoint, {}",
-                        role.name, program.name, program.endpoint
-                    ),
-                ));
-            }
-            for (key, message) in program.check_settings(&role.settings) {
-                problems.push(problem(
-                    at(&["roles", &index, "settings", &key]).or(here("settings")),
-                    format!("role {}: setting {key}: {message}", role.name),
-                ));
-            }
-        }
-        if problems.is_empty() {
-            Ok(definition)
-        } else {
-            Err(Problems(problems))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,26 +1197,31 @@ mod tests {
         let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
         assert_eq!(problems.len(), 5, "{shown:#?}");
         assert!(
-            shown[0].starts_with("s.yaml line 5: role echo has 0 instances"),
+            shown[0].starts_with("s.yaml:5:5: role echo has 0 instances"),
             "{shown:#?}"
         );
         assert!(
             shown
                 .iter()
-                .any(|s| s.starts_with("s.yaml line 11: role echo: setting idle_timeout")),
+                .any(|s| s.starts_with("s.yaml:11:7: role echo: setting idle_timeout")),
             "{shown:#?}"
         );
         assert!(
             shown.iter().any(|s| s.starts_with(
-                "s.yaml line 12: role echo: setting colour: echo-server has no setting colour"
+                "s.yaml:12:7: role echo: setting colour: echo-server has no setting colour"
             )),
             "{shown:#?}"
         );
-        assert!(shown.iter().any(|s| s.starts_with("s.yaml line 18: port 1234 is used by both echo/EchoEndpoint and math/SquareEndpoint")), "{shown:#?}");
+        assert!(
+            shown.iter().any(|s| s.starts_with(
+                "s.yaml:16:9: port 1234 is used by both echo/EchoEndpoint and math/SquareEndpoint"
+            )),
+            "{shown:#?}"
+        );
         assert!(
             shown
                 .iter()
-                .any(|s| s.starts_with("s.yaml line 20: role db: unknown program \"postgres\"")),
+                .any(|s| s.starts_with("s.yaml:20:5: role db: unknown program \"postgres\"")),
             "{shown:#?}"
         );
     }
@@ -413,12 +1232,12 @@ mod tests {
         let problems = Definition::parse(text, Path::new("s.yaml")).unwrap_err().0;
         let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
         let expected = [
-            "s.yaml line 1: service name \"Demo\" contains 'D'",
-            "s.yaml line 3: role name \"../../etc\" contains '.'; a role name names Kubernetes objects and files",
-            "s.yaml line 5: role name \"Echo_Server\" contains 'E'",
-            "s.yaml line 7: role name \"1echo\" does not start with a letter",
-            "s.yaml line 9: role name \"kustomization\" is taken",
-            "s.yaml line 17: role name \"sq-balancer\" is taken: the compose file names role sq's balancer so",
+            "s.yaml:1:7: service name \"Demo\" contains 'D'",
+            "s.yaml:3:5: role name \"../../etc\" contains '.'; a role name names Kubernetes objects and files",
+            "s.yaml:5:5: role name \"Echo_Server\" contains 'E'",
+            "s.yaml:7:5: role name \"1echo\" does not start with a letter",
+            "s.yaml:9:5: role name \"kustomization\" is taken",
+            "s.yaml:17:5: role name \"sq-balancer\" is taken: the compose file names role sq's balancer so",
         ];
         assert_eq!(shown.len(), expected.len(), "{shown:#?}");
         for (shown, expected) in shown.iter().zip(expected) {
@@ -477,15 +1296,185 @@ mod tests {
         }
     }
 
+    fn shown(text: &str) -> Vec<String> {
+        match Definition::parse(text, Path::new("s.yaml")) {
+            Ok(d) => d.all_findings().iter().map(ToString::to_string).collect(),
+            Err(problems) => problems.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
     #[test]
-    fn yaml_mistakes_name_the_line() {
-        let err = Definition::parse(
-            "name: x\nroles:\n  - name: a\n    progam: tunnel\n",
-            Path::new("s.yaml"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("unknown field `progam`"), "{err}");
-        assert!(err.starts_with("s.yaml line"), "{err}");
+    fn schema_mistakes_are_all_reported_where_they_are() {
+        let shown = shown(
+            "name: x\nimage: {tag: 1.10}\nroles:\n  - name: a\n    progam: tunnel\n    instances: many\n    endpoints: [{name: Incoming, visibility: publik, port: 70000}]\n  - name: b\n    program: echo-server\n    endpoints:\n      - name: EchoEndpoint\n        visibility: internal\n        port: 0\nenvironments: {staging: {}}\n",
+        );
+        let expected = [
+            "s.yaml:2:14: image.tag reads as a number; quote it",
+            "s.yaml:4:5: role a has no program; add one",
+            "s.yaml:5:5: role a has no key \"progam\"; did you mean program?",
+            "s.yaml:6:16: role a: instances is \"many\"; it should be a number of instances",
+            "s.yaml:7:46: role a: endpoint Incoming: visibility is \"publik\"; it should be public or internal",
+            "s.yaml:7:60: role a: endpoint Incoming: port is 70000; it should be a port number, 1 to 65535",
+            "s.yaml:13:15: role b: endpoint EchoEndpoint: port 0 is no port",
+            "s.yaml:14:16: environments has no key \"staging\"; its keys are local, kubernetes, compose",
+        ];
+        assert_eq!(shown.len(), expected.len(), "{shown:#?}");
+        for (shown, expected) in shown.iter().zip(expected) {
+            assert!(shown.starts_with(expected), "{shown}\nexpected {expected}");
+        }
+    }
+
+    #[test]
+    fn not_yaml_is_one_problem_with_its_place() {
+        let unclosed = shown("name: x\nroles: [\n");
+        assert_eq!(unclosed.len(), 1, "{unclosed:#?}");
+        assert!(
+            unclosed[0].starts_with("s.yaml:2:8: not valid YAML"),
+            "{unclosed:#?}"
+        );
+        let twice = shown("name: x\nroles: []\nname: y\n");
+        assert!(
+            twice[0].starts_with("s.yaml:3:1: not valid YAML"),
+            "{twice:#?}"
+        );
+    }
+
+    const FIREWALLED: &str = "name: db\nroles:\n  - name: tunnel\n    program: tunnel\n    endpoints: [{name: Incoming, visibility: internal, port: 1001}]\n    settings: {host: 127.0.0.1, port: 5432}\nenvironments:\n  kubernetes:\n    roles:\n      tunnel:\n        instances: 3\n        settings: {host: db.internal}\n";
+
+    #[test]
+    fn environments_layer_settings_over_the_roles() {
+        let d = Definition::parse(FIREWALLED, Path::new("s.yaml")).unwrap();
+        let local = d.in_environment(Environment::Local);
+        assert_eq!(local.roles[0].settings["host"], "127.0.0.1");
+        assert_eq!(local.roles[0].count(), 1);
+        let cluster = d.in_environment(Environment::Kubernetes);
+        assert_eq!(cluster.roles[0].settings["host"], "db.internal");
+        assert_eq!(cluster.roles[0].settings["port"], 5432);
+        assert_eq!(cluster.roles[0].count(), 3);
+        assert_eq!(
+            cluster.roles[0].place("settings.host"),
+            Some(Pos {
+                line: 12,
+                column: 20
+            })
+        );
+        assert!(d.findings(Environment::Kubernetes).is_empty());
+        // Compose has no layer: its tunnel would forward to itself.
+        let compose = d.findings(Environment::Compose);
+        assert_eq!(compose.len(), 1, "{compose:#?}");
+        assert!(compose[0].to_string().starts_with("s.yaml:6:16: compose: role tunnel would forward to 127.0.0.1:5432, which there is the instance itself; set environments.compose.roles.tunnel.settings.host"), "{}", compose[0]);
+        assert_eq!(compose[0].severity, Severity::Error);
+    }
+
+    #[test]
+    fn a_null_in_a_layer_removes_the_setting() {
+        let text = FIREWALLED.replace(
+            "settings: {host: db.internal}",
+            "settings: {host: ~, port: ~, target: \"db:5432\"}",
+        );
+        let d = Definition::parse(&text, Path::new("s.yaml")).unwrap();
+        let cluster = d.in_environment(Environment::Kubernetes);
+        assert_eq!(cluster.roles[0].settings.get("host"), None);
+        assert_eq!(cluster.roles[0].settings["target"], "db:5432");
+        assert!(
+            d.findings(Environment::Kubernetes).is_empty(),
+            "{:?}",
+            d.findings(Environment::Kubernetes)
+        );
+    }
+
+    #[test]
+    fn layers_are_checked_like_the_roles() {
+        let text = FIREWALLED.replace(
+            "settings: {host: db.internal}",
+            "settings: {colour: red, idle_timeout: soon}\n      nobody: {instances: 2}",
+        );
+        let shown = shown(&text);
+        let expected = [
+            "s.yaml:12:20: environments.kubernetes.roles.tunnel: setting colour: tunnel has no setting colour",
+            "s.yaml:12:33: environments.kubernetes.roles.tunnel: setting idle_timeout",
+            "s.yaml:13:7: environments.kubernetes.roles.nobody: there is no role nobody; the roles are tunnel",
+        ];
+        assert_eq!(shown.len(), expected.len(), "{shown:#?}");
+        for (shown, expected) in shown.iter().zip(expected) {
+            assert!(shown.starts_with(expected), "{shown}\nexpected {expected}");
+        }
+    }
+
+    #[test]
+    fn exposure_and_dead_ends_are_warned_about() {
+        let text = "name: db\nroles:\n  - name: tunnel\n    program: tunnel\n    endpoints: [{name: Incoming, visibility: public, port: 1001}]\n    settings: {target: \"db.internal:5432\"}\n  - name: quiet\n    program: echo-server\n  - name: lost\n    program: tunnel\n    endpoints: [{name: Incoming, visibility: internal, port: 1002}]\n";
+        let found = shown(text);
+        let expected = [
+            "s.yaml:5:17: warning: local, kubernetes, compose: public endpoint tunnel/Incoming has no allow list",
+            "s.yaml:7:5: warning: role quiet has no endpoint",
+            "s.yaml:9:5: local, kubernetes, compose: role lost: a tunnel with no target",
+        ];
+        assert_eq!(found.len(), expected.len(), "{found:#?}");
+        for (shown, expected) in found.iter().zip(expected) {
+            assert!(shown.starts_with(expected), "{shown}\nexpected {expected}");
+        }
+        let allowed = text.replace(
+            "{target: \"db.internal:5432\"}",
+            "{target: \"db.internal:5432\", allow: [10.1.0.0/16]}",
+        );
+        assert!(!shown(&allowed).iter().any(|s| s.contains("allow list")));
+    }
+
+    #[test]
+    fn loopback_is_any_name_for_this_machine() {
+        for host in [
+            "127.0.0.1",
+            "127.3.2.1",
+            "::1",
+            "::ffff:127.0.0.1",
+            "localhost",
+            "LOCALHOST.",
+            "db.localhost",
+            "0.0.0.0",
+            "::",
+        ] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in ["10.0.0.1", "db.internal", "localhost.example", "::2"] {
+            assert!(!is_loopback(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn images_are_named_as_registries_take_them() {
+        assert_eq!(registry_problem("ghcr.io/acme/tcp-roles"), None);
+        assert_eq!(registry_problem("localhost:5000/x"), None);
+        assert_eq!(registry_problem("tcp-roles"), None);
+        for bad in [
+            "",
+            "https://ghcr.io/x",
+            "ghcr.io/Acme",
+            "ghcr.io/x/",
+            "x@sha256:00",
+            "a//b",
+        ] {
+            assert!(registry_problem(bad).is_some(), "{bad}");
+        }
+        assert_eq!(tag_problem("0.1.0"), None);
+        assert_eq!(tag_problem("v1_rc-2"), None);
+        for bad in ["", ".x", "-x", "a:b", &"a".repeat(129)] {
+            assert!(tag_problem(bad).is_some(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn port_names_kubernetes_refuses_are_caught() {
+        assert_eq!(port_name_problem("SquareEndpoint"), None);
+        assert!(port_name_problem("AVeryLongEndpointName")
+            .unwrap()
+            .starts_with("is 21 characters long"));
+        assert!(port_name_problem("Echo_Endpoint")
+            .unwrap()
+            .starts_with("contains '_'"));
+        assert!(port_name_problem("1234").is_some());
+        assert!(port_name_problem("Admin")
+            .unwrap()
+            .contains("admin endpoint"));
     }
 }

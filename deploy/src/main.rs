@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use common::cli::{parse_args, EXIT_CONFIG, EXIT_FAILED};
 use common::telemetry::{say, show};
-use deploy::definition::Definition;
+use deploy::definition::{registry_problem, tag_problem, Definition, Environment, Problems};
 use deploy::fabric::{self, Options};
 use deploy::{render, DEFAULT_DEFINITION, PROGRAM};
 use tokio::signal::unix::SignalKind;
@@ -49,6 +49,14 @@ enum Command {
         /// Where to write [default: deploy/kubernetes, or deploy for compose]
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// Where the images are pulled from, such as ghcr.io/acme/tcp-roles
+        /// [default: the definition's image.registry, else its name]
+        #[arg(long, value_name = "REGISTRY")]
+        registry: Option<String>,
+        /// The images' tag [default: the definition's image.tag, else the
+        /// programs' version]
+        #[arg(long, value_name = "TAG")]
+        tag: Option<String>,
     },
 }
 
@@ -70,6 +78,24 @@ fn load(file: &Option<PathBuf>) -> Result<Definition, ExitCode> {
     })
 }
 
+/// Loads the definition as it runs in `environment`, reporting what is
+/// found there: warnings go to stderr, errors stop.
+fn load_for(file: &Option<PathBuf>, environment: Environment) -> Result<Definition, ExitCode> {
+    let definition = load(file)?;
+    let found = Problems(definition.findings(environment));
+    report(&found);
+    if found.has_errors() {
+        return Err(ExitCode::from(EXIT_CONFIG));
+    }
+    Ok(definition.in_environment(environment))
+}
+
+fn report(found: &Problems) {
+    for problem in &found.0 {
+        say(format_args!("{PROGRAM}: {problem}"));
+    }
+}
+
 fn main() -> ExitCode {
     let args = match parse_args::<Args>() {
         Ok(args) => args,
@@ -80,32 +106,67 @@ fn main() -> ExitCode {
         ..Default::default()
     });
     match args.command {
-        Command::Check { file } => match load(&file) {
-            Ok(d) => {
-                let instances: usize = d.roles.iter().map(|r| r.count()).sum();
-                show(format_args!(
-                    "{}: {} roles, {instances} instances: ok\n",
-                    d.name,
-                    d.roles.len()
-                ));
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
-        Command::Render { target, file, out } => {
-            let definition = match load(&file) {
+        Command::Check { file } => {
+            let d = match load(&file) {
                 Ok(d) => d,
                 Err(code) => return code,
             };
+            let found = Problems(d.all_findings());
+            report(&found);
+            if found.has_errors() {
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let instances: usize = d.roles.iter().map(|r| r.count()).sum();
+            show(format_args!(
+                "{}: {} roles, {instances} instances: ok\n",
+                d.name,
+                d.roles.len()
+            ));
+            ExitCode::SUCCESS
+        }
+        Command::Render {
+            target,
+            file,
+            out,
+            registry,
+            tag,
+        } => {
+            let environment = match target {
+                Target::Kubernetes => Environment::Kubernetes,
+                Target::Compose => Environment::Compose,
+            };
+            let mut definition = match load_for(&file, environment) {
+                Ok(d) => d,
+                Err(code) => return code,
+            };
+            if let Some(registry) = registry {
+                if let Some(why) = registry_problem(&registry) {
+                    say(format_args!("{PROGRAM}: --registry {registry:?} {why}"));
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                definition.image.registry = registry;
+            }
+            if let Some(tag) = tag {
+                if let Some(why) = tag_problem(&tag) {
+                    say(format_args!("{PROGRAM}: --tag {tag:?} {why}"));
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                definition.image.tag = tag;
+            }
             let (dir, files) = match target {
                 Target::Kubernetes => (
                     out.unwrap_or_else(|| PathBuf::from("deploy/kubernetes")),
                     render::kubernetes(&definition),
                 ),
-                Target::Compose => (
-                    out.unwrap_or_else(|| PathBuf::from("deploy")),
-                    vec![("compose.yaml".to_string(), render::compose(&definition))],
-                ),
+                Target::Compose => {
+                    let dir = out.unwrap_or_else(|| PathBuf::from("deploy"));
+                    let context = render::build_context(&dir);
+                    if context.is_none() {
+                        say(format_args!("{PROGRAM}: no Dockerfile at or above this directory: the compose file pulls its images instead of building them"));
+                    }
+                    let file = render::compose(&definition, context.as_deref());
+                    (dir, vec![("compose.yaml".to_string(), file)])
+                }
             };
             match render::write(&dir, &files) {
                 Ok(()) => {
@@ -124,7 +185,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { file, programs } => {
-            let definition = match load(&file) {
+            let definition = match load_for(&file, Environment::Local) {
                 Ok(d) => d,
                 Err(code) => return code,
             };

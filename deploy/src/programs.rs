@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use common::config::env_prefix;
+use common::settings::{CidrList, HostPort};
 
 /// Settings by key, as a definition gives them.
 pub type SettingsMap = BTreeMap<String, Value>;
@@ -32,6 +33,7 @@ pub struct Program {
     pub default_port: u16,
     defaults: fn() -> Value,
     check: fn(&SettingsMap) -> Vec<SettingProblem>,
+    targets: fn(&SettingsMap) -> Result<Vec<HostPort>, String>,
 }
 
 /// Every program a role can name.
@@ -42,6 +44,7 @@ pub const PROGRAMS: [Program; 3] = [
         default_port: 1234,
         defaults: defaults::<echo_server::Settings>,
         check: check::<echo_server::Settings>,
+        targets: no_targets,
     },
     Program {
         name: "square-server",
@@ -49,6 +52,7 @@ pub const PROGRAMS: [Program; 3] = [
         default_port: 2345,
         defaults: defaults::<square_server::Settings>,
         check: check::<square_server::Settings>,
+        targets: no_targets,
     },
     Program {
         name: "tunnel",
@@ -56,6 +60,7 @@ pub const PROGRAMS: [Program; 3] = [
         default_port: 1001,
         defaults: defaults::<tunnel::Settings>,
         check: check::<tunnel::Settings>,
+        targets: tunnel_targets,
     },
 ];
 
@@ -115,6 +120,28 @@ impl Program {
         problems
     }
 
+    /// Where the program connects to with `settings` (a tunnel's targets),
+    /// or why it has nowhere to connect. Settings are taken as checked.
+    pub fn targets(&self, settings: &SettingsMap) -> Result<Vec<HostPort>, String> {
+        (self.targets)(settings)
+    }
+
+    /// The client networks `settings` let in (`allow`), empty for everyone.
+    pub fn allowed(&self, settings: &SettingsMap) -> Vec<String> {
+        #[derive(serde::Deserialize)]
+        struct Allow {
+            #[serde(default)]
+            allow: CidrList,
+        }
+        let Some(value) = settings.get("allow") else {
+            return Vec::new();
+        };
+        Figment::from(Serialized::default("allow", env_form(value)))
+            .extract::<Allow>()
+            .map(|a| a.allow.0.iter().map(ToString::to_string).collect())
+            .unwrap_or_default()
+    }
+
     /// The environment an instance gets for `settings`: `PREFIX_KEY=value`,
     /// lists joined with commas, nested keys joined with `__`.
     pub fn environment(&self, settings: &BTreeMap<String, Value>) -> Vec<(String, String)> {
@@ -153,6 +180,34 @@ pub fn scalar(value: &Value) -> String {
 
 fn defaults<S: Serialize + Default>() -> Value {
     serde_json::to_value(S::default()).unwrap_or(Value::Null)
+}
+
+fn no_targets(_: &SettingsMap) -> Result<Vec<HostPort>, String> {
+    Ok(Vec::new())
+}
+
+/// The targets of every route of a tunnel with `settings`.
+fn tunnel_targets(settings: &SettingsMap) -> Result<Vec<HostPort>, String> {
+    let given = |key: &str| settings.get(key).is_some_and(|v| !v.is_null());
+    if !["target", "host", "port", "routes"]
+        .iter()
+        .any(|k| given(k))
+    {
+        return Err("a tunnel with no target: give it host and port, or target, or routes".into());
+    }
+    let figment = settings.iter().fold(
+        Figment::from(Serialized::defaults(tunnel::Settings::default())),
+        |figment, (key, value)| figment.merge(Serialized::default(key, env_form(value))),
+    );
+    let settings: tunnel::Settings = figment.extract().map_err(|e| e.to_string())?;
+    let routes = settings.routes().map_err(|errors| {
+        errors
+            .iter()
+            .map(|e| e.message.clone())
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    Ok(routes.into_iter().flat_map(|r| r.targets).collect())
 }
 
 /// Each setting tried on its own over the defaults, so every bad one is

@@ -391,8 +391,9 @@ fn yaml_lines(text: &str) -> usize {
 ///
 /// Input: the definition's bytes (invalid UTF-8 replaced). Checks that a
 /// definition that loads has what its users rely on (known programs, at
-/// least one instance per role), and that every problem has a message and,
-/// when it has a line, one inside the file.
+/// least one instance per role) and renders in every environment, and that
+/// every problem has a message and, when it has a place, one inside the
+/// file.
 pub fn definition(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let path = Path::new("service.yaml");
@@ -409,6 +410,17 @@ pub fn definition(data: &[u8]) {
                 }
                 let _ = role.instance_id(role.count() - 1);
             }
+            // What each environment would run is checked and rendered
+            // without a panic, whatever the layers say.
+            for problem in definition.all_findings() {
+                assert!(!problem.message.is_empty());
+            }
+            for environment in deploy::definition::Environment::ALL {
+                let _ = definition.findings(environment);
+                let applied = definition.in_environment(environment);
+                let _ = deploy::render::kubernetes(&applied);
+                let _ = deploy::render::compose(&applied, Some(".."));
+            }
         }
         Err(problems) => {
             assert!(!problems.0.is_empty(), "refused without a reason");
@@ -417,10 +429,10 @@ pub fn definition(data: &[u8]) {
             let lines = yaml_lines(&text) + 1;
             for problem in &problems.0 {
                 assert!(!problem.message.is_empty());
-                if let Some(line) = problem.line {
+                if let Some(pos) = problem.pos {
                     assert!(
-                        (1..=lines).contains(&line),
-                        "line {line} of a {lines}-line file"
+                        (1..=lines).contains(&pos.line) && pos.column >= 1,
+                        "{pos} in a {lines}-line file"
                     );
                 }
             }

@@ -65,20 +65,23 @@ fn a_bad_definition_is_reported_whole_with_lines() {
     let shown = file.display().to_string();
     assert!(err.contains("4 problems"), "{err}");
     assert!(
-        err.contains(&format!("{shown} line 5: role echo has 0 instances")),
+        err.contains(&format!("{shown}:5:5: role echo has 0 instances")),
         "{err}"
     );
-    assert!(err.contains(&format!("{shown} line 11: role echo: setting idle_timeot: echo-server has no setting idle_timeot")), "{err}");
     assert!(
         err.contains(&format!(
-            "{shown} line 17: port 1234 is used by both echo/EchoEndpoint and other/SquareEndpoint"
+            "{shown}:11:7: role echo: setting idle_timeot: echo-server has no setting idle_timeot"
         )),
         "{err}"
     );
     assert!(
         err.contains(&format!(
-            "{shown} line 19: role db: unknown program \"mysql\""
+            "{shown}:15:9: port 1234 is used by both echo/EchoEndpoint and other/SquareEndpoint"
         )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{shown}:19:5: role db: unknown program \"mysql\"")),
         "{err}"
     );
     std::fs::remove_dir_all(dir).unwrap();
@@ -126,10 +129,24 @@ fn the_committed_rendering_is_current() {
             "deploy/kubernetes/{name} is stale: run `deploy render kubernetes` and commit"
         );
     }
+    // The compose file's build context is the repository as seen from
+    // where the file is written: from anywhere it finds the Dockerfile.
+    let fresh = std::fs::read_to_string(dir.join("compose.yaml")).unwrap();
+    let contexts: HashSet<&str> = fresh
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("context: "))
+        .collect();
+    assert_eq!(contexts.len(), 1, "{fresh}");
+    let context = contexts.into_iter().next().unwrap();
+    assert!(
+        dir.join(context).join("Dockerfile").is_file(),
+        "context {context} from {} has no Dockerfile",
+        dir.display()
+    );
     let compose = std::fs::read_to_string(workspace().join("deploy/compose.yaml")).unwrap();
     assert_eq!(
         compose,
-        std::fs::read_to_string(dir.join("compose.yaml")).unwrap(),
+        fresh.replace(&format!("context: {context}\n"), "context: ..\n"),
         "deploy/compose.yaml is stale: run `deploy render compose` and commit"
     );
     std::fs::remove_dir_all(dir).unwrap();
@@ -806,13 +823,13 @@ fn names_kubernetes_cannot_take_are_refused() {
         assert!(err.contains("2 problems"), "{err}");
         assert!(
             err.contains(&format!(
-                "{shown} line 3: role name \"../escape\" contains '.'"
+                "{shown}:3:5: role name \"../escape\" contains '.'"
             )),
             "{err}"
         );
         assert!(
             err.contains(&format!(
-                "{shown} line 5: role name \"Echo_Server\" contains 'E'"
+                "{shown}:5:5: role name \"Echo_Server\" contains 'E'"
             )),
             "{err}"
         );
