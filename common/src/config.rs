@@ -6,6 +6,11 @@
 //! value and its origin (file and line, environment variable or flag). All
 //! problems are collected before giving up: a bad key is reported, taken out
 //! of every layer, and the rest is checked again, so one run shows them all.
+//!
+//! Kubernetes' Service-link variables that happen to share a program's
+//! prefix (`TUNNEL_SERVICE_HOST` for a Service named `tunnel`) are not
+//! settings and are left out of the environment layer: see
+//! [`is_service_link`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -51,6 +56,105 @@ pub fn env_var(program: &str, key: &str) -> String {
 /// `--idle-timeout`).
 pub fn flag_name(key: &str) -> String {
     format!("--{}", key.replace('_', "-"))
+}
+
+/// Whether the environment variable `name=value` is one of the Service-link
+/// variables the kubelet gives every pod for every Service in its namespace
+/// (unless the pod has `enableServiceLinks: false`). For a Service `tunnel`
+/// with cluster IP 10.96.0.12 and TCP port 1001 named `incoming`:
+///
+/// ```text
+/// TUNNEL_SERVICE_HOST=10.96.0.12
+/// TUNNEL_SERVICE_PORT=1001
+/// TUNNEL_SERVICE_PORT_INCOMING=1001
+/// TUNNEL_PORT=tcp://10.96.0.12:1001
+/// TUNNEL_PORT_1001_TCP=tcp://10.96.0.12:1001
+/// TUNNEL_PORT_1001_TCP_PROTO=tcp
+/// TUNNEL_PORT_1001_TCP_PORT=1001
+/// TUNNEL_PORT_1001_TCP_ADDR=10.96.0.12
+/// ```
+///
+/// The Service's name is upper-cased with `-` as `_`, and may be longer
+/// than a program's prefix (`ECHO_SERVER_BALANCER_SERVICE_HOST` is under
+/// `ECHO_SERVER_`). All but one of these forms are recognised by the name
+/// alone. `<SERVICE>_PORT` is the exception: it would also be the
+/// environment variable of a setting ending in `port` (the tunnel's own
+/// `port`, `TUNNEL_PORT`), so it counts as a Service link only when its
+/// value has the link form `tcp://ADDRESS:PORT` (or `udp://`, `sctp://`;
+/// the address as written, IPv6 in brackets or not). A port number is
+/// never a Service link, and a link-form value never a setting.
+pub fn is_service_link(name: &str, value: &str) -> bool {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return false;
+    }
+    // Every `_` after the first character may end the Service's name.
+    name.match_indices('_')
+        .filter(|&(at, _)| at > 0)
+        .any(|(at, _)| is_link_suffix(&name[at + 1..], value))
+}
+
+/// Whether `rest`, what follows `<SERVICE>_` in a variable's name, is one of
+/// the Service-link forms (with `value`, for `PORT`).
+fn is_link_suffix(rest: &str, value: &str) -> bool {
+    if rest == "SERVICE_HOST" || rest == "SERVICE_PORT" {
+        return true;
+    }
+    if let Some(port_name) = rest.strip_prefix("SERVICE_PORT_") {
+        // A named port: its name upper-cased, `-` as `_`.
+        return !port_name.is_empty();
+    }
+    if rest == "PORT" {
+        return is_service_link_value(value);
+    }
+    let Some(port) = rest.strip_prefix("PORT_") else {
+        return false;
+    };
+    let mut parts = port.split('_');
+    let number = parts.next().unwrap_or("");
+    let protocol = parts.next().unwrap_or("");
+    let detail = parts.next();
+    is_port_number(number)
+        && matches!(protocol, "TCP" | "UDP" | "SCTP")
+        && matches!(detail, None | Some("PROTO" | "PORT" | "ADDR"))
+        && parts.next().is_none()
+}
+
+/// Whether `value` has the form of a Service link's address:
+/// `tcp://ADDRESS:PORT`, `udp://...` or `sctp://...`. The scheme is taken
+/// exactly as the kubelet writes it; the address loosely (an IPv4 address,
+/// an IPv6 one with or without brackets), the port as a port number.
+pub fn is_service_link_value(value: &str) -> bool {
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return false;
+    };
+    let Some((address, port)) = rest.rsplit_once(':') else {
+        return false;
+    };
+    matches!(scheme, "tcp" | "udp" | "sctp")
+        && !address.is_empty()
+        && !address.contains(|c: char| c.is_whitespace() || c == '/')
+        && is_port_number(port)
+}
+
+fn is_port_number(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) && text.parse::<u16>().is_ok()
+}
+
+/// The environment variables under `prefix` that are Service links (see
+/// [`is_service_link`]), by name, sorted.
+fn service_links(prefix: &str) -> Vec<String> {
+    let mut links: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, value)| {
+            let name = name.to_str()?;
+            (name.starts_with(prefix) && is_service_link(name, &value.to_string_lossy()))
+                .then(|| name.to_string())
+        })
+        .collect();
+    links.sort();
+    links
 }
 
 /// One resolved value's place of origin, as a user would go and fix it.
@@ -213,6 +317,7 @@ pub struct Resolved<T> {
     program: &'static str,
     figment: Figment,
     file: Option<(PathBuf, String)>,
+    service_links: Vec<String>,
 }
 
 /// A layer of configuration whose keys can be taken out one by one; it keeps
@@ -374,8 +479,18 @@ where
         layers.push(Layer { metadata, data });
     }
 
-    let env = Env::prefixed(&env_prefix(sources.program))
+    // Kubernetes' Service links are not settings. figment's filter sees
+    // only a variable's name, so they are picked out by name and value
+    // first, and their names (without the prefix) then left out.
+    let prefix = env_prefix(sources.program);
+    let service_links = service_links(&prefix);
+    let ignored: Vec<String> = service_links
+        .iter()
+        .map(|name| name[prefix.len()..].to_string())
+        .collect();
+    let env = Env::prefixed(&prefix)
         .ignore(sources.env_ignore)
+        .filter(move |key| !ignored.iter().any(|name| name == key.as_str()))
         .split("__");
     layers.push(Layer::read(env).map_err(|e| ConfigErrors::single(None, e.to_string()))?);
     let flags = Serialized::defaults(&sources.flags);
@@ -417,6 +532,7 @@ where
                         program: sources.program,
                         figment,
                         file,
+                        service_links,
                     });
                 }
                 return Err(ConfigErrors(errors));
@@ -794,6 +910,12 @@ impl<T: Serialize> Resolved<T> {
         }
     }
 
+    /// The environment variables under the program's prefix that were left
+    /// out as Kubernetes Service links (see [`is_service_link`]), sorted.
+    pub fn service_links(&self) -> &[String] {
+        &self.service_links
+    }
+
     /// Where the value of a top-level `key` came from.
     pub fn origin(&self, key: &str) -> Option<Origin> {
         let path: Vec<String> = key.split('.').map(str::to_string).collect();
@@ -1028,6 +1150,265 @@ mod tests {
                 path: path.to_path_buf(),
                 line: Some(1)
             })
+        );
+    }
+
+    /// The kubelet's variables for a Service `name` with `ip` and one port.
+    fn kubelet(
+        name: &str,
+        ip: &str,
+        port: u16,
+        protocol: &str,
+        port_name: &str,
+    ) -> Vec<(String, String)> {
+        let svc = name.to_ascii_uppercase().replace('-', "_");
+        let proto = protocol.to_ascii_lowercase();
+        let host_port = if ip.contains(':') {
+            format!("[{ip}]:{port}")
+        } else {
+            format!("{ip}:{port}")
+        };
+        let link = format!("{proto}://{host_port}");
+        let each = format!("{svc}_PORT_{port}_{}", protocol.to_ascii_uppercase());
+        let mut vars = vec![
+            (format!("{svc}_SERVICE_HOST"), ip.to_string()),
+            (format!("{svc}_SERVICE_PORT"), port.to_string()),
+            (format!("{svc}_PORT"), link.clone()),
+            (each.clone(), link),
+            (format!("{each}_PROTO"), proto),
+            (format!("{each}_PORT"), port.to_string()),
+            (format!("{each}_ADDR"), ip.to_string()),
+        ];
+        if !port_name.is_empty() {
+            vars.push((
+                format!(
+                    "{svc}_SERVICE_PORT_{}",
+                    port_name.to_ascii_uppercase().replace('-', "_")
+                ),
+                port.to_string(),
+            ));
+        }
+        vars
+    }
+
+    #[test]
+    fn every_service_link_form_is_recognised() {
+        let services = [
+            kubelet("tunnel", "10.96.0.12", 1001, "TCP", "incoming"),
+            kubelet("echo-server", "10.96.0.13", 1234, "TCP", "echoendpoint"),
+            kubelet("echo-server-balancer", "10.96.0.14", 1234, "TCP", ""),
+            kubelet("square-server", "fd00::2345", 2345, "UDP", "square-alt"),
+            kubelet("square-client", "10.96.0.16", 9, "SCTP", "discard"),
+        ];
+        for (name, value) in services.iter().flatten() {
+            assert!(is_service_link(name, value), "{name}={value}");
+        }
+        // Eight variables for a named port, seven for an unnamed one.
+        assert_eq!(services.iter().flatten().count(), 4 * 8 + 7);
+        for (name, value) in [
+            ("TUNNEL_PORT", "tcp://10.96.0.12:1001"),
+            ("TUNNEL_PORT", "udp://10.96.0.12:53"),
+            ("TUNNEL_PORT", "sctp://10.96.0.12:9"),
+            ("TUNNEL_PORT", "tcp://[fd00::12]:1001"),
+            ("TUNNEL_PORT", "tcp://fd00::12:1001"),
+            ("TUNNEL_PORT", "tcp://tunnel.default.svc:1001"),
+            ("SQUARE_SERVER_PORT_2345_TCP_ADDR", "10.96.0.15"),
+            ("SQUARE_SERVER_SERVICE_PORT_HTTP_ALT", "8080"),
+            // A Service name may itself hold the words.
+            ("TUNNEL_SERVICE_SERVICE_HOST", "10.96.0.17"),
+            ("TUNNEL_PORT_1_PORT_1_TCP", "tcp://10.96.0.18:1"),
+            // The name-only forms do not look at the value.
+            ("TUNNEL_SERVICE_HOST", ""),
+            ("TUNNEL_PORT_1001_TCP_PORT", "1001"),
+        ] {
+            assert!(is_service_link(name, value), "{name}={value}");
+        }
+    }
+
+    #[test]
+    fn a_port_variable_is_a_service_link_only_with_a_link_value() {
+        for value in [
+            "5433",
+            "",
+            "tcp://10.96.0.12",
+            "tcp://:1001",
+            "tcp://10.96.0.12:",
+            "tcp://10.96.0.12:99999",
+            "tcp://10.96.0.12:+1",
+            "tcp://10.96.0.12:1001/",
+            "tcp://10.96.0.12/x:1001",
+            "tcp://10.96. 0.12:1001",
+            "TCP://10.96.0.12:1001",
+            "http://10.96.0.12:1001",
+            "tcp:/10.96.0.12:1001",
+            " tcp://10.96.0.12:1001",
+            "10.96.0.12:1001",
+        ] {
+            assert!(
+                !is_service_link("TUNNEL_PORT", value),
+                "TUNNEL_PORT={value:?}"
+            );
+            assert!(!is_service_link_value(value), "{value:?}");
+        }
+        // The same rule for any key that ends in `port`, nested or not.
+        assert!(is_service_link(
+            "TUNNEL_HEALTH_CHECK__PORT",
+            "tcp://10.96.0.12:1001"
+        ));
+        assert!(!is_service_link("TUNNEL_HEALTH_CHECK__PORT", "8080"));
+        assert!(is_service_link(
+            "TUNNEL_ADMIN_PORT",
+            "tcp://10.96.0.12:9090"
+        ));
+        assert!(!is_service_link("TUNNEL_ADMIN_PORT", "9090"));
+    }
+
+    #[test]
+    fn near_misses_are_not_service_links() {
+        for (name, value) in [
+            ("TUNNEL_PORT_X", "1"),
+            ("TUNNEL_PORTS", "tcp://10.96.0.12:1001"),
+            ("TUNNEL_SERVICE_HOSTS", "10.96.0.12"),
+            ("TUNNEL_SERVICE_HOST_", "10.96.0.12"),
+            ("TUNNEL_SERVICE", "10.96.0.12"),
+            ("TUNNEL_SERVICE_PORT_", "1001"),
+            ("TUNNEL_SERVICEPORT", "1001"),
+            ("TUNNEL_PORT_1001", "tcp://10.96.0.12:1001"),
+            ("TUNNEL_PORT_1001_HTTP", "tcp://10.96.0.12:1001"),
+            ("TUNNEL_PORT_1001_TCP_HOST", "10.96.0.12"),
+            ("TUNNEL_PORT_1001_TCP_ADDR_X", "10.96.0.12"),
+            ("TUNNEL_PORT_99999_TCP", "tcp://10.96.0.12:99999"),
+            ("TUNNEL_PORT__TCP", "tcp://10.96.0.12:1001"),
+            ("TUNNEL_PORT_1001_tcp", "tcp://10.96.0.12:1001"),
+            ("tunnel_service_host", "10.96.0.12"),
+            ("Tunnel_Service_Host", "10.96.0.12"),
+            ("SERVICE_HOST", "10.96.0.12"),
+            ("_SERVICE_HOST", "10.96.0.12"),
+            ("PORT", "tcp://10.96.0.12:1001"),
+            ("TUNNEL-X_SERVICE_HOST", "10.96.0.12"),
+            ("ECHO_SERVER_PORT", "1234"),
+            ("ECHO_SERVER_IDLE_TIMEOT", "5m"),
+            ("TUNNEL_PORT", "5433"),
+            ("TUNNEL_HOST", "10.96.0.12"),
+        ] {
+            assert!(!is_service_link(name, value), "{name}={value}");
+        }
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+    #[serde(default)]
+    struct Target {
+        host: Option<String>,
+        port: Option<u16>,
+        health: Health,
+        #[serde(flatten)]
+        serve: ServeSettings,
+    }
+
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+    #[serde(default)]
+    struct Health {
+        port: Option<u16>,
+        interval: Option<Seconds>,
+    }
+
+    fn target(program: &'static str) -> Result<Resolved<Target>, ConfigErrors> {
+        resolve(&Sources {
+            program,
+            file: None,
+            flags: Flags::default(),
+            env_ignore: &["config"],
+            converted: None,
+        })
+    }
+
+    /// Sets the kubelet's variables for the Services `<program>`,
+    /// `<program>-balancer` and `<program>-health-` (whose `_PORT` variable
+    /// is the one of the nested key `health.port`).
+    fn set_links(program: &str) {
+        for (i, service) in ["", "-balancer", "-health-"].iter().enumerate() {
+            let ip = format!("10.96.1.{i}");
+            for (name, value) in
+                kubelet(&format!("{program}{service}"), &ip, 1001, "TCP", "incoming")
+            {
+                std::env::set_var(name, value);
+            }
+        }
+    }
+
+    #[test]
+    fn service_links_are_left_out_and_settings_beside_them_apply() {
+        set_links("cfgtest-links");
+        std::env::set_var("CFGTEST_LINKS_HOST", "db.internal");
+        let resolved = target("cfgtest-links").unwrap();
+        // CFGTEST_LINKS_PORT=tcp://10.96.1.0:1001 and
+        // CFGTEST_LINKS_HEALTH__PORT=tcp://10.96.1.2:1001 are Kubernetes'.
+        assert_eq!(resolved.settings.port, None);
+        assert_eq!(resolved.settings.health.port, None);
+        assert_eq!(resolved.settings.host.as_deref(), Some("db.internal"));
+        let links = resolved.service_links();
+        assert_eq!(links.len(), 3 * 8, "{links:?}");
+        for name in [
+            "CFGTEST_LINKS_PORT",
+            "CFGTEST_LINKS_SERVICE_HOST",
+            "CFGTEST_LINKS_SERVICE_PORT_INCOMING",
+            "CFGTEST_LINKS_BALANCER_PORT_1001_TCP_ADDR",
+            "CFGTEST_LINKS_HEALTH__PORT",
+        ] {
+            assert!(links.iter().any(|l| l == name), "{name} not in {links:?}");
+        }
+        assert!(
+            !links.iter().any(|l| l == "CFGTEST_LINKS_HOST"),
+            "{links:?}"
+        );
+        // --print-config shows settings only.
+        let printed = resolved.describe();
+        assert!(!printed.contains("SERVICE"), "{printed}");
+        assert!(!printed.contains("10.96."), "{printed}");
+        assert!(!printed.contains("balancer"), "{printed}");
+    }
+
+    #[test]
+    fn a_port_number_is_the_setting_beside_service_links() {
+        set_links("cfgtest-linkport");
+        std::env::set_var("CFGTEST_LINKPORT_HOST", "127.0.0.1");
+        std::env::set_var("CFGTEST_LINKPORT_PORT", "5433");
+        std::env::set_var("CFGTEST_LINKPORT_HEALTH__PORT", "8080");
+        let resolved = target("cfgtest-linkport").unwrap();
+        assert_eq!(resolved.settings.port, Some(5433));
+        assert_eq!(resolved.settings.health.port, Some(8080));
+        assert_eq!(
+            resolved.origin("port"),
+            Some(Origin::Env("CFGTEST_LINKPORT_PORT".into()))
+        );
+        assert_eq!(resolved.service_links().len(), 3 * 8 - 2);
+    }
+
+    #[test]
+    fn a_typo_beside_service_links_is_still_refused() {
+        set_links("cfgtest-linktypo");
+        std::env::set_var("CFGTEST_LINKTYPO_IDLE_TIMEOT", "5m");
+        // `PORT_X` is not a Service link: a typo of some key.
+        std::env::set_var("CFGTEST_LINKTYPO_PORT_X", "1");
+        let errors = target("cfgtest-linktypo").unwrap_err().0;
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["idle_timeot", "port_x"], "{errors:#?}");
+        assert_eq!(
+            errors[0].origin,
+            Some(Origin::Env("CFGTEST_LINKTYPO_IDLE_TIMEOT".into()))
+        );
+        assert!(errors[0].message.contains("unknown setting"), "{errors:#?}");
+    }
+
+    #[test]
+    fn a_port_that_is_not_a_port_number_nor_a_link_is_refused() {
+        std::env::set_var("CFGTEST_LINKBAD_PORT", "TCP://10.96.0.12:1001");
+        let errors = target("cfgtest-linkbad").unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert_eq!(errors[0].key, "port");
+        assert_eq!(
+            errors[0].origin,
+            Some(Origin::Env("CFGTEST_LINKBAD_PORT".into()))
         );
     }
 

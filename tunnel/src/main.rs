@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use common::cli::{parse_args, sources, CommonArgs, ServeArgs, EXIT_CONFIG};
-use common::config::{resolve, ConfigError, ConfigErrors, Converted, Origin, Resolved};
+use common::config::{env_var, resolve, ConfigError, ConfigErrors, Converted, Origin, Resolved};
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -114,8 +114,21 @@ fn configure(args: &Args) -> Result<(Resolved<Settings>, Vec<Route>), ConfigErro
         Ok(routes) if errors.is_empty() => Ok((resolved, routes)),
         Ok(_) => Err(ConfigErrors(errors)),
         Err(found) => {
+            // A missing port while TUNNEL_PORT holds Kubernetes' Service
+            // link (left out, as it is not a port number) needs saying.
+            let port_var = env_var(PROGRAM, "port");
+            let link = resolved
+                .service_links()
+                .contains(&port_var)
+                .then(|| std::env::var(&port_var).ok())
+                .flatten();
             // Point at where the route's values were written.
             errors.extend(found.into_iter().map(|mut e| {
+                if let (Some(link), "port") = (&link, e.key.as_str()) {
+                    e.message.push_str(&format!(
+                        " ({port_var}={link} is the Service link Kubernetes sets for a Service named {PROGRAM}, not a port number, and is ignored)"
+                    ));
+                }
                 if e.origin.is_none() {
                     e.origin = resolved.origin(&e.key).or_else(|| {
                         e.key
