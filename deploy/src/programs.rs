@@ -109,7 +109,12 @@ impl Program {
                     format!(
                         "{} has no setting {key}; it knows: {}",
                         self.name,
-                        known.join(", ")
+                        known
+                            .iter()
+                            .filter(|k| !MANAGED.contains(&k.as_str()))
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 ));
             } else {
