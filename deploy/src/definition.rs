@@ -1239,10 +1239,7 @@ mod tests {
             "s.yaml:9:5: role name \"kustomization\" is taken",
             "s.yaml:17:5: role name \"sq-balancer\" is taken: the compose file names role sq's balancer so",
         ];
-        assert_eq!(shown.len(), expected.len(), "{shown:#?}");
-        for (shown, expected) in shown.iter().zip(expected) {
-            assert!(shown.starts_with(expected), "{shown}\nexpected {expected}");
-        }
+        assert_starts(&shown, &expected);
         assert!(
             shown[2].ends_with("(such as \"echo-server\")"),
             "{}",
@@ -1296,6 +1293,14 @@ mod tests {
         }
     }
 
+    /// Each of `shown` starts with its `expected`, and there are as many.
+    fn assert_starts(shown: &[String], expected: &[&str]) {
+        assert_eq!(shown.len(), expected.len(), "{shown:#?}");
+        for (shown, expected) in shown.iter().zip(expected) {
+            assert!(shown.starts_with(expected), "{shown}\nexpected {expected}");
+        }
+    }
+
     fn shown(text: &str) -> Vec<String> {
         match Definition::parse(text, Path::new("s.yaml")) {
             Ok(d) => d.all_findings().iter().map(ToString::to_string).collect(),
@@ -1318,10 +1323,7 @@ mod tests {
             "s.yaml:13:15: role b: endpoint EchoEndpoint: port 0 is no port",
             "s.yaml:14:16: environments has no key \"staging\"; its keys are local, kubernetes, compose",
         ];
-        assert_eq!(shown.len(), expected.len(), "{shown:#?}");
-        for (shown, expected) in shown.iter().zip(expected) {
-            assert!(shown.starts_with(expected), "{shown}\nexpected {expected}");
-        }
+        assert_starts(&shown, &expected);
     }
 
     #[test]
@@ -1395,10 +1397,7 @@ mod tests {
             "s.yaml:12:33: environments.kubernetes.roles.tunnel: setting idle_timeout",
             "s.yaml:13:7: environments.kubernetes.roles.nobody: there is no role nobody; the roles are tunnel",
         ];
-        assert_eq!(shown.len(), expected.len(), "{shown:#?}");
-        for (shown, expected) in shown.iter().zip(expected) {
-            assert!(shown.starts_with(expected), "{shown}\nexpected {expected}");
-        }
+        assert_starts(&shown, &expected);
     }
 
     #[test]
@@ -1410,10 +1409,7 @@ mod tests {
             "s.yaml:7:5: warning: role quiet has no endpoint",
             "s.yaml:9:5: local, kubernetes, compose: role lost: a tunnel with no target",
         ];
-        assert_eq!(found.len(), expected.len(), "{found:#?}");
-        for (shown, expected) in found.iter().zip(expected) {
-            assert!(shown.starts_with(expected), "{shown}\nexpected {expected}");
-        }
+        assert_starts(&found, &expected);
         let allowed = text.replace(
             "{target: \"db.internal:5432\"}",
             "{target: \"db.internal:5432\", allow: [10.1.0.0/16]}",

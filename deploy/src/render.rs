@@ -349,9 +349,20 @@ pub fn kubernetes(definition: &Definition) -> Vec<(String, String)> {
 /// context (the directory of the Dockerfile) relative to where the file
 /// is written, or `None` to pull the images instead of building them.
 pub fn compose(definition: &Definition, context: Option<&str>) -> String {
-    let build = |program: &str| match context {
-        Some(context) => json!({"context": context, "args": {"PROGRAM": program}}),
-        None => Value::Null,
+    // Every container: its image (built here when there is a context),
+    // a read-only root, no privilege, restarted unless stopped.
+    let container = |program: &str| {
+        let mut service = json!({
+            "image": image(definition, program),
+            "read_only": true,
+            "security_opt": ["no-new-privileges:true"],
+            "cap_drop": ["ALL"],
+            "restart": "unless-stopped",
+        });
+        if let Some(context) = context {
+            service["build"] = json!({"context": context, "args": {"PROGRAM": program}});
+        }
+        service
     };
     let mut services = serde_json::Map::new();
     for role in &definition.roles {
@@ -359,19 +370,9 @@ pub fn compose(definition: &Definition, context: Option<&str>) -> String {
         let mut env = settings_env(role, None);
         // Replicas take their id from their container's host name.
         env.remove(&format!("{}INSTANCE", program.prefix()));
-        let mut service = json!({
-            "image": image(definition, program.name),
-            "build": build(program.name),
-            "environment": env,
-            "deploy": {"replicas": role.count()},
-            "read_only": true,
-            "security_opt": ["no-new-privileges:true"],
-            "cap_drop": ["ALL"],
-            "restart": "unless-stopped",
-        });
-        if context.is_none() {
-            service.as_object_mut().map(|s| s.remove("build"));
-        }
+        let mut service = container(program.name);
+        service["environment"] = json!(env);
+        service["deploy"] = json!({"replicas": role.count()});
         services.insert(role.name.clone(), service);
         for endpoint in &role.endpoints {
             let published = match endpoint.visibility {
@@ -392,20 +393,10 @@ pub fn compose(definition: &Definition, context: Option<&str>) -> String {
             if endpoint.visibility == Visibility::Public && !allowed.is_empty() {
                 balancer_env["TUNNEL_ALLOW"] = json!(allowed.join(","));
             }
-            let mut balancer = json!({
-                "image": image(definition, "tunnel"),
-                "build": build("tunnel"),
-                "environment": balancer_env,
-                "ports": [published],
-                "depends_on": [role.name],
-                "read_only": true,
-                "security_opt": ["no-new-privileges:true"],
-                "cap_drop": ["ALL"],
-                "restart": "unless-stopped",
-            });
-            if context.is_none() {
-                balancer.as_object_mut().map(|s| s.remove("build"));
-            }
+            let mut balancer = container("tunnel");
+            balancer["environment"] = balancer_env;
+            balancer["ports"] = json!([published]);
+            balancer["depends_on"] = json!([role.name]);
             services.insert(format!("{}-balancer", role.name), balancer);
         }
     }

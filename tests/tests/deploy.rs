@@ -29,6 +29,14 @@ fn deploy(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs deploy, which must succeed; its stderr (warnings) is returned.
+fn deploy_ok(args: &[&str]) -> String {
+    let out = deploy(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "deploy {args:?}: {err}");
+    err
+}
+
 fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("deploy-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -310,45 +318,26 @@ fn a_cluster_tunnel_pointed_at_loopback_is_refused() {
         format!("{FIREWALLED}environments:\n  kubernetes:\n    roles:\n      tunnel:\n        settings: {{host: db.internal}}\n  compose:\n    roles:\n      tunnel:\n        settings: {{target: \"10.1.2.3:5432\", host: ~, port: ~}}\n"),
     )
     .unwrap();
-    let check = deploy(&["check", &shown]);
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    assert!(
-        check.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let render = deploy(&[
+    let warnings = deploy_ok(&["check", &shown]);
+    assert!(warnings.is_empty(), "{warnings}");
+    deploy_ok(&[
         "render",
         "kubernetes",
         &shown,
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(
-        render.status.success(),
-        "{}",
-        String::from_utf8_lossy(&render.stderr)
-    );
     let tunnel = std::fs::read_to_string(out.join("tunnel.yaml")).unwrap();
     assert!(tunnel.contains("TUNNEL_HOST: db.internal"), "{tunnel}");
     assert!(tunnel.contains("type: ClusterIP"), "{tunnel}");
     let compose = dir.join("compose");
-    let render = deploy(&[
+    deploy_ok(&[
         "render",
         "compose",
         &shown,
         "--out",
         compose.to_str().unwrap(),
     ]);
-    assert!(
-        render.status.success(),
-        "{}",
-        String::from_utf8_lossy(&render.stderr)
-    );
     let file = std::fs::read_to_string(compose.join("compose.yaml")).unwrap();
     assert!(file.contains("TUNNEL_TARGET: 10.1.2.3:5432"), "{file}");
     assert!(!file.contains("TUNNEL_HOST"), "{file}");
@@ -364,21 +353,20 @@ fn a_public_tunnel_without_an_allow_list_is_warned_about_and_one_with_it_is_fenc
         .replace("host: 127.0.0.1", "host: db.internal");
     std::fs::write(&definition, &public).unwrap();
     let shown = definition.display().to_string();
-    let check = deploy(&["check", &shown]);
-    let err = String::from_utf8_lossy(&check.stderr);
-    assert!(check.status.success(), "{err}");
+    let err = deploy_ok(&["check", &shown]);
     assert!(err.contains(&format!("{shown}:6:9: warning: local, kubernetes, compose: public endpoint tunnel/Incoming has no allow list: whatever it reaches (a database) is open to every network (in Kubernetes, the internet through a LoadBalancer)")), "{err}");
     let out = dir.join("kubernetes");
-    let render = deploy(&[
+    let render = [
         "render",
         "kubernetes",
         &shown,
         "--out",
         out.to_str().unwrap(),
-    ]);
-    assert!(render.status.success());
+    ];
+    let err = deploy_ok(&render);
     assert!(
-        String::from_utf8_lossy(&render.stderr).contains("warning: kubernetes: public endpoint")
+        err.contains("warning: kubernetes: public endpoint"),
+        "{err}"
     );
     let tunnel = std::fs::read_to_string(out.join("tunnel.yaml")).unwrap();
     assert!(tunnel.contains("type: LoadBalancer"), "{tunnel}");
@@ -392,21 +380,9 @@ fn a_public_tunnel_without_an_allow_list_is_warned_about_and_one_with_it_is_fenc
         ),
     )
     .unwrap();
-    let check = deploy(&["check", &shown]);
-    assert!(check.status.success());
-    assert!(
-        check.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let render = deploy(&[
-        "render",
-        "kubernetes",
-        &shown,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(render.status.success());
+    let warnings = deploy_ok(&["check", &shown]);
+    assert!(warnings.is_empty(), "{warnings}");
+    deploy_ok(&render);
     let tunnel = std::fs::read_to_string(out.join("tunnel.yaml")).unwrap();
     assert!(
         tunnel.contains("loadBalancerSourceRanges:\n  - 192.0.2.0/24\n  - 2001:db8::1/128\n"),
@@ -419,7 +395,7 @@ fn a_public_tunnel_without_an_allow_list_is_warned_about_and_one_with_it_is_fenc
 fn images_come_from_the_registry_and_tag_given() {
     let dir = temp_dir("images");
     let out = dir.join("kubernetes");
-    let render = deploy(&[
+    deploy_ok(&[
         "render",
         "kubernetes",
         "--out",
@@ -429,11 +405,6 @@ fn images_come_from_the_registry_and_tag_given() {
         "--tag",
         "1.2.3",
     ]);
-    assert!(
-        render.status.success(),
-        "{}",
-        String::from_utf8_lossy(&render.stderr)
-    );
     let rendered = run_ok(
         require("kubectl"),
         &["kustomize", out.to_str().unwrap()],
