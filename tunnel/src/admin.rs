@@ -1,5 +1,8 @@
-//! The admin endpoint: `GET /metrics` (Prometheus text exposition) and
-//! `GET /healthz`, over plain HTTP/1.1 with one request per connection.
+//! The admin endpoint: `GET /metrics` (Prometheus text exposition),
+//! `GET /healthz` (liveness: the process serves, every accept loop runs)
+//! and `GET /readyz` (readiness: every route can reach a live target, and
+//! the tunnel is not shutting down; see [`crate::ready`]), over plain
+//! HTTP/1.1 with one request per connection.
 //!
 //! It is off unless an `admin` address is configured; bind it to loopback
 //! or an internal address, or limit it with `admin_allow`/`admin_deny`. It
@@ -13,10 +16,12 @@ use std::time::Duration;
 use anyhow::Context;
 use common::serve::{Conn, ConnectionCap, Handler, ServeOptions, Stream};
 use common::settings::{AccessList, AccessRules};
+use common::signal::Shutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::metrics::Metrics;
+use crate::ready::ANSWER_WITHIN;
 use crate::settings::Settings;
+use crate::Tunnel;
 
 /// Most admin connections at once: scrapers and probes, not crowds.
 const MAX_CONNECTIONS: usize = 64;
@@ -26,8 +31,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The admin endpoint, served by the shared accept loop like every other
 /// endpoint: with a cap, its own access list and a drain.
 pub struct Admin {
-    metrics: Arc<Metrics>,
-    accepting: Box<dyn Fn() -> bool + Send + Sync>,
+    tunnel: Arc<Tunnel>,
+    shutdown: Shutdown,
 }
 
 impl std::fmt::Debug for Admin {
@@ -37,16 +42,11 @@ impl std::fmt::Debug for Admin {
 }
 
 impl Admin {
-    /// Serves `metrics`; `/healthz` answers 503 when `accepting` says the
-    /// tunnel stopped accepting connections on some route.
-    pub fn new(
-        metrics: Arc<Metrics>,
-        accepting: impl Fn() -> bool + Send + Sync + 'static,
-    ) -> Self {
-        Admin {
-            metrics,
-            accepting: Box::new(accepting),
-        }
+    /// Serves `tunnel`'s metrics, health and readiness; `/readyz` also
+    /// answers 503 once `shutdown` has begun, so a draining instance
+    /// leaves its Service.
+    pub fn new(tunnel: Arc<Tunnel>, shutdown: Shutdown) -> Self {
+        Admin { tunnel, shutdown }
     }
 
     /// How the admin endpoint's accept loop runs under `settings`.
@@ -99,6 +99,11 @@ pub enum Request {
         /// Whether the body is wanted (not for `HEAD`).
         body: bool,
     },
+    /// `GET /readyz`.
+    Ready {
+        /// Whether the body is wanted (not for `HEAD`).
+        body: bool,
+    },
     /// `GET` of any other path: 404.
     NotFound {
         /// Whether the body is wanted (not for `HEAD`).
@@ -126,6 +131,7 @@ pub fn parse_head(head: &[u8]) -> Head {
     Head::Complete(match (method, path) {
         ("GET" | "HEAD", "/metrics") => Request::Metrics { body },
         ("GET" | "HEAD", "/healthz") => Request::Health { body },
+        ("GET" | "HEAD", "/readyz") => Request::Ready { body },
         ("GET" | "HEAD", _) => Request::NotFound { body },
         _ => Request::MethodNotAllowed,
     })
@@ -165,12 +171,12 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
                 &mut stream,
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
-                &admin.metrics.render(),
+                &admin.tunnel.metrics().render(),
                 body,
             )
             .await
         }
-        Request::Health { body } if (admin.accepting)() => {
+        Request::Health { body } if admin.tunnel.accepting() => {
             respond(&mut stream, "200 OK", "text/plain", "ok\n", body).await
         }
         Request::Health { body } => {
@@ -183,12 +189,25 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
             )
             .await
         }
+        Request::Ready { body } => {
+            let mut readiness = admin
+                .tunnel
+                .readiness(tokio::time::Instant::now() + ANSWER_WITHIN)
+                .await;
+            readiness.stopping |= admin.shutdown.begun().is_cancelled();
+            let status = if readiness.is_ready() {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            respond(&mut stream, status, "text/plain", &readiness.body(), body).await
+        }
         Request::NotFound { body } => {
             respond(
                 &mut stream,
                 "404 Not Found",
                 "text/plain",
-                "not found; try /metrics or /healthz\n",
+                "not found; try /metrics, /healthz or /readyz\n",
                 body,
             )
             .await
@@ -239,6 +258,14 @@ mod tests {
         assert_eq!(
             parse_head(b"HEAD /healthz?probe=1 HTTP/1.0\n\n"),
             Head::Complete(Request::Health { body: false })
+        );
+        assert_eq!(
+            parse_head(b"GET /readyz HTTP/1.1\r\n\r\n"),
+            Head::Complete(Request::Ready { body: true })
+        );
+        assert_eq!(
+            parse_head(b"HEAD /readyz HTTP/1.1\r\n\r\n"),
+            Head::Complete(Request::Ready { body: false })
         );
         assert_eq!(
             parse_head(b"GET / HTTP/1.1\r\n\r\n"),

@@ -5,13 +5,15 @@
 //! while connections keep running: listeners whose address is unchanged are
 //! handed to the new accept loops, new addresses are bound first, and if any
 //! bind fails nothing changes. [`Tunnel::shutdown`] stops accepting and
-//! drains within the grace period.
+//! drains within the grace period. [`Tunnel::readiness`] tells whether
+//! every route can reach a live target (see [`ready`]).
 
 pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod connect;
 pub mod metrics;
+pub mod ready;
 pub mod relay;
 pub mod rinetd;
 pub mod settings;
@@ -29,11 +31,12 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::access_log::{AccessLog, Entry};
 use crate::balance::Balancer;
 use crate::metrics::{Metrics, RouteStats};
+use crate::ready::{Probe, Readiness, RouteState, Source, Watched};
 pub use crate::settings::{Route, Settings, Target};
 
 /// Serves one route's connections: connect to a target, relay, log.
@@ -129,11 +132,14 @@ impl Handler for RouteHandler {
 
 /// A route that is running: its listeners and accept loops, and what
 /// outlives a reload: its connection cap (one for all its listen
-/// addresses, kept while old connections run) and its balancer, kept when
-/// its targets are unchanged so their health is not forgotten.
+/// addresses, kept while old connections run), its balancer, kept when
+/// its targets are unchanged so their health is not forgotten, and its
+/// readiness probe, kept with its last result when the targets and the
+/// connect timeout are unchanged.
 struct Running {
     route: Route,
     balancer: Arc<Balancer>,
+    probe: Arc<Probe>,
     cap: ConnectionCap,
     listeners: Vec<(ListenAddr, Arc<TcpListener>)>,
     stop: CancellationToken,
@@ -148,11 +154,30 @@ impl Running {
             && self.route.health == route.health
             && self.route.checks == route.checks
     }
+
+    /// The route as readiness sees it: by its balancer's health when
+    /// active checks run, else by probes.
+    fn watched(&self) -> Watched {
+        Watched {
+            name: self.route.name.clone(),
+            listen: self.route.listen.clone(),
+            source: if self.route.checks {
+                Source::Checks(self.balancer.clone())
+            } else {
+                Source::Probe(self.probe.clone())
+            },
+        }
+    }
 }
 
 /// A set of routes being served, replaceable while connections run.
 pub struct Tunnel {
     running: Mutex<Vec<Running>>,
+    /// The running routes for readiness, replaced whole by each apply: a
+    /// readiness answer never waits for a reload.
+    watched: std::sync::Mutex<Arc<[Watched]>>,
+    /// Set when shutdown begins.
+    stopping: AtomicBool,
     connections: Connections,
     log: Arc<AccessLog>,
     metrics: Arc<Metrics>,
@@ -189,6 +214,8 @@ impl Tunnel {
     fn with_connections(connections: Connections, log: AccessLog) -> Self {
         Tunnel {
             running: Mutex::new(Vec::new()),
+            watched: std::sync::Mutex::new(Arc::new([])),
+            stopping: AtomicBool::new(false),
             connections,
             log: Arc::new(log),
             metrics: Arc::new(Metrics::default()),
@@ -256,19 +283,23 @@ impl Tunnel {
             return Err(ApplyError(errors));
         }
         // Stop the old accept loops (their connections go on), keeping the
-        // caps and balancers that carry over, then start the new ones on
-        // the planned listeners.
-        let mut carried: HashMap<String, (ConnectionCap, Option<Arc<Balancer>>)> = HashMap::new();
+        // caps, balancers and readiness probes that carry over, then start
+        // the new ones on the planned listeners.
+        let mut carried: HashMap<String, Carried> = HashMap::new();
         let old_routes: Vec<Running> = running.drain(..).collect();
         for mut old in old_routes {
             old.stop.cancel();
             for task in old.loops.iter_mut() {
                 let _ = task.await;
             }
-            let keep = planned
+            let successor = planned
                 .iter()
                 .find(|(r, _)| r.name == old.route.name)
-                .map(|(r, _)| old.same_targets(r));
+                .map(|(r, _)| r);
+            let keep = successor.map(|r| old.same_targets(r));
+            let probe = successor
+                .filter(|r| old.probe.probes(&r.targets, r.connect_timeout.0))
+                .map(|_| old.probe.clone());
             let balancer = match keep {
                 Some(true) => Some(old.balancer.clone()),
                 // Gone or changed: its health checks stop now, not when its
@@ -279,7 +310,14 @@ impl Tunnel {
                 }
             };
             if keep.is_some() {
-                carried.insert(old.route.name.clone(), (old.cap.clone(), balancer));
+                carried.insert(
+                    old.route.name.clone(),
+                    Carried {
+                        cap: old.cap.clone(),
+                        balancer,
+                        probe,
+                    },
+                );
             }
         }
         let configured: Vec<(String, Vec<String>)> = planned
@@ -293,15 +331,21 @@ impl Tunnel {
             .collect();
         self.metrics.retain(&configured);
         for (route, listeners) in planned {
-            let (cap, balancer) = match carried.remove(&route.name) {
-                Some((cap, balancer)) => {
-                    cap.resize(route.max_connections);
-                    (cap, balancer)
+            let carried = match carried.remove(&route.name) {
+                Some(carried) => {
+                    carried.cap.resize(route.max_connections);
+                    carried
                 }
-                None => (ConnectionCap::new(route.max_connections), None),
+                None => Carried {
+                    cap: ConnectionCap::new(route.max_connections),
+                    balancer: None,
+                    probe: None,
+                },
             };
-            running.push(self.start(route, listeners, cap, balancer));
+            running.push(self.start(route, listeners, carried));
         }
+        *self.watched.lock().expect("readiness lock") =
+            running.iter().map(Running::watched).collect();
         Ok(())
     }
 
@@ -309,9 +353,14 @@ impl Tunnel {
         &self,
         route: Route,
         listeners: Vec<(ListenAddr, Arc<TcpListener>)>,
-        cap: ConnectionCap,
-        balancer: Option<Arc<Balancer>>,
+        carried: Carried,
     ) -> Running {
+        let Carried {
+            cap,
+            balancer,
+            probe,
+        } = carried;
+        let probe = probe.unwrap_or_else(|| Probe::new(&route.targets, route.connect_timeout.0));
         let stop = CancellationToken::new();
         let options = ServeOptions {
             cap: cap.clone(),
@@ -350,6 +399,7 @@ impl Tunnel {
         Running {
             route,
             balancer,
+            probe,
             cap,
             listeners,
             stop,
@@ -368,9 +418,44 @@ impl Tunnel {
         })
     }
 
+    /// Whether every route can reach a live target, and the tunnel is
+    /// accepting and not shutting down (see [`ready`] for how targets are
+    /// known to be live). Probes are waited for at most until `deadline`.
+    pub async fn readiness(&self, deadline: tokio::time::Instant) -> Readiness {
+        let watched = self.watched.lock().expect("readiness lock").clone();
+        // Every route at once: one slow target must not hold up the others'
+        // probes.
+        let mut states = tokio::task::JoinSet::new();
+        for (i, route) in watched.iter().enumerate() {
+            let route = route.clone();
+            states.spawn(async move { (i, route.state(deadline).await) });
+        }
+        let mut found = vec![None; watched.len()];
+        while let Some(done) = states.join_next().await {
+            if let Ok((i, state)) = done {
+                found[i] = Some(state);
+            }
+        }
+        Readiness {
+            stopping: self.stopping.load(Ordering::Relaxed),
+            accepting: self.accepting(),
+            routes: watched
+                .iter()
+                .zip(found)
+                .map(|(route, state)| RouteState {
+                    name: route.name.clone(),
+                    listen: route.listen.clone(),
+                    state: state.unwrap_or(ready::State::Unknown),
+                })
+                .collect(),
+        }
+    }
+
     /// Stops accepting on every route, lets connections finish within the
-    /// grace period, then closes the rest.
+    /// grace period, then closes the rest. Readiness says "not ready" from
+    /// the start.
     pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
         let mut running = self.running.lock().await;
         for old in running.drain(..) {
             old.stop.cancel();
@@ -382,6 +467,13 @@ impl Tunnel {
         drop(running);
         self.connections.drain().await;
     }
+}
+
+/// What a route keeps across a reload; `None` makes a new one.
+struct Carried {
+    cap: ConnectionCap,
+    balancer: Option<Arc<Balancer>>,
+    probe: Option<Arc<Probe>>,
 }
 
 fn explain_bind(route: &str, addr: ListenAddr, e: &std::io::Error, held: &[ListenAddr]) -> String {

@@ -48,7 +48,7 @@ struct Args {
     #[serde(skip_serializing_if = "Option::is_none")]
     balance: Option<String>,
 
-    /// Serve /metrics (Prometheus) and /healthz on this address [default: off]
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this address [default: off]
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     admin: Option<String>,
@@ -253,9 +253,8 @@ async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLo
     if let Some(addr) = settings.admin {
         match common::endpoint::bind_listener(addr) {
             Ok(listener) => {
-                tracing::info!(admin = %addr, "serving /metrics and /healthz");
-                let health = tunnel.clone();
-                let admin = Admin::new(tunnel.metrics(), move || health.accepting());
+                tracing::info!(admin = %addr, "serving /metrics, /healthz and /readyz");
+                let admin = Admin::new(tunnel.clone(), common::signal::process().clone());
                 let stop = admin_stop.clone();
                 admin_task = Some(tokio::spawn(common::serve::serve(
                     listener,

@@ -314,7 +314,7 @@ pub struct Settings {
     pub balance: Policy,
     /// Default health checks (default: on for routes with several targets).
     pub health_check: Option<HealthSetting>,
-    /// Where to serve `/metrics` and `/healthz` (off when unset).
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (off when unset).
     pub admin: Option<ListenAddr>,
     /// Networks let in to the admin endpoint (empty: everyone).
     pub admin_allow: CidrList,
