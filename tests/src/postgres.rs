@@ -6,7 +6,9 @@
 //! `initdb` and `postgres` refuse, so the cluster lives in a temporary
 //! directory owned by the `postgres` system user the package creates, and
 //! the server programs run as that user (`setpriv`). Authentication is
-//! `trust` for everyone; the server listens on 127.0.0.1 only.
+//! `trust`; the server listens on 127.0.0.1 only, or on one address a test
+//! chooses ([`Postgres::start_at`]), and admits loopback clients and the
+//! ones the test names.
 //!
 //! A [`Client`] runs `psql` or `pgbench` against any host and port, and can
 //! run them through a prefix such as `ip netns exec NAME` (see
@@ -14,8 +16,9 @@
 
 use std::ffi::OsString;
 use std::fmt;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -59,11 +62,13 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
-/// A PostgreSQL server on 127.0.0.1, in a cluster of its own that is
-/// deleted when this is dropped.
+/// A PostgreSQL server on 127.0.0.1 (or another address of the host), in
+/// a cluster of its own that is deleted when this is dropped.
 #[derive(Debug)]
 pub struct Postgres {
-    /// The TCP port it listens on (on 127.0.0.1 only).
+    /// The address it listens on, the only one.
+    pub host: IpAddr,
+    /// The TCP port it listens on.
     pub port: u16,
     /// The temporary directory: the cluster in `data/`, the Unix socket and
     /// the server's log `postgres.log`.
@@ -77,6 +82,14 @@ impl Postgres {
     /// Makes a fresh cluster (`initdb -A trust -U postgres`) and starts a
     /// server on a free loopback port; returns when it accepts connections.
     pub fn start() -> Postgres {
+        Postgres::start_at(IpAddr::V4(Ipv4Addr::LOCALHOST), free_port(), &[])
+    }
+
+    /// Like [`Postgres::start`], listening on `host`:`port` only (an address
+    /// of the host, such as a [`crate::netns::Netns`] link's host side), and
+    /// admitting clients from `clients` besides the loopback ones and the
+    /// host's own (whose connections to `host` come from `host`).
+    pub fn start_at(host: IpAddr, port: u16, clients: &[IpAddr]) -> Postgres {
         let bin = bin_dir();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("pg-e2e-{}-{n}", std::process::id()));
@@ -119,7 +132,18 @@ impl Postgres {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let port = free_port();
+        let own = Some(host).filter(|h| !h.is_loopback());
+        let admitted: Vec<IpAddr> = own.into_iter().chain(clients.iter().copied()).collect();
+        if !admitted.is_empty() {
+            let mut hba = OpenOptions::new()
+                .append(true)
+                .open(data.join("pg_hba.conf"))
+                .expect("open pg_hba.conf");
+            for client in admitted {
+                let bits = if client.is_ipv4() { 32 } else { 128 };
+                writeln!(hba, "host all all {client}/{bits} trust").unwrap();
+            }
+        }
         let log = File::create(dir.join("postgres.log")).unwrap();
         let child = as_postgres(&bin.join("postgres"), &dir)
             .arg("-D")
@@ -127,7 +151,7 @@ impl Postgres {
             .arg("-k")
             .arg(&dir)
             .args(["-p", &port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", &format!("listen_addresses={host}")])
             // A test database: durability does not matter, speed does.
             .args(["-c", "fsync=off"])
             .args(["-c", "synchronous_commit=off"])
@@ -138,6 +162,7 @@ impl Postgres {
             .spawn()
             .expect("start postgres");
         let mut server = Postgres {
+            host,
             port,
             dir,
             bin,
@@ -151,7 +176,7 @@ impl Postgres {
         let end = Instant::now() + Duration::from_secs(30);
         loop {
             let ready = Command::new(self.bin.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-h", &self.host.to_string(), "-p", &self.port.to_string()])
                 .args(["-U", "postgres", "-d", "postgres", "-t", "1"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -182,12 +207,13 @@ impl Postgres {
         self.child.id()
     }
 
-    /// A client that connects straight to the server over loopback.
+    /// A client that connects straight to the server (over loopback, unless
+    /// it listens elsewhere).
     pub fn client(&self) -> Client {
-        Client::new("127.0.0.1", self.port)
+        Client::new(self.host, self.port)
     }
 
-    /// `pgbench -i -s SCALE` over loopback: creates and fills pgbench's
+    /// `pgbench -i -s SCALE` straight to the server: creates and fills pgbench's
     /// tables. Panics when it fails.
     pub fn pgbench_init(&self, scale: u32) {
         self.client()
