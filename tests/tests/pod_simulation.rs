@@ -45,8 +45,8 @@ use tests::netns::Netns;
 use tests::postgres::{Client, Postgres};
 use tests::{binary, require};
 
-/// The namespace the pods run in.
-const NAMESPACE: &str = "default";
+/// The namespace of objects kustomize gave none.
+const DEFAULT_NAMESPACE: &str = "default";
 
 /// The image's ENTRYPOINT (see the Dockerfile): the program the image is
 /// named after, its only one.
@@ -497,6 +497,7 @@ struct PodContext<'a> {
     objects: &'a [Value],
     services: &'a [Service],
     name: &'a str,
+    namespace: &'a str,
     ip: Ipv4Addr,
 }
 
@@ -577,7 +578,7 @@ impl PodContext<'_> {
             let path = text(&field["fieldPath"], "fieldRef.fieldPath");
             return Some(match path {
                 "metadata.name" => self.name.to_string(),
-                "metadata.namespace" => NAMESPACE.to_string(),
+                "metadata.namespace" => self.namespace.to_string(),
                 "status.podIP" | "status.podIPs" => self.ip.to_string(),
                 other => panic!("fieldRef {other} is not simulated"),
             });
@@ -783,6 +784,9 @@ impl Pod {
             objects,
             services,
             name: &pod_name,
+            namespace: deployment["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or(DEFAULT_NAMESPACE),
             ip,
         }
         .environment(spec, &container);
