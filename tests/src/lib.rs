@@ -6,6 +6,7 @@
 //! tests' own profile and target directory, so a test never runs a stale
 //! one.
 
+pub mod kubelet;
 pub mod netns;
 pub mod postgres;
 

@@ -41,6 +41,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 use tempfile::TempDir;
+use tests::kubelet::service_links;
 use tests::netns::Netns;
 use tests::postgres::{Client, Postgres};
 use tests::{binary, require};
@@ -352,45 +353,14 @@ fn cluster_services(objects: &[Value]) -> Vec<Service> {
     services
 }
 
-/// `foo-bar` as the kubelet writes it in a variable's name: `FOO_BAR`.
-fn env_name(name: &str) -> String {
-    name.to_ascii_uppercase().replace('-', "_")
-}
-
-/// The variables the kubelet makes for one Service (its `envvars`
-/// package): `<NAME>_SERVICE_HOST`, `<NAME>_SERVICE_PORT` and one per named
-/// port, and the Docker-style links.
+/// The variables the kubelet makes for one Service.
 fn link_variables(service: &Service) -> Vec<(String, String)> {
-    let prefix = env_name(&service.name);
-    let ip = service.cluster_ip;
-    let mut vars = vec![
-        (format!("{prefix}_SERVICE_HOST"), ip.to_string()),
-        (
-            format!("{prefix}_SERVICE_PORT"),
-            service.ports[0].0.to_string(),
-        ),
-    ];
-    for (port, _, port_name) in &service.ports {
-        if !port_name.is_empty() {
-            vars.push((
-                format!("{prefix}_SERVICE_PORT_{}", env_name(port_name)),
-                port.to_string(),
-            ));
-        }
-    }
-    for (i, (port, protocol, _)) in service.ports.iter().enumerate() {
-        let proto = protocol.to_ascii_lowercase();
-        let url = format!("{proto}://{ip}:{port}");
-        if i == 0 {
-            vars.push((format!("{prefix}_PORT"), url.clone()));
-        }
-        let each = format!("{prefix}_PORT_{port}_{}", protocol.to_ascii_uppercase());
-        vars.push((each.clone(), url));
-        vars.push((format!("{each}_PROTO"), proto));
-        vars.push((format!("{each}_PORT"), port.to_string()));
-        vars.push((format!("{each}_ADDR"), ip.to_string()));
-    }
-    vars
+    let ports: Vec<(u16, &str, &str)> = service
+        .ports
+        .iter()
+        .map(|(port, protocol, name)| (*port, protocol.as_str(), name.as_str()))
+        .collect();
+    service_links(&service.name, service.cluster_ip.into(), &ports)
 }
 
 /// `input` with `$(NAME)` replaced by `lookup(NAME)` and `$$` by `$`, as

@@ -10,6 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use tests::kubelet::{env_name, service_links};
 use tests::{binary, echo_server, free_port, local, Running};
 
 /// A Service as the kubelet sees it: its name, cluster IP and ports
@@ -56,43 +57,12 @@ const NAMESPACE: &[Service] = &[
     },
 ];
 
-fn env_name(name: &str) -> String {
-    name.to_ascii_uppercase().replace('-', "_")
-}
-
 /// The variables the kubelet sets for `NAMESPACE`, as it makes them.
 fn kubelet_env() -> Vec<(String, String)> {
-    let mut vars = Vec::new();
-    for service in NAMESPACE {
-        let svc = env_name(service.name);
-        vars.push((format!("{svc}_SERVICE_HOST"), service.ip.to_string()));
-        vars.push((
-            format!("{svc}_SERVICE_PORT"),
-            service.ports[0].0.to_string(),
-        ));
-        for (port, _, name) in service.ports {
-            if !name.is_empty() {
-                vars.push((
-                    format!("{svc}_SERVICE_PORT_{}", env_name(name)),
-                    port.to_string(),
-                ));
-            }
-        }
-        for (i, (port, protocol, _)) in service.ports.iter().enumerate() {
-            let proto = protocol.to_ascii_lowercase();
-            let host_port = SocketAddr::new(service.ip.parse().unwrap(), *port);
-            let link = format!("{proto}://{host_port}");
-            if i == 0 {
-                vars.push((format!("{svc}_PORT"), link.clone()));
-            }
-            let each = format!("{svc}_PORT_{port}_{protocol}");
-            vars.push((each.clone(), link));
-            vars.push((format!("{each}_PROTO"), proto));
-            vars.push((format!("{each}_PORT"), port.to_string()));
-            vars.push((format!("{each}_ADDR"), service.ip.to_string()));
-        }
-    }
-    vars
+    NAMESPACE
+        .iter()
+        .flat_map(|service| service_links(service.name, service.ip.parse().unwrap(), service.ports))
+        .collect()
 }
 
 /// `program` in the pod's environment: every Service link set, and no
