@@ -16,11 +16,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use figment::error::Kind;
-use figment::providers::{Env, Format, Serialized, Yaml};
+use figment::providers::{Env, Serialized};
 use figment::value::{Dict, Map, Tag, Value};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+use crate::yaml::{self, Node};
 
 /// The exit status for a usage or configuration error (`EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
@@ -162,12 +164,14 @@ fn service_links(prefix: &str) -> Vec<String> {
 pub enum Origin {
     /// The program's built-in default.
     Default,
-    /// A YAML configuration file, with the line when it could be found.
+    /// A configuration file, with the place of the key when known.
     File {
         /// The file's path as given.
         path: PathBuf,
-        /// 1-based line of the key, when found.
+        /// 1-based line of the key, when known.
         line: Option<usize>,
+        /// 1-based column of the key, when known.
+        column: Option<usize>,
     },
     /// An environment variable.
     Env(String),
@@ -182,8 +186,14 @@ impl fmt::Display for Origin {
             Origin::File {
                 path,
                 line: Some(line),
-            } => write!(f, "{} line {line}", path.display()),
-            Origin::File { path, line: None } => write!(f, "{}", path.display()),
+                column: Some(column),
+            } => write!(f, "{}:{line}:{column}", path.display()),
+            Origin::File {
+                path,
+                line: Some(line),
+                column: None,
+            } => write!(f, "{}:{line}", path.display()),
+            Origin::File { path, .. } => write!(f, "{}", path.display()),
             Origin::Env(var) => write!(f, "environment variable {var}"),
             Origin::Flag(flag) => write!(f, "flag {flag}"),
         }
@@ -316,12 +326,11 @@ pub struct Resolved<T> {
     pub settings: T,
     program: &'static str,
     figment: Figment,
-    file: Option<(PathBuf, String)>,
+    file: Option<(PathBuf, Node)>,
     service_links: Vec<String>,
 }
 
-/// A layer of configuration whose keys can be taken out one by one; it keeps
-/// the metadata of the provider it was read from.
+/// One layer of configuration: its values and where they came from.
 struct Layer {
     metadata: Metadata,
     data: Map<Profile, Dict>,
@@ -338,6 +347,12 @@ impl Provider for Layer {
 }
 
 impl Layer {
+    fn new(metadata: Metadata, values: Dict) -> Layer {
+        let mut data = Map::new();
+        data.insert(Profile::Default, values);
+        Layer { metadata, data }
+    }
+
     fn read(provider: impl Provider) -> Result<Layer, ConfigErrors> {
         Ok(Layer {
             metadata: provider.metadata(),
@@ -346,47 +361,40 @@ impl Layer {
                 .map_err(|e| ConfigErrors::single(None, e.to_string()))?,
         })
     }
-
-    /// Takes `path` out of this layer; true when something was removed.
-    fn remove(&mut self, path: &[String]) -> bool {
-        let mut removed = false;
-        for dict in self.data.values_mut() {
-            removed |= remove_from_dict(dict, path);
-        }
-        removed
-    }
 }
 
-fn remove_from_dict(dict: &mut Dict, path: &[String]) -> bool {
-    match path {
-        [] => false,
-        [last] => dict.remove(last).is_some(),
-        [first, rest @ ..] => match dict.get_mut(first) {
-            Some(value) => remove_from_value(value, rest),
-            None => false,
-        },
-    }
-}
-
-fn remove_from_value(value: &mut Value, path: &[String]) -> bool {
-    match value {
-        Value::Dict(_, dict) => remove_from_dict(dict, path),
-        Value::Array(_, items) => {
-            let Some(index) = path.first().and_then(|i| i.parse::<usize>().ok()) else {
-                return false;
-            };
-            if index >= items.len() {
-                return false;
-            }
-            if path.len() == 1 {
-                // Removing an element would shift the others' indices.
-                false
-            } else {
-                remove_from_value(&mut items[index], &path[1..])
-            }
+/// The settings a YAML configuration file gives, and its tree, which
+/// knows where each is written.
+fn yaml_layer(path: &Path, text: &str) -> Result<Option<(Layer, Node)>, ConfigErrors> {
+    let at = |pos: Option<yaml::Pos>| {
+        Some(Origin::File {
+            path: path.to_path_buf(),
+            line: pos.map(|p| p.line),
+            column: pos.map(|p| p.column),
+        })
+    };
+    let node = yaml::parse(text)
+        .map_err(|e| ConfigErrors::single(at(e.pos), format!("not valid YAML: {}", e.message)))?;
+    match node.value {
+        yaml::Value::Null => return Ok(None),
+        yaml::Value::Map(_) => {}
+        _ => {
+            return Err(ConfigErrors::single(
+                at(Some(node.pos)),
+                format!(
+                    "the file holds {}; it should be a mapping of settings (key: value)",
+                    node.kind()
+                ),
+            ))
         }
-        _ => false,
     }
+    let values = match Value::serialize(node.to_json()) {
+        Ok(Value::Dict(_, dict)) => dict,
+        Ok(_) => Dict::new(),
+        Err(e) => return Err(ConfigErrors::single(at(None), e.to_string())),
+    };
+    let metadata = Metadata::from("YAML file", Source::File(path.to_path_buf()));
+    Ok(Some((Layer::new(metadata, values), node)))
 }
 
 fn flags_metadata() -> Metadata {
@@ -454,29 +462,19 @@ where
     defaults.metadata = Metadata::named("built-in default");
     let mut layers = vec![defaults];
 
+    let mut tree = None;
     if let Some((path, text)) = &file {
-        let origin = Some(Origin::File {
-            path: path.clone(),
-            line: None,
-        });
-        if !text.trim().is_empty() {
-            // serde_yaml's own message carries the line and column.
-            if let Err(e) = serde_yaml::from_str::<serde_yaml::Value>(text) {
-                return Err(ConfigErrors::single(origin, format!("not valid YAML: {e}")));
-            }
-            let mut layer = Layer::read(Yaml::string(text))?;
-            layer.metadata = Metadata::from("YAML file", Source::File(path.clone()));
+        if let Some((layer, node)) = yaml_layer(path, text)? {
             layers.push(layer);
+            tree = Some((path.clone(), node));
         }
     }
 
     if let Some(converted) = &sources.converted {
-        let mut data = Map::new();
-        data.insert(Profile::Default, converted.values.clone());
         let mut metadata =
             Metadata::from("configuration file", Source::File(converted.path.clone()));
         metadata.name = converted.path.display().to_string().into();
-        layers.push(Layer { metadata, data });
+        layers.push(Layer::new(metadata, converted.values.clone()));
     }
 
     // Kubernetes' Service links are not settings. figment's filter sees
@@ -492,159 +490,171 @@ where
         .ignore(sources.env_ignore)
         .filter(move |key| !ignored.iter().any(|name| name == key.as_str()))
         .split("__");
-    layers.push(Layer::read(env).map_err(|e| ConfigErrors::single(None, e.to_string()))?);
-    let flags = Serialized::defaults(&sources.flags);
-    let mut flag_layer =
-        Layer::read(flags).map_err(|e| ConfigErrors::single(None, e.to_string()))?;
-    flag_layer.metadata = flags_metadata();
-    layers.push(flag_layer);
+    layers.push(Layer::read(env)?);
+    let mut flags = Layer::read(Serialized::defaults(&sources.flags))?;
+    flags.metadata = flags_metadata();
+    layers.push(flags);
 
-    let mut errors: Vec<ConfigError> = Vec::new();
-    let mut removed: Vec<Vec<String>> = Vec::new();
-    // Each pass removes at least one key; a bound keeps a surprise from
-    // looping forever.
-    for _ in 0..256 {
-        let figment = layers
-            .iter()
-            .fold(Figment::new(), |fig, layer| fig.merge(LayerRef(layer)));
-        let merged = figment.find_value("").ok();
-        match figment.extract::<T>() {
-            Ok(settings) => {
-                if let Some(merged) = &merged {
-                    if let Ok(shape) = Value::serialize(&settings) {
-                        let mut unknown = Vec::new();
-                        unknown_keys(merged, &shape, &mut Vec::new(), &mut unknown);
-                        for (path, known) in unknown {
-                            errors.push(describe(
-                                sources.program,
-                                &figment,
-                                merged,
-                                &file,
-                                &path,
-                                format!("unknown setting; known here: {}", known.join(", ")),
-                            ));
-                        }
-                    }
-                }
-                if errors.is_empty() {
-                    return Ok(Resolved {
-                        settings,
-                        program: sources.program,
-                        figment,
-                        file,
-                        service_links,
-                    });
-                }
-                return Err(ConfigErrors(errors));
-            }
-            Err(err) => {
-                let mut progress = false;
-                for e in err {
-                    let mut path = e.path.clone();
-                    if path.is_empty() {
-                        // serde's `flatten` loses the key of an error inside
-                        // a flattened struct; find it by elimination.
-                        if let Some(key) = merged
-                            .as_ref()
-                            .and_then(|m| culprit::<T>(&layers, m, &e.kind))
-                        {
-                            path = vec![key];
-                        }
-                    }
-                    if let Kind::UnknownField(field, _) = &e.kind {
-                        path.push(field.clone());
-                    }
-                    if let Kind::MissingField(_) = &e.kind {
-                        // A required field inside something we already took
-                        // apart: drop the whole top-level setting rather than
-                        // report a made-up problem.
-                        if removed
-                            .iter()
-                            .any(|r| r.len() > 1 && path.starts_with(&r[..1]))
-                        {
-                            let top = path[..1].to_vec();
-                            for layer in &mut layers {
-                                progress |= layer.remove(&top);
+    let figment = layers.into_iter().fold(Figment::new(), Figment::merge);
+    let resolved = Resolved {
+        settings: (),
+        program: sources.program,
+        figment,
+        file: tree,
+        service_links,
+    };
+    let settings = resolved.check::<T>().map_err(ConfigErrors)?;
+    Ok(Resolved {
+        settings,
+        program: resolved.program,
+        figment: resolved.figment,
+        file: resolved.file,
+        service_links: resolved.service_links,
+    })
+}
+
+/// Every problem with the settings in `merged`, each at its key path:
+/// each top-level setting is checked on its own over the defaults (so a
+/// problem inside a flattened struct, whose error carries no key, is
+/// still found at its key), and within one, a bad value found is taken
+/// out and the rest checked again, so every problem is reported at once;
+/// last, the keys the settings do not have. `skip` names settings not to
+/// check (those left at their defaults).
+pub fn check_settings<T: Serialize + DeserializeOwned + Default>(
+    merged: &Dict,
+    skip: impl Fn(&str) -> bool,
+) -> Vec<(Vec<String>, String)> {
+    let known: Vec<String> = match Value::serialize(T::default()) {
+        Ok(Value::Dict(_, dict)) => dict.keys().cloned().collect(),
+        _ => Vec::new(),
+    };
+    let mut problems: Vec<(Vec<String>, String)> = Vec::new();
+    for (key, value) in merged {
+        if !known.contains(key) {
+            problems.push((
+                vec![key.clone()],
+                format!("unknown setting; known here: {}", known.join(", ")),
+            ));
+            continue;
+        }
+        if skip(key) {
+            continue;
+        }
+        let mut value = value.clone();
+        // Each pass takes a bad value out, or stops; a bound keeps a
+        // surprise from looping forever.
+        for _ in 0..64 {
+            let alone = Figment::from(Serialized::defaults(T::default()))
+                .merge(Serialized::default(key, &value));
+            let err = match alone.extract::<T>() {
+                Ok(settings) => {
+                    if let Ok(Value::Dict(_, shape)) = Value::serialize(&settings) {
+                        if let Some(shape) = shape.get(key) {
+                            let mut unknown = Vec::new();
+                            unknown_keys(&value, shape, &mut vec![key.clone()], &mut unknown);
+                            for (path, known) in unknown {
+                                let message =
+                                    format!("unknown setting; known here: {}", known.join(", "));
+                                problems.push((path, message));
                             }
-                            continue;
                         }
                     }
-                    let message = kind_message(&e.kind);
-                    if errors
-                        .iter()
-                        .any(|known| known.key == path.join(".") && known.message == message)
-                    {
+                    break;
+                }
+                Err(err) => err,
+            };
+            let mut progress = false;
+            for e in err {
+                let mut path = e.path.clone();
+                if path.first() != Some(key) {
+                    path = vec![key.clone()];
+                }
+                if let Kind::UnknownField(field, _) = &e.kind {
+                    path.push(field.clone());
+                }
+                if let Kind::MissingField(field) = &e.kind {
+                    // Missing only because its bad value was taken out.
+                    let mut taken = path.clone();
+                    taken.push(field.to_string());
+                    if problems.iter().any(|(p, _)| *p == taken) {
                         continue;
                     }
-                    if let Some(merged) = &merged {
-                        errors.push(describe(
-                            sources.program,
-                            &figment,
-                            merged,
-                            &file,
-                            &path,
-                            message,
-                        ));
-                    } else {
-                        errors.push(ConfigError {
-                            key: path.join("."),
-                            value: None,
-                            origin: None,
-                            message,
-                        });
-                    }
-                    for layer in &mut layers {
-                        progress |= layer.remove(&path);
-                    }
-                    removed.push(path);
                 }
-                if !progress {
-                    return Err(ConfigErrors(errors));
+                progress |= remove_from_value(&mut value, &path[1..]);
+                let problem = (path, kind_message(&e.kind));
+                if !problems.contains(&problem) {
+                    problems.push(problem);
                 }
+            }
+            if !progress {
+                break;
             }
         }
     }
-    Err(ConfigErrors(errors))
+    problems
 }
 
-/// The top-level key whose removal makes the error `kind` go away.
-fn culprit<T: DeserializeOwned>(layers: &[Layer], merged: &Value, kind: &Kind) -> Option<String> {
-    let Value::Dict(_, dict) = merged else {
-        return None;
-    };
-    dict.keys()
-        .find(|key| {
-            let without = [key.to_string()];
-            let figment = layers.iter().fold(Figment::new(), |fig, layer| {
-                let mut data = layer.data.clone();
-                for d in data.values_mut() {
-                    remove_from_dict(d, &without);
-                }
-                fig.merge(Layer {
-                    metadata: layer.metadata.clone(),
-                    data,
-                })
-            });
-            match figment.extract::<T>() {
-                Ok(_) => true,
-                Err(err) => err
-                    .into_iter()
-                    .all(|e| e.kind.to_string() != kind.to_string()),
-            }
-        })
-        .cloned()
-}
-
-/// Lets a [`Layer`] be merged by reference, so the layers can be changed and
-/// merged again.
-struct LayerRef<'a>(&'a Layer);
-
-impl Provider for LayerRef<'_> {
-    fn metadata(&self) -> Metadata {
-        self.0.metadata()
+/// Takes the value at `path` out of `value`; true when something was
+/// removed. A list item is not removed (the others would move up), nor
+/// the value itself (an empty path).
+fn remove_from_value(value: &mut Value, path: &[String]) -> bool {
+    match (value, path) {
+        (_, []) => false,
+        (Value::Dict(_, dict), [last]) => dict.remove(last).is_some(),
+        (Value::Dict(_, dict), [first, rest @ ..]) => dict
+            .get_mut(first)
+            .is_some_and(|v| remove_from_value(v, rest)),
+        (Value::Array(_, items), [index, rest @ ..]) if !rest.is_empty() => index
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| items.get_mut(i))
+            .is_some_and(|v| remove_from_value(v, rest)),
+        _ => false,
     }
-    fn data(&self) -> figment::Result<Map<Profile, Dict>> {
-        self.0.data()
+}
+
+impl Resolved<()> {
+    /// The typed settings, or every problem found, each with its value and
+    /// origin.
+    fn check<T: Serialize + DeserializeOwned + Default>(&self) -> Result<T, Vec<ConfigError>> {
+        let merged = match self.figment.find_value("") {
+            Ok(Value::Dict(_, dict)) => dict,
+            Ok(_) => Dict::new(),
+            Err(e) => return Err(ConfigErrors::single(None, e.to_string()).0),
+        };
+        let whole = Value::Dict(Tag::Default, merged.clone());
+        let describe = |path: &[String], message: String| {
+            let found = lookup(&whole, path);
+            ConfigError {
+                key: path.join("."),
+                value: found.map(display_value),
+                origin: found.and_then(|v| self.origin_at(v.tag(), path)),
+                message,
+            }
+        };
+        let problems = check_settings::<T>(&merged, |key| {
+            merged
+                .get(key)
+                .and_then(|v| self.origin_at(v.tag(), &[key.to_string()]))
+                == Some(Origin::Default)
+        });
+        let errors: Vec<ConfigError> = problems
+            .into_iter()
+            .map(|(path, message)| describe(&path, message))
+            .collect();
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let settings = match self.figment.extract::<T>() {
+            Ok(settings) => settings,
+            Err(err) => {
+                return Err(err
+                    .into_iter()
+                    .map(|e| describe(&e.path, kind_message(&e.kind)))
+                    .collect())
+            }
+        };
+        Ok(settings)
     }
 }
 
@@ -682,51 +692,33 @@ fn lookup<'v>(value: &'v Value, path: &[String]) -> Option<&'v Value> {
     Some(current)
 }
 
-fn describe(
-    program: &str,
-    figment: &Figment,
-    merged: &Value,
-    file: &Option<(PathBuf, String)>,
-    path: &[String],
-    message: String,
-) -> ConfigError {
-    let found = lookup(merged, path);
-    ConfigError {
-        key: path.join("."),
-        value: found.map(display_value),
-        origin: found.and_then(|v| origin_of(program, figment, file, v.tag(), path)),
-        message,
+impl<T> Resolved<T> {
+    /// Where the value tagged `tag`, at `path`, came from.
+    fn origin_at(&self, tag: Tag, path: &[String]) -> Option<Origin> {
+        let metadata = self.figment.get_metadata(tag)?;
+        Some(match &metadata.source {
+            // A program has a YAML file or a converted one, never both.
+            Some(Source::File(source)) => {
+                let pos = self
+                    .file
+                    .as_ref()
+                    .filter(|(path, _)| path == source)
+                    .and_then(|(_, node)| node.pos_of(path));
+                Origin::File {
+                    path: source.clone(),
+                    line: pos.map(|p| p.line),
+                    column: pos.map(|p| p.column),
+                }
+            }
+            _ if metadata.name.starts_with("`") || metadata.name.contains("environment") => {
+                Origin::Env(env_var(self.program, &path.join(".")))
+            }
+            _ if metadata.name == "command-line flags" => {
+                Origin::Flag(flag_name(path.first().map(String::as_str).unwrap_or("")))
+            }
+            _ => Origin::Default,
+        })
     }
-}
-
-fn origin_of(
-    program: &str,
-    figment: &Figment,
-    file: &Option<(PathBuf, String)>,
-    tag: Tag,
-    path: &[String],
-) -> Option<Origin> {
-    let metadata = figment.get_metadata(tag)?;
-    Some(match &metadata.source {
-        // A program has a YAML file or a converted one, never both.
-        Some(Source::File(source)) => match file {
-            Some((path_buf, text)) => Origin::File {
-                path: path_buf.clone(),
-                line: yaml_line(text, path),
-            },
-            None => Origin::File {
-                path: source.clone(),
-                line: None,
-            },
-        },
-        _ if metadata.name.starts_with("`") || metadata.name.contains("environment") => {
-            Origin::Env(env_var(program, &path.join(".")))
-        }
-        _ if metadata.name == "command-line flags" => {
-            Origin::Flag(flag_name(path.first().map(String::as_str).unwrap_or("")))
-        }
-        _ => Origin::Default,
-    })
 }
 
 /// A value as a user would write it: strings quoted, lists in brackets.
@@ -785,87 +777,6 @@ fn unknown_keys(
     }
 }
 
-/// Finds the 1-based line of a key path in a YAML document, following
-/// indentation; list indices count `- ` items.
-pub fn yaml_line(text: &str, path: &[String]) -> Option<usize> {
-    let lines: Vec<&str> = text.lines().collect();
-    let mut start = 0;
-    let mut min_indent: isize = -1;
-    let mut found = None;
-    for segment in path {
-        let mut hit = None;
-        if let Ok(index) = segment.parse::<usize>() {
-            // The index-th list item at the first list indentation below.
-            let mut count = 0;
-            let mut item_indent = None;
-            for (n, line) in lines.iter().enumerate().skip(start) {
-                let body = line.trim_start();
-                if body.is_empty() || body.starts_with('#') {
-                    continue;
-                }
-                let indent = (line.len() - body.len()) as isize;
-                if indent <= min_indent && !body.starts_with("- ") && !body.starts_with('-') {
-                    break;
-                }
-                if body.starts_with('-') {
-                    let expected = *item_indent.get_or_insert(indent);
-                    if indent == expected {
-                        if count == index {
-                            hit = Some((n, indent));
-                            break;
-                        }
-                        count += 1;
-                    }
-                }
-            }
-            let (n, indent) = hit?;
-            found = Some(n);
-            // Keys of the item start on its own line, after the dash.
-            start = n;
-            min_indent = indent;
-            continue;
-        }
-        let mut child_indent = None;
-        for (n, line) in lines.iter().enumerate().skip(start) {
-            let body = line.trim_start();
-            if body.is_empty() || body.starts_with('#') {
-                continue;
-            }
-            let mut indent = (line.len() - body.len()) as isize;
-            let mut key_part = body;
-            if let Some(rest) = key_part.strip_prefix("- ") {
-                indent += 2;
-                key_part = rest.trim_start();
-            }
-            if indent <= min_indent && n != start {
-                break;
-            }
-            // Only keys at the first indentation below the parent are its own.
-            if indent != *child_indent.get_or_insert(indent) {
-                continue;
-            }
-            let key_matches = key_part
-                .strip_prefix(segment.as_str())
-                .or_else(|| {
-                    key_part
-                        .strip_prefix('"')
-                        .and_then(|k| k.strip_prefix(segment.as_str()))
-                        .and_then(|k| k.strip_prefix('"'))
-                })
-                .is_some_and(|rest| rest.trim_start().starts_with(':'));
-            if key_matches && indent > min_indent {
-                hit = Some((n, indent));
-                break;
-            }
-        }
-        let (n, indent) = hit?;
-        found = Some(n);
-        start = n + 1;
-        min_indent = indent;
-    }
-    found.map(|n| n + 1)
-}
-
 impl<T: Serialize> Resolved<T> {
     /// The resolved configuration, one `key = value` line per setting with
     /// where it came from, as `--print-config` shows it.
@@ -899,7 +810,8 @@ impl<T: Serialize> Resolved<T> {
                 }
             }
             _ => {
-                let origin = origin_of(self.program, &self.figment, &self.file, value.tag(), path)
+                let origin = self
+                    .origin_at(value.tag(), path)
                     .map(|o| o.to_string())
                     .unwrap_or_else(|| "unknown".to_string());
                 out.push((
@@ -921,7 +833,7 @@ impl<T: Serialize> Resolved<T> {
         let path: Vec<String> = key.split('.').map(str::to_string).collect();
         let merged = self.figment.find_value("").ok()?;
         let value = lookup(&merged, &path)?;
-        origin_of(self.program, &self.figment, &self.file, value.tag(), &path)
+        self.origin_at(value.tag(), &path)
     }
 }
 
@@ -1011,7 +923,8 @@ mod tests {
             resolved.origin("idle_timeout"),
             Some(Origin::File {
                 path: file.path().to_path_buf(),
-                line: Some(3)
+                line: Some(3),
+                column: Some(1),
             })
         );
         assert_eq!(resolved.origin("shutdown_grace"), Some(Origin::Default));
@@ -1022,7 +935,7 @@ mod tests {
             printed.contains("# environment variable CFGTEST_LAYERS_MAX_CONNECTIONS"),
             "{printed}"
         );
-        assert!(printed.contains(" line 1"), "{printed}");
+        assert!(printed.contains(":1:1"), "{printed}");
     }
 
     #[test]
@@ -1049,19 +962,19 @@ mod tests {
         assert_eq!(timeout.value.as_deref(), Some("\"soonish\""));
         assert_eq!(
             timeout.origin.as_ref().unwrap().to_string(),
-            format!("{path} line 2")
+            format!("{path}:2:1")
         );
         assert!(timeout.message.contains("30s"), "{}", timeout.message);
         let unknown = find("listn");
         assert_eq!(
             unknown.origin.as_ref().unwrap().to_string(),
-            format!("{path} line 3")
+            format!("{path}:3:1")
         );
         assert!(unknown.message.contains("listen"), "{}", unknown.message);
         let route = find("routes.0.listen");
         assert_eq!(
             route.origin.as_ref().unwrap().to_string(),
-            format!("{path} line 6")
+            format!("{path}:6:5")
         );
         let env = find("max_connections");
         assert_eq!(
@@ -1115,8 +1028,7 @@ mod tests {
         ))
         .unwrap_err()
         .to_string();
-        assert!(errors.contains("not valid YAML"), "{errors}");
-        assert!(errors.contains("line"), "{errors}");
+        assert!(errors.contains(":2:9: not valid YAML: unclosed bracket"), "{errors}");
     }
 
     #[test]
@@ -1134,7 +1046,8 @@ mod tests {
             errors.0[0].origin,
             Some(Origin::File {
                 path: path.to_path_buf(),
-                line: Some(2)
+                line: Some(2),
+                column: Some(1),
             })
         );
         let resolved: Resolved<Settings> = resolve_yaml(
@@ -1148,7 +1061,8 @@ mod tests {
             resolved.origin("greeting"),
             Some(Origin::File {
                 path: path.to_path_buf(),
-                line: Some(1)
+                line: Some(1),
+                column: Some(1),
             })
         );
     }
@@ -1413,13 +1327,41 @@ mod tests {
     }
 
     #[test]
-    fn yaml_lines_follow_nesting_and_list_items() {
-        let text =
-            "a: 1\nroutes:\n  - name: x\n    listen: 1\n  - name: y\n    listen: 2\nlisten: 3\n";
-        let p = |s: &str| s.split('.').map(str::to_string).collect::<Vec<_>>();
-        assert_eq!(yaml_line(text, &p("routes.1.listen")), Some(6));
-        assert_eq!(yaml_line(text, &p("routes.0.name")), Some(3));
-        assert_eq!(yaml_line(text, &p("listen")), Some(7));
-        assert_eq!(yaml_line(text, &p("routes.2")), None);
+    fn flow_style_and_block_style_problems_name_line_and_column() {
+        for (text, line, column) in [
+            ("greeting: ok\nroutes:\n  - name: x\n    listen: nowhere\n", 4, 5),
+            ("{greeting: ok, routes: [{name: x, listen: nowhere}]}\n", 1, 35),
+        ] {
+            let path = Path::new("/etc/flow.yaml");
+            let errors = resolve_yaml::<Settings, _>(
+                &sources("cfgtest-flow", None, Flags::default()),
+                path,
+                text,
+            )
+            .unwrap_err();
+            assert_eq!(errors.0.len(), 1, "{errors}");
+            assert_eq!(errors.0[0].key, "routes.0.listen", "{errors}");
+            assert_eq!(
+                errors.0[0].origin,
+                Some(Origin::File {
+                    path: path.to_path_buf(),
+                    line: Some(line),
+                    column: Some(column),
+                }),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_mapping_is_refused_at_its_place() {
+        let errors = resolve_yaml::<Settings, _>(
+            &sources("cfgtest-list", None, Flags::default()),
+            Path::new("/etc/list.yaml"),
+            "- greeting\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(errors.contains("/etc/list.yaml:1:1: the file holds a list"), "{errors}");
     }
 }

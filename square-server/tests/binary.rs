@@ -519,7 +519,7 @@ fn settings_that_cannot_work_are_refused_at_start() {
         &["--config", config],
         &[],
         &[
-            &format!("max_line = 100 (from {config} line 2)"),
+            &format!("max_line = 100 (from {config}:2:1)"),
             "set max_line to at least 10002, or lower max_digits",
         ],
     );

@@ -178,11 +178,11 @@ fn bad_configuration_is_reported_whole_with_status_64() {
     let shown = file.display().to_string();
     assert!(err.contains("4 problems"), "{err}");
     assert!(
-        err.contains(&format!("max_connections = -3 (from {shown} line 2)")),
+        err.contains(&format!("max_connections = -3 (from {shown}:2:1)")),
         "{err}"
     );
     assert!(
-        err.contains(&format!("idle_timeout = \"forever\" (from {shown} line 3)")),
+        err.contains(&format!("idle_timeout = \"forever\" (from {shown}:3:1)")),
         "{err}"
     );
     assert!(

@@ -146,19 +146,19 @@ fn configuration_errors_name_file_line_and_key() {
     let shown = config.display().to_string();
     assert!(
         err.contains(&format!(
-            "routes.0.target = \"db.internal\" (from {shown} line 4)"
+            "routes.0.target = \"db.internal\" (from {shown}:4:5)"
         )),
         "{err}"
     );
     assert!(
         err.contains(&format!(
-            "routes.0.idle_timeout = \"long\" (from {shown} line 5)"
+            "routes.0.idle_timeout = \"long\" (from {shown}:5:5)"
         )),
         "{err}"
     );
     assert!(
         err.contains(&format!(
-            "routes.0.conect_timeout = \"3s\" (from {shown} line 6): unknown setting"
+            "routes.0.conect_timeout = \"3s\" (from {shown}:6:5): unknown setting"
         )),
         "{err}"
     );

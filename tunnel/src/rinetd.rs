@@ -70,6 +70,7 @@ pub fn read(path: &Path) -> Result<Settings, ConfigErrors> {
                     origin: Some(Origin::File {
                         path: path.to_path_buf(),
                         line: (p.line > 0).then_some(p.line),
+                        column: None,
                     }),
                     message: p.message,
                 })
@@ -1144,13 +1145,14 @@ deny 192.168.1.100
             e.origin,
             Some(Origin::File {
                 path: file.path().to_path_buf(),
-                line: Some(2)
+                line: Some(2),
+                column: None,
             })
         );
         let shown = e.to_string();
         assert!(
             shown.starts_with(&format!(
-                "{} line 2: unknown directive",
+                "{}:2: unknown directive",
                 file.path().display()
             )),
             "{shown}"
@@ -1170,7 +1172,8 @@ deny 192.168.1.100
             err.0[0].origin,
             Some(Origin::File {
                 path: empty.path().to_path_buf(),
-                line: None
+                line: None,
+                column: None,
             })
         );
 
