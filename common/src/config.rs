@@ -1028,7 +1028,10 @@ mod tests {
         ))
         .unwrap_err()
         .to_string();
-        assert!(errors.contains(":2:9: not valid YAML: unclosed bracket"), "{errors}");
+        assert!(
+            errors.contains(":2:9: not valid YAML: unclosed bracket"),
+            "{errors}"
+        );
     }
 
     #[test]
@@ -1329,8 +1332,16 @@ mod tests {
     #[test]
     fn flow_style_and_block_style_problems_name_line_and_column() {
         for (text, line, column) in [
-            ("greeting: ok\nroutes:\n  - name: x\n    listen: nowhere\n", 4, 5),
-            ("{greeting: ok, routes: [{name: x, listen: nowhere}]}\n", 1, 35),
+            (
+                "greeting: ok\nroutes:\n  - name: x\n    listen: nowhere\n",
+                4,
+                5,
+            ),
+            (
+                "{greeting: ok, routes: [{name: x, listen: nowhere}]}\n",
+                1,
+                35,
+            ),
         ] {
             let path = Path::new("/etc/flow.yaml");
             let errors = resolve_yaml::<Settings, _>(
@@ -1362,6 +1373,9 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(errors.contains("/etc/list.yaml:1:1: the file holds a list"), "{errors}");
+        assert!(
+            errors.contains("/etc/list.yaml:1:1: the file holds a list"),
+            "{errors}"
+        );
     }
 }

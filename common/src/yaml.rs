@@ -216,6 +216,39 @@ impl Node {
     }
 }
 
+/// `value` written as a YAML document.
+pub fn to_string<T: serde::Serialize>(value: &T) -> Result<String, String> {
+    serde_saphyr::to_string(value).map_err(|e| e.to_string())
+}
+
+/// `value` written as a YAML document without the keys whose values are
+/// empty (null, an empty list or mapping), at any depth: what a person
+/// would write.
+pub fn to_string_pruned<T: serde::Serialize>(value: &T) -> Result<String, String> {
+    let mut json = serde_json::to_value(value).map_err(|e| e.to_string())?;
+    prune(&mut json);
+    to_string(&json)
+}
+
+fn prune(value: &mut Json) {
+    let empty = |v: &Json| match v {
+        Json::Null => true,
+        Json::Array(items) => items.is_empty(),
+        Json::Object(map) => map.is_empty(),
+        _ => false,
+    };
+    match value {
+        Json::Object(map) => {
+            for v in map.values_mut() {
+                prune(v);
+            }
+            map.retain(|_, v| !empty(v));
+        }
+        Json::Array(items) => items.iter_mut().for_each(prune),
+        _ => {}
+    }
+}
+
 /// The tree as the parser hands it over, spans attached by serde-saphyr.
 enum Raw {
     Null,
@@ -374,6 +407,20 @@ mod tests {
             serde_json::json!({"a": null, "b": true, "c": 16, "d": 1.5, "e": ["x", 2], "f": {"g": "h"}})
         );
         assert_eq!(parse("").unwrap().value, Value::Null);
+    }
+
+    #[test]
+    fn values_are_written_back_as_they_read() {
+        let value = serde_json::json!({"port": "5432", "tag": "0.10", "on": "yes", "cpu": "1", "n": 1, "list": [], "none": null, "nested": {"empty": {}, "keep": ["a"]}});
+        let text = to_string(&value).unwrap();
+        assert_eq!(parse(&text).unwrap().to_json(), value, "{text}");
+        let pruned = to_string_pruned(&value).unwrap();
+        let back = parse(&pruned).unwrap().to_json();
+        assert_eq!(
+            back,
+            serde_json::json!({"port": "5432", "tag": "0.10", "on": "yes", "cpu": "1", "n": 1, "nested": {"keep": ["a"]}}),
+            "{pruned}"
+        );
     }
 
     #[test]

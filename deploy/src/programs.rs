@@ -220,21 +220,18 @@ fn tunnel_targets(settings: &SettingsMap) -> Result<Vec<HostPort>, String> {
 fn check<S: Serialize + DeserializeOwned + Default>(
     settings: &BTreeMap<String, Value>,
 ) -> Vec<(String, String)> {
-    settings
+    // Values arrive as an environment variable would carry them, so they
+    // are checked in that form, the way each program checks its own.
+    let given: figment::value::Dict = settings
         .iter()
-        .filter_map(|(key, value)| {
-            // Values arrive as an environment variable would carry them, so
-            // they are checked in that form.
-            let figment = Figment::from(Serialized::defaults(S::default()))
-                .merge(Serialized::default(key, env_form(value)));
-            figment.extract::<S>().err().map(|e| {
-                let message = e
-                    .into_iter()
-                    .map(|e| e.kind.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                (key.clone(), message)
-            })
+        .map(|(key, value)| (key.clone(), env_form(value)))
+        .collect();
+    common::config::check_settings::<S>(&given, |_| false)
+        .into_iter()
+        .map(|(path, message)| match path.as_slice() {
+            [key] => (key.clone(), message),
+            [key, ..] => (key.clone(), format!("{}: {message}", path.join("."))),
+            [] => (String::new(), message),
         })
         .collect()
 }

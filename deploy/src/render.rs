@@ -187,7 +187,7 @@ pub fn kubernetes_role(definition: &Definition, role: &Role) -> Vec<Value> {
             "replicas": role.count(),
             "selector": {"matchLabels": {"app.kubernetes.io/name": role.name}},
             "template": {
-                "metadata": with_annotations(json!({"labels": labels})),
+                "metadata": {"labels": labels},
                 "spec": {
                     "automountServiceAccountToken": false,
                     // The programs take no Service-link variables; they
@@ -275,7 +275,7 @@ pub(crate) fn port_name(endpoint: &str) -> String {
 
 fn yaml_docs(docs: &[Value]) -> String {
     docs.iter()
-        .map(|d| serde_yaml::to_string(d).expect("JSON values are YAML"))
+        .map(|d| common::yaml::to_string(d).expect("JSON values are YAML"))
         .collect::<Vec<_>>()
         .join("---\n")
 }
@@ -403,7 +403,7 @@ pub fn compose(definition: &Definition, context: Option<&str>) -> String {
     let file = json!({"name": definition.name, "services": services});
     format!(
         "{HEADER}{}",
-        serde_yaml::to_string(&file).expect("JSON values are YAML")
+        common::yaml::to_string(&file).expect("JSON values are YAML")
     )
 }
 

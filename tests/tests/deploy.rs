@@ -143,6 +143,7 @@ fn the_committed_rendering_is_current() {
     let contexts: HashSet<&str> = fresh
         .lines()
         .filter_map(|l| l.trim().strip_prefix("context: "))
+        .map(|c| c.trim_matches('"'))
         .collect();
     assert_eq!(contexts.len(), 1, "{fresh}");
     let context = contexts.into_iter().next().unwrap();
@@ -154,7 +155,15 @@ fn the_committed_rendering_is_current() {
     let compose = std::fs::read_to_string(workspace().join("deploy/compose.yaml")).unwrap();
     assert_eq!(
         compose,
-        fresh.replace(&format!("context: {context}\n"), "context: ..\n"),
+        fresh
+            .lines()
+            .map(|l| match l.trim().strip_prefix("context: ") {
+                Some(_) => "      context: \"..\"",
+                None => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n",
         "deploy/compose.yaml is stale: run `deploy render compose` and commit"
     );
     std::fs::remove_dir_all(dir).unwrap();

@@ -159,9 +159,9 @@ fn main() -> ExitCode {
         if args.rinetd_conf.is_some() {
             // The YAML a rinetd user would write instead, without the
             // settings left empty.
-            let mut yaml = serde_yaml::to_value(&resolved.settings).unwrap_or_default();
-            prune(&mut yaml);
-            common::telemetry::show(serde_yaml::to_string(&yaml).unwrap_or_default());
+            common::telemetry::show(
+                common::yaml::to_string_pruned(&resolved.settings).unwrap_or_default(),
+            );
         } else {
             common::telemetry::show(resolved.describe());
         }
@@ -215,27 +215,6 @@ fn start_workers(count: usize) -> Vec<tokio::runtime::Handle> {
             rx.recv().expect("the relay thread's runtime")
         })
         .collect()
-}
-
-/// Drops nulls and empty lists and maps, recursively.
-fn prune(value: &mut serde_yaml::Value) {
-    use serde_yaml::Value;
-    let empty = |v: &Value| match v {
-        Value::Null => true,
-        Value::Sequence(s) => s.is_empty(),
-        Value::Mapping(m) => m.is_empty(),
-        _ => false,
-    };
-    match value {
-        Value::Mapping(map) => {
-            for (_, v) in map.iter_mut() {
-                prune(v);
-            }
-            map.retain(|_, v| !empty(v));
-        }
-        Value::Sequence(items) => items.iter_mut().for_each(prune),
-        _ => {}
-    }
 }
 
 async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLog) -> ExitCode {

@@ -1151,10 +1151,7 @@ deny 192.168.1.100
         );
         let shown = e.to_string();
         assert!(
-            shown.starts_with(&format!(
-                "{}:2: unknown directive",
-                file.path().display()
-            )),
+            shown.starts_with(&format!("{}:2: unknown directive", file.path().display())),
             "{shown}"
         );
 
