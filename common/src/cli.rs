@@ -115,7 +115,7 @@ pub enum Loaded<T> {
 /// prints the result to stdout.
 pub fn load<T, F>(program: &'static str, common: &CommonArgs, flags: &F) -> Loaded<T>
 where
-    T: Serialize + DeserializeOwned + Default,
+    T: Serialize + DeserializeOwned + Default + crate::config::Effective,
     F: Serialize,
 {
     match resolve::<T, _>(&sources(program, common, flags)) {

@@ -318,6 +318,32 @@ impl Converted {
     }
 }
 
+/// What a program's settings put in force beyond what is written, for
+/// `--print-config` to show what is actually used.
+pub trait Effective {
+    /// The value in force for the top-level `key` when the written one
+    /// does not say it (a time zone found at start), with why.
+    fn effective(&self, _key: &str) -> Option<(String, String)> {
+        None
+    }
+
+    /// Whether the top-level `key` is not used with these settings (the
+    /// quick form's keys when routes are given).
+    fn unused(&self, _key: &str) -> bool {
+        false
+    }
+}
+
+/// `settings` as a value without the top-level keys they do not use, to
+/// write them out as a configuration file would have them.
+pub fn in_use<T: Serialize + Effective>(settings: &T) -> serde_json::Value {
+    let mut value = serde_json::to_value(settings).unwrap_or_default();
+    if let serde_json::Value::Object(map) = &mut value {
+        map.retain(|key, _| !settings.unused(key));
+    }
+    value
+}
+
 /// A configuration that resolved cleanly, with the record of where each value
 /// came from.
 #[derive(Debug)]
@@ -693,6 +719,20 @@ fn lookup<'v>(value: &'v Value, path: &[String]) -> Option<&'v Value> {
 }
 
 impl<T> Resolved<T> {
+    /// The environment variables under the program's prefix that were left
+    /// out as Kubernetes Service links (see [`is_service_link`]), sorted.
+    pub fn service_links(&self) -> &[String] {
+        &self.service_links
+    }
+
+    /// Where the value of a top-level `key` came from.
+    pub fn origin(&self, key: &str) -> Option<Origin> {
+        let path: Vec<String> = key.split('.').map(str::to_string).collect();
+        let merged = self.figment.find_value("").ok()?;
+        let value = lookup(&merged, &path)?;
+        self.origin_at(value.tag(), &path)
+    }
+
     /// Where the value tagged `tag`, at `path`, came from.
     fn origin_at(&self, tag: Tag, path: &[String]) -> Option<Origin> {
         let metadata = self.figment.get_metadata(tag)?;
@@ -777,9 +817,10 @@ fn unknown_keys(
     }
 }
 
-impl<T: Serialize> Resolved<T> {
-    /// The resolved configuration, one `key = value` line per setting with
-    /// where it came from, as `--print-config` shows it.
+impl<T: Serialize + Effective> Resolved<T> {
+    /// The resolved configuration, one `key = value` line per setting in
+    /// use with where it came from, as `--print-config` shows it; a value
+    /// found at start is shown as found.
     pub fn describe(&self) -> String {
         let mut out = String::new();
         if let Ok(merged) = self.figment.find_value("") {
@@ -794,6 +835,9 @@ impl<T: Serialize> Resolved<T> {
     }
 
     fn leaves(&self, value: &Value, path: &mut Vec<String>, out: &mut Vec<(String, String)>) {
+        if path.len() == 1 && self.settings.unused(&path[0]) {
+            return;
+        }
         match value {
             Value::Dict(_, dict) if !dict.is_empty() => {
                 for (key, v) in dict {
@@ -810,30 +854,22 @@ impl<T: Serialize> Resolved<T> {
                 }
             }
             _ => {
+                let key = path.first().map(String::as_str).unwrap_or("");
+                if self.settings.unused(key) {
+                    return;
+                }
                 let origin = self
                     .origin_at(value.tag(), path)
                     .map(|o| o.to_string())
                     .unwrap_or_else(|| "unknown".to_string());
-                out.push((
-                    format!("{} = {}", path.join("."), display_value(value)),
-                    origin,
-                ));
+                let (shown, origin) = match self.settings.effective(key).filter(|_| path.len() == 1)
+                {
+                    Some((value, why)) => (format!("{value:?}"), format!("{origin}: {why}")),
+                    None => (display_value(value), origin),
+                };
+                out.push((format!("{} = {shown}", path.join(".")), origin));
             }
         }
-    }
-
-    /// The environment variables under the program's prefix that were left
-    /// out as Kubernetes Service links (see [`is_service_link`]), sorted.
-    pub fn service_links(&self) -> &[String] {
-        &self.service_links
-    }
-
-    /// Where the value of a top-level `key` came from.
-    pub fn origin(&self, key: &str) -> Option<Origin> {
-        let path: Vec<String> = key.split('.').map(str::to_string).collect();
-        let merged = self.figment.find_value("").ok()?;
-        let value = lookup(&merged, &path)?;
-        self.origin_at(value.tag(), &path)
     }
 }
 
@@ -853,6 +889,8 @@ mod tests {
         serve: ServeSettings,
         routes: Vec<Route>,
     }
+
+    impl Effective for Settings {}
 
     #[derive(Debug, Serialize, Deserialize, PartialEq)]
     struct Route {
@@ -1221,6 +1259,8 @@ mod tests {
         #[serde(flatten)]
         serve: ServeSettings,
     }
+
+    impl Effective for Target {}
 
     #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
     #[serde(default)]

@@ -583,6 +583,22 @@ pub async fn run(
     Ok(())
 }
 
+impl common::config::Effective for Settings {
+    /// `--print-config` shows the zone the clock reads, not `null`.
+    fn effective(&self, key: &str) -> Option<(String, String)> {
+        if key != "time_zone" || self.time_zone.is_some() {
+            return None;
+        }
+        let clock = Clock::from_settings(self).ok()?;
+        let why = if self.utc {
+            "utc = true".to_string()
+        } else {
+            "the system's zone".to_string()
+        };
+        Some((clock.name().to_string(), why))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,3 +50,5 @@ fn some_time<'de, D: Deserializer<'de>>(d: D) -> Result<Seconds, D::Error> {
     }
     Ok(timeout)
 }
+
+impl common::config::Effective for Settings {}

@@ -201,3 +201,5 @@ pub async fn run(listener: TcpListener, settings: Settings, shutdown: impl Futur
     )
     .await;
 }
+
+impl common::config::Effective for Settings {}

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use clap::Parser;
 use common::cli::{parse_args, sources, CommonArgs, ServeArgs, EXIT_CONFIG};
-use common::config::{env_var, resolve, ConfigError, ConfigErrors, Converted, Origin, Resolved};
+use common::config::{
+    env_var, in_use, resolve, ConfigError, ConfigErrors, Converted, Origin, Resolved,
+};
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -77,10 +79,10 @@ struct Args {
     common: CommonArgs,
 }
 
-/// Reads the settings and the routes they make, every problem at once. A
-/// rinetd.conf is one layer of the same pipeline as a YAML file: the
-/// environment and the flags apply over it.
-fn configure(args: &Args) -> Result<(Resolved<Settings>, Vec<Route>), ConfigErrors> {
+/// Reads the settings, every problem at once. A rinetd.conf is one layer
+/// of the same pipeline as a YAML file: the environment and the flags
+/// apply over it.
+fn configure(args: &Args) -> Result<Resolved<Settings>, ConfigErrors> {
     let mut sources = sources(PROGRAM, &args.common, args);
     if let Some(path) = &args.rinetd_conf {
         if let Some(yaml) = &sources.file {
@@ -98,7 +100,12 @@ fn configure(args: &Args) -> Result<(Resolved<Settings>, Vec<Route>), ConfigErro
         // --listen beside the file is reported, not taken from the file.
         sources.converted = Some(Converted::changed(path, &from_rinetd, &["listen"])?);
     }
-    let resolved = resolve::<Settings, _>(&sources)?;
+    resolve::<Settings, _>(&sources)
+}
+
+/// The routes the settings make, every problem at once, each pointed at
+/// where its values were written.
+fn routes_of(resolved: &Resolved<Settings>) -> Result<Vec<Route>, ConfigErrors> {
     let mut errors = Vec::new();
     if !resolved.settings.routes.is_empty() {
         if let Some(origin) = resolved.origin("listen").filter(|o| *o != Origin::Default) {
@@ -111,7 +118,7 @@ fn configure(args: &Args) -> Result<(Resolved<Settings>, Vec<Route>), ConfigErro
         }
     }
     match resolved.settings.routes() {
-        Ok(routes) if errors.is_empty() => Ok((resolved, routes)),
+        Ok(routes) if errors.is_empty() => Ok(routes),
         Ok(_) => Err(ConfigErrors(errors)),
         Err(found) => {
             // A missing port while TUNNEL_PORT holds Kubernetes' Service
@@ -148,8 +155,8 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(code) => return code,
     };
-    let (resolved, routes) = match configure(&args) {
-        Ok(pair) => pair,
+    let resolved = match configure(&args) {
+        Ok(resolved) => resolved,
         Err(errors) => {
             common::telemetry::say(format_args!("{PROGRAM}: {errors}"));
             return ExitCode::from(EXIT_CONFIG);
@@ -158,15 +165,28 @@ fn main() -> ExitCode {
     if args.common.print_config {
         if args.rinetd_conf.is_some() {
             // The YAML a rinetd user would write instead, without the
-            // settings left empty.
+            // settings left empty or not used.
             common::telemetry::show(
-                common::yaml::to_string_pruned(&resolved.settings).unwrap_or_default(),
+                common::yaml::to_string_pruned(&in_use(&resolved.settings)).unwrap_or_default(),
             );
         } else {
             common::telemetry::show(resolved.describe());
         }
+        // What is printed is shown even when it would not run, with why.
+        if let Err(errors) = routes_of(&resolved) {
+            for error in errors.0 {
+                common::telemetry::show(format_args!("# would not start: {error}\n"));
+            }
+        }
         return ExitCode::SUCCESS;
     }
+    let routes = match routes_of(&resolved) {
+        Ok(routes) => routes,
+        Err(errors) => {
+            common::telemetry::say(format_args!("{PROGRAM}: {errors}"));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let settings = resolved.settings;
     let _log = common::telemetry::init(&settings.log);
     let log = match &settings.access_log {
@@ -316,7 +336,8 @@ impl Drop for PidFile {
 /// named in the log when they changed.
 async fn reload(args: &Args, first: &Settings, tunnel: &Tunnel) {
     tracing::info!("SIGHUP: reloading the configuration");
-    let (resolved, routes) = match configure(args) {
+    let configured = configure(args).and_then(|r| routes_of(&r).map(|routes| (r, routes)));
+    let (resolved, routes) = match configured {
         Ok(pair) => pair,
         Err(errors) => {
             tracing::error!("reload failed, the running configuration stays: {errors}");

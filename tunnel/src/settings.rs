@@ -574,3 +574,14 @@ impl Settings {
         }
     }
 }
+
+impl common::config::Effective for Settings {
+    /// With routes, the quick form's keys are not used; without, `routes`.
+    fn unused(&self, key: &str) -> bool {
+        match key {
+            "listen" | "target" | "host" | "port" => !self.routes.is_empty(),
+            "routes" => self.routes.is_empty(),
+            _ => false,
+        }
+    }
+}
