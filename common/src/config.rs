@@ -877,6 +877,18 @@ impl<T: Serialize + Effective> Resolved<T> {
 mod tests {
     use super::*;
     use crate::settings::{ListenAddr, Seconds, ServeSettings};
+    use figment::Jail;
+
+    /// Runs `test` with environment variables set through `jail`: tests
+    /// that set them run one at a time, and each leaves the environment
+    /// as it found it.
+    #[allow(clippy::result_large_err)] // figment's Error, which Jail returns
+    fn jailed(test: impl FnOnce(&mut Jail)) {
+        Jail::expect_with(|jail| {
+            test(jail);
+            Ok(())
+        });
+    }
     use serde::Deserialize;
     use std::io::Write;
 
@@ -935,111 +947,118 @@ mod tests {
 
     #[test]
     fn layers_override_in_order_and_remember_their_origin() {
-        let file = yaml("greeting: from file\nlisten: 127.0.0.1:1\nidle_timeout: 2m\n");
-        std::env::set_var("CFGTEST_LAYERS_LISTEN", "127.0.0.1:2");
-        std::env::set_var("CFGTEST_LAYERS_MAX_CONNECTIONS", "7");
-        let flags = Flags {
-            listen: Some("127.0.0.1:3".into()),
-        };
-        let resolved: Resolved<Settings> =
-            resolve(&sources("cfgtest-layers", Some(file.path()), flags)).unwrap();
-        let s = &resolved.settings;
-        assert_eq!(s.listen.to_string(), "127.0.0.1:3");
-        assert_eq!(s.greeting, "from file");
-        assert_eq!(s.serve.idle_timeout, Seconds::from_secs(120));
-        assert_eq!(s.serve.max_connections, 7);
-        assert_eq!(s.serve.shutdown_grace, Seconds::from_secs(10));
-        assert_eq!(
-            resolved.origin("listen"),
-            Some(Origin::Flag("--listen".into()))
-        );
-        assert_eq!(
-            resolved.origin("max_connections"),
-            Some(Origin::Env("CFGTEST_LAYERS_MAX_CONNECTIONS".into()))
-        );
-        assert_eq!(
-            resolved.origin("idle_timeout"),
-            Some(Origin::File {
-                path: file.path().to_path_buf(),
-                line: Some(3),
-                column: Some(1),
-            })
-        );
-        assert_eq!(resolved.origin("shutdown_grace"), Some(Origin::Default));
-        let printed = resolved.describe();
-        assert!(printed.contains("listen = \"127.0.0.1:3\""), "{printed}");
-        assert!(printed.contains("# flag --listen"), "{printed}");
-        assert!(
-            printed.contains("# environment variable CFGTEST_LAYERS_MAX_CONNECTIONS"),
-            "{printed}"
-        );
-        assert!(printed.contains(":1:1"), "{printed}");
+        jailed(|jail| {
+            let file = yaml("greeting: from file\nlisten: 127.0.0.1:1\nidle_timeout: 2m\n");
+            jail.set_env("CFGTEST_LAYERS_LISTEN", "127.0.0.1:2");
+            jail.set_env("CFGTEST_LAYERS_MAX_CONNECTIONS", "7");
+            let flags = Flags {
+                listen: Some("127.0.0.1:3".into()),
+            };
+            let resolved: Resolved<Settings> =
+                resolve(&sources("cfgtest-layers", Some(file.path()), flags)).unwrap();
+            let s = &resolved.settings;
+            assert_eq!(s.listen.to_string(), "127.0.0.1:3");
+            assert_eq!(s.greeting, "from file");
+            assert_eq!(s.serve.idle_timeout, Seconds::from_secs(120));
+            assert_eq!(s.serve.max_connections, 7);
+            assert_eq!(s.serve.shutdown_grace, Seconds::from_secs(10));
+            assert_eq!(
+                resolved.origin("listen"),
+                Some(Origin::Flag("--listen".into()))
+            );
+            assert_eq!(
+                resolved.origin("max_connections"),
+                Some(Origin::Env("CFGTEST_LAYERS_MAX_CONNECTIONS".into()))
+            );
+            assert_eq!(
+                resolved.origin("idle_timeout"),
+                Some(Origin::File {
+                    path: file.path().to_path_buf(),
+                    line: Some(3),
+                    column: Some(1),
+                })
+            );
+            assert_eq!(resolved.origin("shutdown_grace"), Some(Origin::Default));
+            let printed = resolved.describe();
+            assert!(printed.contains("listen = \"127.0.0.1:3\""), "{printed}");
+            assert!(printed.contains("# flag --listen"), "{printed}");
+            assert!(
+                printed.contains("# environment variable CFGTEST_LAYERS_MAX_CONNECTIONS"),
+                "{printed}"
+            );
+            assert!(printed.contains(":1:1"), "{printed}");
+        });
     }
 
     #[test]
     fn every_bad_value_is_reported_at_once_with_key_value_and_origin() {
-        let file = yaml(
-            "greeting: fine\nidle_timeout: soonish\nlistn: 1.2.3.4:5\nroutes:\n  - name: db\n    listen: nowhere\n  - name: ok\n    listen: 127.0.0.1:9\n",
-        );
-        std::env::set_var("CFGTEST_MANY_MAX_CONNECTIONS", "lots");
-        let flags = Flags {
-            listen: Some("127.0.0.1:99999".into()),
-        };
-        let errors = resolve::<Settings, _>(&sources("cfgtest-many", Some(file.path()), flags))
-            .unwrap_err()
-            .0;
-        let path = file.path().display().to_string();
-        let find = |key: &str| {
-            errors
-                .iter()
-                .find(|e| e.key == key)
-                .unwrap_or_else(|| panic!("no error for {key} in {errors:#?}"))
-        };
-        assert_eq!(errors.len(), 5, "{errors:#?}");
-        let timeout = find("idle_timeout");
-        assert_eq!(timeout.value.as_deref(), Some("\"soonish\""));
-        assert_eq!(
-            timeout.origin.as_ref().unwrap().to_string(),
-            format!("{path}:2:1")
-        );
-        assert!(timeout.message.contains("30s"), "{}", timeout.message);
-        let unknown = find("listn");
-        assert_eq!(
-            unknown.origin.as_ref().unwrap().to_string(),
-            format!("{path}:3:1")
-        );
-        assert!(unknown.message.contains("listen"), "{}", unknown.message);
-        let route = find("routes.0.listen");
-        assert_eq!(
-            route.origin.as_ref().unwrap().to_string(),
-            format!("{path}:6:5")
-        );
-        let env = find("max_connections");
-        assert_eq!(
-            env.origin,
-            Some(Origin::Env("CFGTEST_MANY_MAX_CONNECTIONS".into()))
-        );
-        assert_eq!(env.value.as_deref(), Some("\"lots\""));
-        let flag = find("listen");
-        assert_eq!(flag.origin, Some(Origin::Flag("--listen".into())));
-        assert!(flag.message.contains("port"), "{}", flag.message);
-        let shown = ConfigErrors(errors.clone()).to_string();
-        assert!(
-            shown.starts_with("invalid configuration, 5 problems:"),
-            "{shown}"
-        );
+        jailed(|jail| {
+            let file = yaml(
+                "greeting: fine\nidle_timeout: soonish\nlistn: 1.2.3.4:5\nroutes:\n  - name: db\n    listen: nowhere\n  - name: ok\n    listen: 127.0.0.1:9\n",
+            );
+            jail.set_env("CFGTEST_MANY_MAX_CONNECTIONS", "lots");
+            let flags = Flags {
+                listen: Some("127.0.0.1:99999".into()),
+            };
+            let errors = resolve::<Settings, _>(&sources("cfgtest-many", Some(file.path()), flags))
+                .unwrap_err()
+                .0;
+            let path = file.path().display().to_string();
+            let find = |key: &str| {
+                errors
+                    .iter()
+                    .find(|e| e.key == key)
+                    .unwrap_or_else(|| panic!("no error for {key} in {errors:#?}"))
+            };
+            assert_eq!(errors.len(), 5, "{errors:#?}");
+            let timeout = find("idle_timeout");
+            assert_eq!(timeout.value.as_deref(), Some("\"soonish\""));
+            assert_eq!(
+                timeout.origin.as_ref().unwrap().to_string(),
+                format!("{path}:2:1")
+            );
+            assert!(timeout.message.contains("30s"), "{}", timeout.message);
+            let unknown = find("listn");
+            assert_eq!(
+                unknown.origin.as_ref().unwrap().to_string(),
+                format!("{path}:3:1")
+            );
+            assert!(unknown.message.contains("listen"), "{}", unknown.message);
+            let route = find("routes.0.listen");
+            assert_eq!(
+                route.origin.as_ref().unwrap().to_string(),
+                format!("{path}:6:5")
+            );
+            let env = find("max_connections");
+            assert_eq!(
+                env.origin,
+                Some(Origin::Env("CFGTEST_MANY_MAX_CONNECTIONS".into()))
+            );
+            assert_eq!(env.value.as_deref(), Some("\"lots\""));
+            let flag = find("listen");
+            assert_eq!(flag.origin, Some(Origin::Flag("--listen".into())));
+            assert!(flag.message.contains("port"), "{}", flag.message);
+            let shown = ConfigErrors(errors.clone()).to_string();
+            assert!(
+                shown.starts_with("invalid configuration, 5 problems:"),
+                "{shown}"
+            );
+        });
     }
 
     #[test]
     fn an_unknown_environment_variable_with_the_prefix_is_named() {
-        std::env::set_var("CFGTEST_ENVTYPO_LISTN", "1.2.3.4:5");
-        let errors = resolve::<Settings, _>(&sources("cfgtest-envtypo", None, Flags::default()))
-            .unwrap_err();
-        assert_eq!(errors.0.len(), 1);
-        assert_eq!(
-            errors.0[0].origin,
-            Some(Origin::Env("CFGTEST_ENVTYPO_LISTN".into()))
-        );
+        jailed(|jail| {
+            jail.set_env("CFGTEST_ENVTYPO_LISTN", "1.2.3.4:5");
+            let errors =
+                resolve::<Settings, _>(&sources("cfgtest-envtypo", None, Flags::default()))
+                    .unwrap_err();
+            assert_eq!(errors.0.len(), 1);
+            assert_eq!(
+                errors.0[0].origin,
+                Some(Origin::Env("CFGTEST_ENVTYPO_LISTN".into()))
+            );
+        });
     }
 
     #[test]
@@ -1282,91 +1301,99 @@ mod tests {
     /// Sets the kubelet's variables for the Services `<program>`,
     /// `<program>-balancer` and `<program>-health-` (whose `_PORT` variable
     /// is the one of the nested key `health.port`).
-    fn set_links(program: &str) {
+    fn set_links(jail: &mut Jail, program: &str) {
         for (i, service) in ["", "-balancer", "-health-"].iter().enumerate() {
             let ip = format!("10.96.1.{i}");
             for (name, value) in
                 kubelet(&format!("{program}{service}"), &ip, 1001, "TCP", "incoming")
             {
-                std::env::set_var(name, value);
+                jail.set_env(name, value);
             }
         }
     }
 
     #[test]
     fn service_links_are_left_out_and_settings_beside_them_apply() {
-        set_links("cfgtest-links");
-        std::env::set_var("CFGTEST_LINKS_HOST", "db.internal");
-        let resolved = target("cfgtest-links").unwrap();
-        // CFGTEST_LINKS_PORT=tcp://10.96.1.0:1001 and
-        // CFGTEST_LINKS_HEALTH__PORT=tcp://10.96.1.2:1001 are Kubernetes'.
-        assert_eq!(resolved.settings.port, None);
-        assert_eq!(resolved.settings.health.port, None);
-        assert_eq!(resolved.settings.host.as_deref(), Some("db.internal"));
-        let links = resolved.service_links();
-        assert_eq!(links.len(), 3 * 8, "{links:?}");
-        for name in [
-            "CFGTEST_LINKS_PORT",
-            "CFGTEST_LINKS_SERVICE_HOST",
-            "CFGTEST_LINKS_SERVICE_PORT_INCOMING",
-            "CFGTEST_LINKS_BALANCER_PORT_1001_TCP_ADDR",
-            "CFGTEST_LINKS_HEALTH__PORT",
-        ] {
-            assert!(links.iter().any(|l| l == name), "{name} not in {links:?}");
-        }
-        assert!(
-            !links.iter().any(|l| l == "CFGTEST_LINKS_HOST"),
-            "{links:?}"
-        );
-        // --print-config shows settings only.
-        let printed = resolved.describe();
-        assert!(!printed.contains("SERVICE"), "{printed}");
-        assert!(!printed.contains("10.96."), "{printed}");
-        assert!(!printed.contains("balancer"), "{printed}");
+        jailed(|jail| {
+            set_links(jail, "cfgtest-links");
+            jail.set_env("CFGTEST_LINKS_HOST", "db.internal");
+            let resolved = target("cfgtest-links").unwrap();
+            // CFGTEST_LINKS_PORT=tcp://10.96.1.0:1001 and
+            // CFGTEST_LINKS_HEALTH__PORT=tcp://10.96.1.2:1001 are Kubernetes'.
+            assert_eq!(resolved.settings.port, None);
+            assert_eq!(resolved.settings.health.port, None);
+            assert_eq!(resolved.settings.host.as_deref(), Some("db.internal"));
+            let links = resolved.service_links();
+            assert_eq!(links.len(), 3 * 8, "{links:?}");
+            for name in [
+                "CFGTEST_LINKS_PORT",
+                "CFGTEST_LINKS_SERVICE_HOST",
+                "CFGTEST_LINKS_SERVICE_PORT_INCOMING",
+                "CFGTEST_LINKS_BALANCER_PORT_1001_TCP_ADDR",
+                "CFGTEST_LINKS_HEALTH__PORT",
+            ] {
+                assert!(links.iter().any(|l| l == name), "{name} not in {links:?}");
+            }
+            assert!(
+                !links.iter().any(|l| l == "CFGTEST_LINKS_HOST"),
+                "{links:?}"
+            );
+            // --print-config shows settings only.
+            let printed = resolved.describe();
+            assert!(!printed.contains("SERVICE"), "{printed}");
+            assert!(!printed.contains("10.96."), "{printed}");
+            assert!(!printed.contains("balancer"), "{printed}");
+        });
     }
 
     #[test]
     fn a_port_number_is_the_setting_beside_service_links() {
-        set_links("cfgtest-linkport");
-        std::env::set_var("CFGTEST_LINKPORT_HOST", "127.0.0.1");
-        std::env::set_var("CFGTEST_LINKPORT_PORT", "5433");
-        std::env::set_var("CFGTEST_LINKPORT_HEALTH__PORT", "8080");
-        let resolved = target("cfgtest-linkport").unwrap();
-        assert_eq!(resolved.settings.port, Some(5433));
-        assert_eq!(resolved.settings.health.port, Some(8080));
-        assert_eq!(
-            resolved.origin("port"),
-            Some(Origin::Env("CFGTEST_LINKPORT_PORT".into()))
-        );
-        assert_eq!(resolved.service_links().len(), 3 * 8 - 2);
+        jailed(|jail| {
+            set_links(jail, "cfgtest-linkport");
+            jail.set_env("CFGTEST_LINKPORT_HOST", "127.0.0.1");
+            jail.set_env("CFGTEST_LINKPORT_PORT", "5433");
+            jail.set_env("CFGTEST_LINKPORT_HEALTH__PORT", "8080");
+            let resolved = target("cfgtest-linkport").unwrap();
+            assert_eq!(resolved.settings.port, Some(5433));
+            assert_eq!(resolved.settings.health.port, Some(8080));
+            assert_eq!(
+                resolved.origin("port"),
+                Some(Origin::Env("CFGTEST_LINKPORT_PORT".into()))
+            );
+            assert_eq!(resolved.service_links().len(), 3 * 8 - 2);
+        });
     }
 
     #[test]
     fn a_typo_beside_service_links_is_still_refused() {
-        set_links("cfgtest-linktypo");
-        std::env::set_var("CFGTEST_LINKTYPO_IDLE_TIMEOT", "5m");
-        // `PORT_X` is not a Service link: a typo of some key.
-        std::env::set_var("CFGTEST_LINKTYPO_PORT_X", "1");
-        let errors = target("cfgtest-linktypo").unwrap_err().0;
-        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["idle_timeot", "port_x"], "{errors:#?}");
-        assert_eq!(
-            errors[0].origin,
-            Some(Origin::Env("CFGTEST_LINKTYPO_IDLE_TIMEOT".into()))
-        );
-        assert!(errors[0].message.contains("unknown setting"), "{errors:#?}");
+        jailed(|jail| {
+            set_links(jail, "cfgtest-linktypo");
+            jail.set_env("CFGTEST_LINKTYPO_IDLE_TIMEOT", "5m");
+            // `PORT_X` is not a Service link: a typo of some key.
+            jail.set_env("CFGTEST_LINKTYPO_PORT_X", "1");
+            let errors = target("cfgtest-linktypo").unwrap_err().0;
+            let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+            assert_eq!(keys, ["idle_timeot", "port_x"], "{errors:#?}");
+            assert_eq!(
+                errors[0].origin,
+                Some(Origin::Env("CFGTEST_LINKTYPO_IDLE_TIMEOT".into()))
+            );
+            assert!(errors[0].message.contains("unknown setting"), "{errors:#?}");
+        });
     }
 
     #[test]
     fn a_port_that_is_not_a_port_number_nor_a_link_is_refused() {
-        std::env::set_var("CFGTEST_LINKBAD_PORT", "TCP://10.96.0.12:1001");
-        let errors = target("cfgtest-linkbad").unwrap_err().0;
-        assert_eq!(errors.len(), 1, "{errors:#?}");
-        assert_eq!(errors[0].key, "port");
-        assert_eq!(
-            errors[0].origin,
-            Some(Origin::Env("CFGTEST_LINKBAD_PORT".into()))
-        );
+        jailed(|jail| {
+            jail.set_env("CFGTEST_LINKBAD_PORT", "TCP://10.96.0.12:1001");
+            let errors = target("cfgtest-linkbad").unwrap_err().0;
+            assert_eq!(errors.len(), 1, "{errors:#?}");
+            assert_eq!(errors[0].key, "port");
+            assert_eq!(
+                errors[0].origin,
+                Some(Origin::Env("CFGTEST_LINKBAD_PORT".into()))
+            );
+        });
     }
 
     #[test]
