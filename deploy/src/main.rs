@@ -194,7 +194,7 @@ fn main() -> ExitCode {
                 .and_then(|p| p.parent().map(Path::to_path_buf))
                 .unwrap_or_else(|| PathBuf::from("."));
             if programs.is_none() {
-                if let Err(e) = build_programs(&definition, &here) {
+                if let Err(e) = build_programs(&here) {
                     say(format_args!("{PROGRAM}: {e:#}"));
                     return ExitCode::from(EXIT_FAILED);
                 }
@@ -235,9 +235,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// Under `cargo run`, builds the programs the definition names with the
-/// same profile, so one command builds and runs the whole system.
-fn build_programs(definition: &Definition, here: &Path) -> anyhow::Result<()> {
+/// Under `cargo run`, builds every program of the workspace with the same
+/// profile (the roles' programs, and square-client and deploy beside
+/// them), so one command builds the whole system and its client.
+fn build_programs(here: &Path) -> anyhow::Result<()> {
     let (Some(cargo), Some(manifest)) = (
         std::env::var_os("CARGO"),
         std::env::var_os("CARGO_MANIFEST_DIR"),
@@ -246,19 +247,11 @@ fn build_programs(definition: &Definition, here: &Path) -> anyhow::Result<()> {
     };
     let workspace = Path::new(&manifest).parent().unwrap_or(Path::new("."));
     let mut build = std::process::Command::new(cargo);
-    build.current_dir(workspace).args(["build", "--quiet"]);
+    build
+        .current_dir(workspace)
+        .args(["build", "--quiet", "--workspace", "--bins"]);
     if here.file_name().is_some_and(|p| p == "release") {
         build.arg("--release");
-    }
-    let mut names: Vec<&str> = definition
-        .roles
-        .iter()
-        .map(|r| r.program.as_str())
-        .collect();
-    names.sort_unstable();
-    names.dedup();
-    for name in names {
-        build.args(["-p", name, "--bin", name]);
     }
     say(format_args!("{PROGRAM}: building the programs"));
     let status = build.status()?;
