@@ -26,7 +26,7 @@ pub const EXIT_UNAVAILABLE: u8 = 69;
 /// it serializes only the flags that are settings, and only when given.
 #[derive(Debug, Clone, Default, clap::Args, Serialize)]
 pub struct CommonArgs {
-    /// YAML configuration file (also <PREFIX>_CONFIG)
+    /// YAML configuration file (also the program's <PREFIX>_CONFIG)
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
@@ -51,14 +51,42 @@ pub struct CommonArgs {
 /// gives status 64 (clap's own is 2); `--help` and `--version` print and
 /// give 0.
 pub fn parse_args<A: clap::Parser>() -> Result<A, ExitCode> {
-    A::try_parse().map_err(|e| {
-        let _ = e.print();
-        if e.use_stderr() {
-            ExitCode::from(EXIT_CONFIG)
-        } else {
-            ExitCode::SUCCESS
-        }
-    })
+    let command = with_program_names(A::command());
+    command
+        .try_get_matches()
+        .and_then(|matches| A::from_arg_matches(&matches))
+        .map_err(|e| {
+            let _ = e.print();
+            if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            }
+        })
+}
+
+/// The shared flags' help in the program's own words: its configuration
+/// variable (`ECHO_SERVER_CONFIG`) and a log filter naming it.
+pub fn with_program_names(command: clap::Command) -> clap::Command {
+    let program = command.get_name().to_string();
+    let has = |id: &str| command.get_arguments().any(|a| a.get_id() == id);
+    let (config, log_level) = (has("config"), has("log_level"));
+    let mut command = command;
+    if config {
+        let var = env_var(&program, "config");
+        command = command.mut_arg("config", |a| {
+            a.help(format!("YAML configuration file (also {var})"))
+        });
+    }
+    if log_level {
+        let target = program.replace('-', "_");
+        command = command.mut_arg("log_level", |a| {
+            a.help(format!(
+                "Log filter such as info, debug or {target}=debug (default: RUST_LOG, then info)"
+            ))
+        });
+    }
+    command
 }
 
 /// Where a program's configuration comes from: the `--config` file or

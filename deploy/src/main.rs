@@ -13,7 +13,13 @@ use deploy::fabric::{self, Options};
 use deploy::{render, DEFAULT_DEFINITION, PROGRAM};
 use tokio::signal::unix::SignalKind;
 
-/// The service definition: roles, endpoints, settings, instance counts.
+/// Check a service definition (roles, their programs and instance counts,
+/// endpoints, settings per environment), run it on this machine behind
+/// load balancers (the development fabric), or render it for Kubernetes or
+/// compose.
+///
+/// The definition is deploy/service.yaml unless a FILE is given. `deploy
+/// check` reports every problem at once, with its line and column.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Args {
@@ -27,7 +33,7 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Check the definition and report every problem with its line
+    /// Check the definition for every environment; report every problem with its place
     Check {
         /// The service definition [default: deploy/service.yaml]
         file: Option<PathBuf>,

@@ -18,10 +18,6 @@ use square_client::settings::Settings;
 #[derive(Debug, Parser, Serialize)]
 #[command(name = "square-client", version)]
 struct Args {
-    #[command(flatten)]
-    #[serde(flatten)]
-    common: CommonArgs,
-
     /// The square server, HOST:PORT [default: 127.0.0.1:2345] (also SQUARE_CLIENT_SERVER)
     #[arg(long, value_name = "HOST:PORT")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -46,6 +42,10 @@ struct Args {
     #[arg(value_name = "NUMBER", allow_negative_numbers = true)]
     #[serde(skip)]
     numbers: Vec<String>,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: CommonArgs,
 }
 
 fn main() -> ExitCode {

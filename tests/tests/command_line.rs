@@ -1,6 +1,7 @@
-//! `--print-config` shows what a program actually uses: values found at
+//! What the command line shows: `--help` in each program's own words, and
+//! `--print-config` showing what a program actually uses (values found at
 //! start as found, settings the configuration does not use left out, and
-//! a configuration that would not start shown with why.
+//! a configuration that would not start shown with why).
 
 use std::process::Command;
 
@@ -80,4 +81,52 @@ fn a_tunnel_with_routes_does_not_show_the_quick_form() {
         );
     }
     assert!(!out.contains("would not start"), "{out}");
+}
+
+#[test]
+fn every_help_names_the_programs_own_variables() {
+    for (program, prefix) in [
+        ("echo-server", "ECHO_SERVER"),
+        ("square-server", "SQUARE_SERVER"),
+        ("square-client", "SQUARE_CLIENT"),
+        ("tunnel", "TUNNEL"),
+    ] {
+        let out = Command::new(binary(program))
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{program}");
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(!help.contains("<PREFIX>"), "{program}:\n{help}");
+        assert!(
+            help.contains(&format!("YAML configuration file (also {prefix}_CONFIG)")),
+            "{program}:\n{help}"
+        );
+        let target = program.replace('-', "_");
+        assert!(
+            help.contains(&format!("or {target}=debug")),
+            "{program}:\n{help}"
+        );
+        // The program's own options first, the shared ones last.
+        let first_option = help
+            .lines()
+            .find(|l| l.trim_start().starts_with("--"))
+            .unwrap();
+        assert!(
+            !first_option.contains("--config"),
+            "{program}: the shared options come after the program's:\n{help}"
+        );
+    }
+    let out = Command::new(binary("deploy"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for says in [
+        "Check a service definition",
+        "development fabric",
+        "Kubernetes",
+    ] {
+        assert!(help.contains(says), "{help}");
+    }
 }
