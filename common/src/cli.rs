@@ -149,7 +149,7 @@ where
     match resolve::<T, _>(&sources(program, common, flags)) {
         Ok(resolved) => {
             if common.print_config {
-                crate::telemetry::show(format_args!("{}", resolved.describe()));
+                crate::telemetry::show(format_args!("{}", resolved.print_config()));
                 return Loaded::Exit(ExitCode::SUCCESS);
             }
             Loaded::Run(Box::new(resolved))

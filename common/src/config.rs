@@ -649,7 +649,7 @@ impl Resolved<()> {
             Err(e) => return Err(ConfigErrors::single(None, e.to_string()).0),
         };
         let whole = Value::Dict(Tag::Default, merged.clone());
-        let describe = |path: &[String], message: String| {
+        let error_at = |path: &[String], message: String| {
             let found = lookup(&whole, path);
             ConfigError {
                 key: path.join("."),
@@ -666,7 +666,7 @@ impl Resolved<()> {
         });
         let errors: Vec<ConfigError> = problems
             .into_iter()
-            .map(|(path, message)| describe(&path, message))
+            .map(|(path, message)| error_at(&path, message))
             .collect();
         if !errors.is_empty() {
             return Err(errors);
@@ -676,7 +676,7 @@ impl Resolved<()> {
             Err(err) => {
                 return Err(err
                     .into_iter()
-                    .map(|e| describe(&e.path, kind_message(&e.kind)))
+                    .map(|e| error_at(&e.path, kind_message(&e.kind)))
                     .collect())
             }
         };
@@ -821,7 +821,7 @@ impl<T: Serialize + Effective> Resolved<T> {
     /// The resolved configuration, one `key = value` line per setting in
     /// use with where it came from, as `--print-config` shows it; a value
     /// found at start is shown as found.
-    pub fn describe(&self) -> String {
+    pub fn print_config(&self) -> String {
         let mut out = String::new();
         if let Ok(merged) = self.figment.find_value("") {
             let mut lines = Vec::new();
@@ -979,7 +979,7 @@ mod tests {
                 })
             );
             assert_eq!(resolved.origin("shutdown_grace"), Some(Origin::Default));
-            let printed = resolved.describe();
+            let printed = resolved.print_config();
             assert!(printed.contains("listen = \"127.0.0.1:3\""), "{printed}");
             assert!(printed.contains("# flag --listen"), "{printed}");
             assert!(
@@ -1339,7 +1339,7 @@ mod tests {
                 "{links:?}"
             );
             // --print-config shows settings only.
-            let printed = resolved.describe();
+            let printed = resolved.print_config();
             assert!(!printed.contains("SERVICE"), "{printed}");
             assert!(!printed.contains("10.96."), "{printed}");
             assert!(!printed.contains("balancer"), "{printed}");

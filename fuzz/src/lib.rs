@@ -84,7 +84,7 @@ pub fn square(data: &[u8]) {
 
     // A line over `max_line` is refused with this description of it.
     let mut too_long = Vec::new();
-    number::describe_too_long(line.trim_ascii_start(), max_line, &mut too_long);
+    number::explain_too_long(line.trim_ascii_start(), max_line, &mut too_long);
     assert!(too_long.starts_with(b"line too long"), "{too_long:?}");
     assert!(
         too_long.iter().all(|b| (0x20..0x7f).contains(b)),
@@ -344,7 +344,7 @@ where
     };
     match resolve_yaml::<T, _>(&sources, path, text) {
         Ok(resolved) => {
-            let _ = resolved.describe();
+            let _ = resolved.print_config();
             then(&resolved.settings);
         }
         Err(errors) => check_config_errors(&errors, text),

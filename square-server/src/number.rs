@@ -181,14 +181,14 @@ pub fn answer(line: &[u8], max_digits: usize, out: &mut impl Output) {
         Ok(n) => write_square(n, out),
         Err(rejection) => {
             out.extend_from_slice(b"ERR ");
-            describe(rejection, line.trim_ascii(), out);
+            explain(rejection, line.trim_ascii(), out);
         }
     }
     out.push(b'\n');
 }
 
 /// Appends the reason for `rejection` of `input`, naming the input.
-pub fn describe(rejection: Rejection, input: &[u8], out: &mut impl Output) {
+pub fn explain(rejection: Rejection, input: &[u8], out: &mut impl Output) {
     match rejection {
         Rejection::Empty => {
             out.extend_from_slice(b"empty line; send one number per line, such as 12")
@@ -212,7 +212,7 @@ pub fn describe(rejection: Rejection, input: &[u8], out: &mut impl Output) {
 }
 
 /// Appends the reason a line over `max_line` bytes was refused.
-pub fn describe_too_long(input: &[u8], max_line: usize, out: &mut impl Output) {
+pub fn explain_too_long(input: &[u8], max_line: usize, out: &mut impl Output) {
     let mut buf = itoa::Buffer::new();
     out.extend_from_slice(b"line too long: ");
     quote(input, out);

@@ -172,7 +172,7 @@ impl Answerer<'_> {
                 }
                 Err(rejection) => {
                     out.extend_from_slice(b"ERR ");
-                    number::describe(rejection, line.trim_ascii(), out);
+                    number::explain(rejection, line.trim_ascii(), out);
                     out.push(b'\n');
                 }
             }
@@ -436,7 +436,7 @@ async fn read_within<S: AsyncRead + Unpin>(
 
 fn refuse_too_long(line: &[u8], max_line: usize, out: &mut impl Output) {
     out.extend_from_slice(b"ERR ");
-    number::describe_too_long(line.trim_ascii_start(), max_line, out);
+    number::explain_too_long(line.trim_ascii_start(), max_line, out);
     out.push(b'\n');
 }
 

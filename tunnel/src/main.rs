@@ -170,7 +170,7 @@ fn main() -> ExitCode {
                 common::yaml::to_string_pruned(&in_use(&resolved.settings)).unwrap_or_default(),
             );
         } else {
-            common::telemetry::show(resolved.describe());
+            common::telemetry::show(resolved.print_config());
         }
         // What is printed is shown even when it would not run, with why.
         if let Err(errors) = routes_of(&resolved) {
