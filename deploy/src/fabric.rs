@@ -143,31 +143,107 @@ impl Board {
     }
 }
 
-/// The status table.
-pub fn table(instances: &[Instance], endpoints: &[String]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<16} {:<22} {:<24} {:>8}  {:<16} {:>8}",
-        "ROLE", "INSTANCE", "STATE", "PID", "ADDRESS", "RESTARTS"
-    );
-    for i in instances {
-        let pid = i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+/// An endpoint as the status shows it: what it is, and whose instances
+/// serve it.
+#[derive(Debug, Clone)]
+pub struct EndpointLine {
+    /// `public endpoint echo-server/EchoEndpoint on 0.0.0.0:1234`.
+    pub text: String,
+    /// The role whose instances serve it.
+    pub role: String,
+}
+
+/// The status: a table printed once when everything has started, then a
+/// row of the same shape for each instance whose state changes. The
+/// columns are as wide as the table needs at start and the state, the one
+/// column of varying width, comes last, so rows line up and never shift.
+#[derive(Debug)]
+pub struct Status {
+    widths: [usize; 3],
+    shown: Vec<Instance>,
+}
+
+impl Status {
+    /// Column widths for `instances`.
+    pub fn new(instances: &[Instance]) -> Status {
+        let width = |header: &str, of: &dyn Fn(&Instance) -> usize| {
+            instances
+                .iter()
+                .map(of)
+                .max()
+                .unwrap_or(0)
+                .max(header.len())
+        };
+        Status {
+            widths: [
+                width("ROLE", &|i| i.role.len()),
+                width("INSTANCE", &|i| i.id.len()),
+                // 127.0.0.1:65535 at most for loopback; wider if need be.
+                width("ADDRESS", &|i| i.addr.to_string().len()),
+            ],
+            shown: Vec::new(),
+        }
+    }
+
+    fn row(&self, out: &mut String, cells: [&str; 6]) {
+        let [role, id, address] = self.widths;
+        let [r, i, pid, a, restarts, state] = cells;
         let _ = writeln!(
             out,
-            "{:<16} {:<22} {:<24} {:>8}  {:<16} {:>8}",
-            i.role,
-            i.id,
-            i.state.to_string(),
-            pid,
-            i.addr.to_string(),
-            i.restarts
+            "{r:<role$}  {i:<id$}  {pid:>7}  {a:<address$}  {restarts:>8}  {state}"
         );
     }
-    for e in endpoints {
-        let _ = writeln!(out, "{e}");
+
+    fn instance_row(&self, out: &mut String, i: &Instance) {
+        let pid = i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        let restarts = i.restarts.to_string();
+        let address = i.addr.to_string();
+        let state = i.state.to_string();
+        self.row(out, [&i.role, &i.id, &pid, &address, &restarts, &state]);
     }
-    out
+
+    /// The whole table, with each endpoint and how many of its instances
+    /// are live.
+    pub fn table(&mut self, instances: &[Instance], endpoints: &[EndpointLine]) -> String {
+        let mut out = String::new();
+        self.row(
+            &mut out,
+            ["ROLE", "INSTANCE", "PID", "ADDRESS", "RESTARTS", "STATE"],
+        );
+        for i in instances {
+            self.instance_row(&mut out, i);
+        }
+        for e in endpoints {
+            let of_role = instances.iter().filter(|i| i.role == e.role);
+            let live = of_role
+                .clone()
+                .filter(|i| i.state == State::Running)
+                .count();
+            let _ = writeln!(
+                out,
+                "{} -> {} instances ({live} live)",
+                e.text,
+                of_role.count()
+            );
+        }
+        self.shown = instances.to_vec();
+        out
+    }
+
+    /// A row for each instance that changed since last shown.
+    pub fn changes(&mut self, instances: &[Instance]) -> String {
+        let mut out = String::new();
+        for (n, i) in instances.iter().enumerate() {
+            let before = self.shown.get(n);
+            if before
+                .is_none_or(|b| b.state != i.state || b.pid != i.pid || b.restarts != i.restarts)
+            {
+                self.instance_row(&mut out, i);
+            }
+        }
+        self.shown = instances.to_vec();
+        out
+    }
 }
 
 /// Finds a program's binary: beside `dir`, else on the PATH.
@@ -280,16 +356,18 @@ pub async fn run(
             })?;
             let listen = listener.local_addr()?;
             listeners.insert(addr, listener);
-            endpoint_lines.push(format!(
-                "{} endpoint {}/{} on {listen} -> {} instances",
-                match endpoint.visibility {
-                    Visibility::Public => "public",
-                    Visibility::Internal => "internal",
-                },
-                role.name,
-                endpoint.name,
-                role.count()
-            ));
+            endpoint_lines.push(EndpointLine {
+                text: format!(
+                    "{} endpoint {}/{} on {listen}",
+                    match endpoint.visibility {
+                        Visibility::Public => "public",
+                        Visibility::Internal => "internal",
+                    },
+                    role.name,
+                    endpoint.name,
+                ),
+                role: role.name.clone(),
+            });
             routes.push(balancer_route(role, &endpoint.name, addr, targets.clone()));
         }
     }
@@ -340,21 +418,22 @@ pub async fn run(
         }
     }
 
-    // The table: once everything has started, then on every change.
+    // The table once everything has started, then a row per change.
     let table_board = board.clone();
     let table_stop = stop.clone();
     let mut table_out = out.clone();
     let printer = tokio::spawn(async move {
         wait_started(&table_board, &table_stop).await;
+        let snapshot = table_board.snapshot();
+        let mut status = Status::new(&snapshot);
+        let _ = table_out.write_all(status.table(&snapshot, &endpoint_lines).as_bytes());
         loop {
-            let _ = table_out.write_all(table(&table_board.snapshot(), &endpoint_lines).as_bytes());
             tokio::select! {
-                _ = table_stop.cancelled() => return,
-                changed = watch_changes.changed() => if changed.is_err() { return },
+                _ = table_stop.cancelled() => return status,
+                changed = watch_changes.changed() => if changed.is_err() { return status },
             }
-            // Several changes at once make one table.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            watch_changes.borrow_and_update();
+            let changes = status.changes(&table_board.snapshot());
+            let _ = table_out.write_all(changes.as_bytes());
         }
     });
 
@@ -362,7 +441,7 @@ pub async fn run(
     if failed.is_none() {
         tracing::info!("stopping: draining the balancers, then the instances");
     }
-    let _ = printer.await;
+    let status = printer.await;
     let drain = async {
         tokio::select! {
             _ = balancer.shutdown() => {}
@@ -370,8 +449,11 @@ pub async fn run(
         }
     };
     tokio::join!(drain, supervisors.wait());
+    // How each instance ended.
+    let snapshot = board.snapshot();
+    let mut status = status.unwrap_or_else(|_| Status::new(&snapshot));
     let mut out = out;
-    let _ = out.write_all(table(&board.snapshot(), &[]).as_bytes());
+    let _ = out.write_all(status.changes(&snapshot).as_bytes());
     match failed {
         Some(e) => Err(e),
         None => Ok(()),

@@ -485,6 +485,8 @@ struct Fabric {
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
+    /// Each instance's last state shown (id -> (state, pid, restarts)).
+    status: HashMap<String, (String, u32, u32)>,
     /// How many instances a full status table shows.
     instances: usize,
     _unread: Option<(ChildStdout, ChildStderr)>,
@@ -531,32 +533,38 @@ impl Fabric {
             child,
             lines,
             seen: Vec::new(),
+            status: HashMap::new(),
             instances,
             _unread: unread,
         }
     }
 
-    /// Waits for a status table in which `check` holds for the instances
-    /// (id -> (state, pid, restarts)); returns them.
+    /// Waits until the status (the table, then the rows of changes) shows
+    /// the instances (id -> (state, pid, restarts)) such that `check`
+    /// holds; returns them.
     fn table_where(
         &mut self,
         check: impl Fn(&HashMap<String, (String, u32, u32)>) -> bool,
     ) -> HashMap<String, (String, u32, u32)> {
         let end = Instant::now() + Duration::from_secs(30);
-        let mut current = HashMap::new();
+        if self.status.len() == self.instances && check(&self.status) {
+            return self.status.clone();
+        }
         while Instant::now() < end {
             let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) else {
                 continue;
             };
             self.seen.push(line.clone());
             let cols: Vec<&str> = line.split_whitespace().collect();
+            // ROLE INSTANCE PID ADDRESS RESTARTS STATE: the table at
+            // start, then a row for each change.
             if cols.len() >= 6 && cols[1].contains("_IN_") {
-                let n = cols.len();
-                let pid = cols[n - 3].parse().unwrap_or(0);
-                let restarts = cols[n - 1].parse().unwrap_or(0);
-                current.insert(cols[1].to_string(), (cols[2].to_string(), pid, restarts));
-                if current.len() == self.instances && check(&current) {
-                    return current;
+                let pid = cols[2].parse().unwrap_or(0);
+                let restarts = cols[4].parse().unwrap_or(0);
+                self.status
+                    .insert(cols[1].to_string(), (cols[5].to_string(), pid, restarts));
+                if self.status.len() == self.instances && check(&self.status) {
+                    return self.status.clone();
                 }
             }
         }
@@ -982,6 +990,21 @@ fn instances_die_with_a_killed_fabric() {
     let table = fabric.table_where(|t| {
         t.values().all(|(state, _, _)| state == "running") && t["echo_IN_0"].2 >= 1
     });
+    // The table was printed once; the restart came as rows of its own.
+    let headers = fabric
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("ROLE "))
+        .count();
+    assert_eq!(headers, 1, "{}", fabric.seen.join("\n"));
+    assert!(
+        fabric
+            .seen
+            .iter()
+            .any(|l| l.ends_with("-> 2 instances (2 live)")),
+        "{}",
+        fabric.seen.join("\n")
+    );
     // Longer than an idle runtime thread lives: instances are tied to a
     // thread that lasts as long as the fabric, so none dies meanwhile.
     std::thread::sleep(Duration::from_secs(12));
