@@ -17,7 +17,6 @@ pub mod ready;
 pub mod relay;
 pub mod rinetd;
 pub mod settings;
-pub mod splice;
 
 use std::collections::HashMap;
 use std::sync::Arc;
