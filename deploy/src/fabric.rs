@@ -38,8 +38,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tunnel::access_log::AccessLog;
-use tunnel::balance::{HealthCheck, Policy};
-use tunnel::settings::Keepalive;
+use tunnel::settings::{HealthCheck, Keepalive, Policy};
 use tunnel::{Route, Tunnel};
 
 use crate::definition::{Definition, Role, Visibility};

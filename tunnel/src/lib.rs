@@ -36,7 +36,7 @@ use crate::access_log::{AccessLog, Entry};
 use crate::balance::Balancer;
 use crate::metrics::{Metrics, RouteStats};
 use crate::ready::{Probe, Readiness, RouteState, Source, Watched};
-pub use crate::settings::{Route, Settings, Target};
+pub use crate::settings::{overlaps, Route, Settings, Target};
 
 /// Serves one route's connections: connect to a target, relay, log.
 #[derive(Debug)]
@@ -491,18 +491,4 @@ fn explain_bind(route: &str, addr: ListenAddr, e: &std::io::Error, held: &[Liste
         std::io::ErrorKind::AddrNotAvailable => format!("route {route}: {addr} is not an address of this machine"),
         _ => format!("route {route}: cannot listen on {addr}: {e}"),
     }
-}
-
-/// Whether two listen addresses take the same port on some address: the
-/// same address, or a wildcard (`0.0.0.0` over IPv4, `[::]` over both,
-/// since listeners here are dual-stack) and an address it covers.
-pub fn overlaps(a: ListenAddr, b: ListenAddr) -> bool {
-    let (a, b) = (a.0, b.0);
-    if a.port() != b.port() {
-        return false;
-    }
-    let covers = |wide: std::net::SocketAddr, other: std::net::SocketAddr| {
-        wide.ip().is_unspecified() && (wide.is_ipv6() || other.ip().to_canonical().is_ipv4())
-    };
-    a.ip().to_canonical() == b.ip().to_canonical() || covers(a, b) || covers(b, a)
 }
