@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use common::cli::{parse_args, sources, CommonArgs, ServeArgs, EXIT_CONFIG};
+use common::cli::{parse_args, runtime, sources, CommonArgs, ServeArgs, EXIT_CONFIG, EXIT_FAILED};
 use common::config::{env_var, resolve, ConfigError, ConfigErrors, Converted, Origin, Resolved};
+use common::runtime::Flavor;
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -180,39 +181,44 @@ fn main() -> ExitCode {
         None => AccessLog::to_log(),
     }
     .log_empty(settings.log_empty_connections);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = match runtime(PROGRAM, Flavor::CurrentThread) {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
     runtime.block_on(serve(args, settings, routes, log))
 }
 
 /// Threads with a single-threaded runtime each, for the connections; with
 /// one worker, connections stay on the main thread.
-fn start_workers(count: usize) -> Vec<tokio::runtime::Handle> {
+fn start_workers(count: usize) -> anyhow::Result<Vec<tokio::runtime::Handle>> {
     let count = if count == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
         count
     };
     if count <= 1 {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     (0..count)
         .map(|i| {
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::Builder::new()
                 .name(format!("relay-{i}"))
-                .spawn(move || {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("tokio runtime");
-                    let _ = tx.send(runtime.handle().clone());
-                    runtime.block_on(std::future::pending::<()>());
-                })
-                .expect("a relay thread");
-            rx.recv().expect("the relay thread's runtime")
+                .spawn(
+                    move || match common::runtime::start(Flavor::CurrentThread) {
+                        Ok(runtime) => {
+                            let _ = tx.send(Ok(runtime.handle().clone()));
+                            runtime.block_on(std::future::pending::<()>());
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    },
+                )
+                .map_err(|e| anyhow::anyhow!("cannot start a relay thread: {e}"))?;
+            Ok(rx
+                .recv()
+                .map_err(|_| anyhow::anyhow!("a relay thread ended as it started"))??)
         })
         .collect()
 }
@@ -239,10 +245,17 @@ fn prune(value: &mut serde_yaml::Value) {
 }
 
 async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLog) -> ExitCode {
+    let workers = match start_workers(settings.workers) {
+        Ok(workers) => workers,
+        Err(e) => {
+            common::telemetry::say(format_args!("{PROGRAM}: {e}"));
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
     let tunnel = Arc::new(Tunnel::with_workers(
         settings.shutdown_grace.0,
         log,
-        start_workers(settings.workers),
+        workers,
     ));
     if let Err(e) = tunnel.apply(routes, HashMap::new()).await {
         common::telemetry::say(format_args!("{PROGRAM}: {e}"));
