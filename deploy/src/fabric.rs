@@ -30,6 +30,7 @@ use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use common::endpoint::{bind_error, bind_listener};
 use common::settings::{AccessList, ListenAddr, Seconds};
 pub use common::signal::Shutdown;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -270,12 +271,13 @@ pub async fn run(
                 Visibility::Internal => [127, 0, 0, 1],
             };
             let addr = ListenAddr(SocketAddr::from((ip, endpoint.port)));
-            let listener = common::endpoint::bind_listener(addr).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot listen on {addr} for {}/{}: {e}; change its port in the service definition",
-                    role.name,
-                    endpoint.name
-                )
+            let listener = bind_listener(addr).map_err(|e| {
+                anyhow::anyhow!(bind_error(
+                    &format!("{}/{}", role.name, endpoint.name),
+                    addr,
+                    &e,
+                    "change its port in the service definition"
+                ))
             })?;
             let listen = listener.local_addr()?;
             listeners.insert(addr, listener);

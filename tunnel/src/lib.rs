@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::endpoint::bind_listener;
+use common::endpoint::{bind_error, bind_listener};
 use common::serve::{accept_until, Conn, ConnectionCap, Connections, Handler, ServeOptions};
 use common::settings::{AccessRules, ListenAddr};
 use tokio::net::{TcpListener, TcpStream};
@@ -483,12 +483,10 @@ fn explain_bind(route: &str, addr: ListenAddr, e: &std::io::Error, held: &[Liste
             );
         }
     }
-    match e.kind() {
-        std::io::ErrorKind::AddrInUse => format!("route {route}: {addr} is already in use by another program; pick another listen address"),
-        std::io::ErrorKind::PermissionDenied => format!(
-            "route {route}: no permission to listen on {addr} (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
-        ),
-        std::io::ErrorKind::AddrNotAvailable => format!("route {route}: {addr} is not an address of this machine"),
-        _ => format!("route {route}: cannot listen on {addr}: {e}"),
-    }
+    bind_error(
+        &format!("route {route}"),
+        addr,
+        e,
+        "pick another listen address",
+    )
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use clap::Parser;
 use common::cli::{parse_args, runtime, sources, CommonArgs, ServeArgs, EXIT_CONFIG, EXIT_FAILED};
 use common::config::{env_var, resolve, ConfigError, ConfigErrors, Converted, Origin, Resolved};
+use common::endpoint::Endpoint;
 use common::runtime::Flavor;
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
@@ -264,7 +265,13 @@ async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLo
     let admin_stop = CancellationToken::new();
     let mut admin_task = None;
     if let Some(addr) = settings.admin {
-        match common::endpoint::bind_listener(addr) {
+        let endpoint = Endpoint {
+            program: PROGRAM,
+            name: "Admin",
+            key: "admin",
+            addr,
+        };
+        match endpoint.bind() {
             Ok(listener) => {
                 tracing::info!(admin = %addr, "serving /metrics, /healthz and /readyz");
                 let admin = Admin::new(tunnel.clone(), common::signal::process().clone());
@@ -277,7 +284,7 @@ async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLo
                 )));
             }
             Err(e) => {
-                common::telemetry::say(format_args!("{PROGRAM}: cannot serve the admin endpoint on {addr}: {e}; pass --admin or set TUNNEL_ADMIN"));
+                common::telemetry::say(format_args!("{PROGRAM}: {e}"));
                 return ExitCode::from(EXIT_CONFIG);
             }
         }
