@@ -7,6 +7,9 @@
 //! bind fails nothing changes. [`Tunnel::shutdown`] stops accepting and
 //! drains within the grace period. [`Tunnel::readiness`] tells whether
 //! every route can reach a live target (see [`ready`]).
+//!
+//! [`bind`] and [`run`] are the program around it: the relay threads, the
+//! admin endpoint, the pid file, reload on SIGHUP and the drain on stop.
 
 pub mod access_log;
 pub mod admin;
@@ -16,6 +19,7 @@ pub mod metrics;
 pub mod ready;
 pub mod relay;
 pub mod rinetd;
+mod run;
 pub mod settings;
 
 use std::collections::HashMap;
@@ -36,6 +40,7 @@ use crate::access_log::{AccessLog, Entry};
 use crate::balance::Balancer;
 use crate::metrics::{Metrics, RouteStats};
 use crate::ready::{Probe, Readiness, RouteState, Source, Watched};
+pub use crate::run::{bind, run, Bound};
 pub use crate::settings::{overlaps, Route, Settings, Target};
 
 /// Serves one route's connections: connect to a target, relay, log.
@@ -475,7 +480,14 @@ struct Carried {
     probe: Option<Arc<Probe>>,
 }
 
-fn explain_bind(route: &str, addr: ListenAddr, e: &std::io::Error, held: &[ListenAddr]) -> String {
+/// A route's listen address that cannot be bound, in words: an overlap
+/// with one of the tunnel's own listeners in `held` is named as such.
+pub(crate) fn explain_bind(
+    route: &str,
+    addr: ListenAddr,
+    e: &std::io::Error,
+    held: &[ListenAddr],
+) -> String {
     if e.kind() == std::io::ErrorKind::AddrInUse {
         if let Some(own) = held.iter().find(|h| overlaps(**h, addr)) {
             return format!(
