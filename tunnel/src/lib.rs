@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::access_log::{AccessLog, Entry};
+use crate::access_log::{AccessLog, End, Entry};
 use crate::balance::Balancer;
 use crate::metrics::{Metrics, RouteStats};
 use crate::ready::{Probe, Readiness, RouteState, Source, Watched};
@@ -87,7 +87,7 @@ impl Handler for RouteHandler {
                     sent: 0,
                     received: 0,
                     duration: started.elapsed(),
-                    end: "target unreachable",
+                    end: End::Unreachable,
                     detail: Some(why),
                 });
                 return Ok(());
@@ -113,7 +113,7 @@ impl Handler for RouteHandler {
             sent: outcome.sent,
             received: outcome.received,
             duration: started.elapsed(),
-            end: outcome.end.as_str(),
+            end: End::Relayed(outcome.end),
             detail: outcome.error.map(|e| e.to_string()),
         });
         Ok(())
@@ -128,7 +128,7 @@ impl Handler for RouteHandler {
             sent: 0,
             received: 0,
             duration: Duration::ZERO,
-            end: "refused by access list",
+            end: End::Refused,
             detail: None,
         });
     }

@@ -73,6 +73,12 @@ impl End {
     }
 }
 
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What went through a relayed connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
