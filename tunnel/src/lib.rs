@@ -8,18 +8,18 @@
 //! drains within the grace period. [`Tunnel::readiness`] tells whether
 //! every route can reach a live target (see [`ready`]).
 //!
-//! [`bind`] and [`run`] are the program around it: the relay threads, the
-//! admin endpoint, the pid file, reload on SIGHUP and the drain on stop.
+//! [`program`] is the program around it: the relay threads, the admin
+//! endpoint, the pid file, reload on SIGHUP and the drain on stop.
 
 pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod connect;
 pub mod metrics;
+pub mod program;
 pub mod ready;
 pub mod relay;
 pub mod rinetd;
-mod run;
 pub mod settings;
 
 use std::collections::HashMap;
@@ -40,7 +40,6 @@ use crate::access_log::{AccessLog, End, Entry};
 use crate::balance::Balancer;
 use crate::metrics::{Metrics, RouteStats};
 use crate::ready::{Probe, Readiness, RouteState, Source, Watched};
-pub use crate::run::{bind, run, Bound};
 pub use crate::settings::{overlaps, Route, Settings, Target};
 
 /// Serves one route's connections: connect to a target, relay, log.

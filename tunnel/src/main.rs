@@ -9,8 +9,8 @@ use common::cli::{parse_args, runtime, sources, CommonArgs, ServeArgs, EXIT_CONF
 use common::config::{env_var, resolve, ConfigError, ConfigErrors, Converted, Origin, Resolved};
 use common::runtime::Flavor;
 use serde::Serialize;
-use tunnel::rinetd;
 use tunnel::settings::{Route, Settings, PROGRAM};
+use tunnel::{program, rinetd};
 
 // An idle connection is a handful of small allocations, two of them
 // cache-line aligned (tokio's readiness slots); mimalloc packs those far
@@ -169,7 +169,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     runtime.block_on(async {
-        let bound = match tunnel::bind(&settings, &routes) {
+        let bound = match program::bind(&settings, &routes) {
             Ok(bound) => bound,
             Err(e) => {
                 common::telemetry::say(format_args!("{PROGRAM}: {e}"));
@@ -179,7 +179,7 @@ fn main() -> ExitCode {
         // A reload reads the file, the environment and the flags again.
         let reconfigure = || configure(&args).map(|(resolved, routes)| (resolved.settings, routes));
         let shutdown = common::signal::shutdown();
-        match tunnel::run(settings, routes, bound, reconfigure, shutdown).await {
+        match program::run(settings, routes, bound, reconfigure, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 common::telemetry::say(format_args!("{PROGRAM}: {e:#}"));
