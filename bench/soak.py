@@ -103,7 +103,7 @@ TOKEN = uuid.uuid4().hex
 IO_TIMEOUT = 30  # seconds a socket operation may take before the transfer counts as lost
 RSS_SLACK = (0.10, 2048)  # (fraction, KiB): allowed RSS growth is the larger
 FD_SLACK = 4
-POOL_PER_THREAD = 64  # tunnel/src/splice.rs POOL_MAX
+POOL_PER_THREAD = 64  # tunnel/src/relay/splice.rs POOL_MAX
 SEED = 0x50AC
 BLOCK_SIZE = 1 << 20
 

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::config::{env_var, resolve, Resolved, Sources, EXIT_USAGE};
 use crate::endpoint::Endpoint;
+use crate::runtime::Flavor;
 use crate::settings::LogFormat;
 
 /// Exit status: a request failed.
@@ -161,6 +162,15 @@ where
     }
 }
 
+/// Starts a runtime of `flavor` for `program`; a failure is printed and
+/// gives status 1.
+pub fn runtime(program: &str, flavor: Flavor) -> Result<tokio::runtime::Runtime, ExitCode> {
+    crate::runtime::start(flavor).map_err(|e| {
+        crate::telemetry::say(format_args!("{program}: {e}"));
+        ExitCode::from(EXIT_FAILED)
+    })
+}
+
 /// Starts the async runtime, binds the program's endpoint and runs `serve`
 /// on it until it returns; a bind failure says what to change (status 64),
 /// a failure of `serve` gives status 1.
@@ -169,16 +179,11 @@ where
     F: FnOnce(TcpListener) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let program = endpoint.program;
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime(endpoint.program, Flavor::MultiThread) {
         Ok(runtime) => runtime,
-        Err(e) => {
-            crate::telemetry::say(format_args!(
-                "{program}: cannot start the async runtime: {e}"
-            ));
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
+    let program = endpoint.program;
     runtime.block_on(async move {
         let listener = match endpoint.bind() {
             Ok(listener) => listener,

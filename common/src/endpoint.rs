@@ -32,25 +32,31 @@ impl Endpoint {
         bind_listener(self.addr).map_err(|e| anyhow::anyhow!(self.explain(&e)))
     }
 
-    /// A bind failure in words a user can act on.
+    /// A bind failure in words a user can act on: the endpoint, the
+    /// address, and the flag and the environment variable that move it.
     pub fn explain(&self, e: &io::Error) -> String {
-        let addr = self.addr;
         let fix = format!(
             "pass {} or set {}",
             flag_name(self.key),
             env_var(self.program, self.key)
         );
-        match e.kind() {
-            io::ErrorKind::AddrInUse => format!("{addr} is already in use; {fix}"),
-            io::ErrorKind::PermissionDenied => format!(
-                "no permission to listen on {addr} (ports below 1024 need root or CAP_NET_BIND_SERVICE); {fix}"
-            ),
-            io::ErrorKind::AddrNotAvailable => {
-                format!("{addr} is not an address of this machine; {fix}")
-            }
-            _ => format!("cannot listen on {addr} for {} ({e}); {fix}", self.name),
-        }
+        bind_error(self.name, self.addr, e, &fix)
     }
+}
+
+/// A failed bind of `addr` in words a user can act on, the same for every
+/// listener of every program: `what` names the listener (an endpoint, a
+/// route), then what went wrong, then `fix`, what the user should change.
+pub fn bind_error(what: &str, addr: ListenAddr, e: &io::Error, fix: &str) -> String {
+    let problem = match e.kind() {
+        io::ErrorKind::AddrInUse => format!("{addr} is already in use"),
+        io::ErrorKind::PermissionDenied => format!(
+            "no permission to listen on {addr} (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        ),
+        io::ErrorKind::AddrNotAvailable => format!("{addr} is not an address of this machine"),
+        _ => format!("cannot listen on {addr} ({e})"),
+    };
+    format!("{what}: {problem}; {fix}")
 }
 
 /// Binds a TCP listener the way every program here does.
@@ -85,7 +91,9 @@ mod tests {
         let addr = taken.local_addr().unwrap();
         assert_eq!(
             message,
-            format!("{addr} is already in use; pass --listen or set ECHO_SERVER_LISTEN")
+            format!(
+                "EchoEndpoint: {addr} is already in use; pass --listen or set ECHO_SERVER_LISTEN"
+            )
         );
     }
 }

@@ -8,12 +8,14 @@
 //!   to do;
 //! - [`serve`]: the accept loop with a connection cap, access lists, a span
 //!   per connection and graceful shutdown;
+//! - [`runtime`]: the tokio runtimes the programs and their threads run on;
 //! - [`telemetry`], [`signal`], [`cli`]: logging, shutdown signals, and the
 //!   flags every program has.
 
 pub mod cli;
 pub mod config;
 pub mod endpoint;
+pub mod runtime;
 pub mod serve;
 pub mod settings;
 pub mod signal;

@@ -30,6 +30,7 @@ use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use common::endpoint::{bind_error, bind_listener};
 use common::settings::{AccessList, ListenAddr, Seconds};
 pub use common::signal::Shutdown;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -38,8 +39,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tunnel::access_log::AccessLog;
-use tunnel::balance::{HealthCheck, Policy};
-use tunnel::settings::Keepalive;
+use tunnel::settings::{HealthCheck, Keepalive, Policy};
 use tunnel::{Route, Tunnel};
 
 use crate::definition::{Definition, Role, Visibility};
@@ -347,12 +347,13 @@ pub async fn run(
                 Visibility::Internal => [127, 0, 0, 1],
             };
             let addr = ListenAddr(SocketAddr::from((ip, endpoint.port)));
-            let listener = common::endpoint::bind_listener(addr).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot listen on {addr} for {}/{}: {e}; change its port in the service definition",
-                    role.name,
-                    endpoint.name
-                )
+            let listener = bind_listener(addr).map_err(|e| {
+                anyhow::anyhow!(bind_error(
+                    &format!("{}/{}", role.name, endpoint.name),
+                    addr,
+                    &e,
+                    "change its port in the service definition"
+                ))
             })?;
             let listen = listener.local_addr()?;
             listeners.insert(addr, listener);

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use common::cli::{parse_args, EXIT_CONFIG, EXIT_FAILED};
+use common::cli::{parse_args, runtime, EXIT_CONFIG, EXIT_FAILED};
+use common::runtime::Flavor;
 use common::telemetry::{say, show};
 use deploy::definition::{registry_problem, tag_problem, Definition, Environment, Problems};
 use deploy::fabric::{self, Options};
@@ -209,12 +210,9 @@ fn main() -> ExitCode {
                 programs: programs.unwrap_or(here),
                 ..Options::default()
             };
-            let runtime = match tokio::runtime::Runtime::new() {
+            let runtime = match runtime(PROGRAM, Flavor::MultiThread) {
                 Ok(runtime) => runtime,
-                Err(e) => {
-                    say(format_args!("{PROGRAM}: cannot start the runtime: {e}"));
-                    return ExitCode::from(EXIT_FAILED);
-                }
+                Err(code) => return code,
             };
             let result = runtime.block_on(async {
                 // SIGHUP too: a closed terminal stops the fabric, not just it.

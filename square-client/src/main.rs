@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use common::cli::{load, parse_args, CommonArgs, Loaded};
+use common::cli::{load, parse_args, runtime, CommonArgs, Loaded};
+use common::runtime::Flavor;
 use serde::Serialize;
 use square_client::cli::{Format, PROGRAM};
 use square_client::settings::Settings;
@@ -63,14 +64,9 @@ fn main() -> ExitCode {
     } else {
         Format::Plain
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime(PROGRAM, Flavor::MultiThread) {
         Ok(runtime) => runtime,
-        Err(e) => {
-            common::telemetry::say(format_args!(
-                "{PROGRAM}: cannot start the async runtime: {e}"
-            ));
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let code = runtime.block_on(square_client::cli::run(&settings, args.numbers, format));
     // Answers are flushed as they come; what may still run is a read of a

@@ -1,12 +1,15 @@
 //! One line per connection: time, route, client, target, bytes each way,
-//! duration, and how it ended. Lines go to the log (target `access`) and,
-//! when configured, are appended to a file, like rinetd's `logfile`.
+//! duration, how it ended, and more about a failure. Lines go to the log
+//! (target `access`, the same fields in the same order, the target as
+//! `target_addr` and the duration as `duration_ms`) and, when configured,
+//! are appended to a file, like rinetd's `logfile`.
 //!
 //! The file is written by a thread of its own through a bounded queue
 //! ([`common::telemetry::non_blocking`]): a slow disk never stalls a
 //! connection, and a full disk or a full queue drops lines (counted in
 //! `tunnel_log_lines_dropped_total`), never the connection.
 
+use std::fmt;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -15,7 +18,39 @@ use std::time::Duration;
 
 use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
 
-/// How a connection ended, in the access log's words.
+use crate::relay;
+
+/// How a connection ended, as the access log says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The route's access lists refused the client: `refused by access
+    /// list`.
+    Refused,
+    /// No target could be reached: `target unreachable`.
+    Unreachable,
+    /// Relayed to a target, and ended so (`closed by client`, `idle
+    /// timeout`, ...).
+    Relayed(relay::End),
+}
+
+impl End {
+    /// The words of the access log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Refused => "refused by access list",
+            End::Unreachable => "target unreachable",
+            End::Relayed(end) => end.as_str(),
+        }
+    }
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One connection, as the access log records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry<'a> {
     /// The route's name.
@@ -31,9 +66,8 @@ pub struct Entry<'a> {
     pub received: u64,
     /// From accept to close.
     pub duration: Duration,
-    /// How it ended: `closed by client`, `closed by target`, `idle timeout`,
-    /// `refused by access list`, `target unreachable`, ...
-    pub end: &'a str,
+    /// How it ended.
+    pub end: End,
     /// More about a failure.
     pub detail: Option<String>,
 }
@@ -92,7 +126,9 @@ impl AccessLog {
 
     /// Records one connection.
     pub fn record(&self, entry: &Entry<'_>) {
-        let empty = entry.sent == 0 && entry.received == 0 && entry.end == "closed by client";
+        let empty = entry.sent == 0
+            && entry.received == 0
+            && entry.end == End::Relayed(relay::End::ClosedByClient);
         if empty && !self.log_empty {
             tracing::debug!(target: "access", route = entry.route, client = %entry.client, "connection closed without a byte");
             return;
@@ -105,7 +141,7 @@ impl AccessLog {
             sent = entry.sent,
             received = entry.received,
             duration_ms = entry.duration.as_millis() as u64,
-            end = entry.end,
+            end = entry.end.as_str(),
             detail = entry.detail.as_deref(),
             "connection"
         );
@@ -116,5 +152,35 @@ impl AccessLog {
             // appends it.
             let _ = file.clone().write_all(line.as_bytes());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The line the README shows, with the end in the access log's words.
+    #[test]
+    fn a_line_says_how_the_connection_ended_in_words() {
+        let mut entry = Entry {
+            route: "postgres",
+            client: "10.1.2.3:50122".parse().unwrap(),
+            target: "10.0.0.5:5432".into(),
+            sent: 1834,
+            received: 92810,
+            duration: Duration::from_millis(12_503),
+            end: End::Relayed(relay::End::ClosedByClient),
+            detail: None,
+        };
+        assert_eq!(
+            entry.line(),
+            "route=postgres client=10.1.2.3:50122 target=10.0.0.5:5432 sent=1834 received=92810 duration=12.503s end=\"closed by client\""
+        );
+        entry.end = End::Unreachable;
+        entry.detail = Some("10.0.0.5:5432: connection \"refused\"".into());
+        assert!(entry.line().ends_with(
+            "end=\"target unreachable\" detail=\"10.0.0.5:5432: connection 'refused'\""
+        ));
+        assert_eq!(End::Refused.to_string(), "refused by access list");
     }
 }

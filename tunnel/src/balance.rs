@@ -18,73 +18,17 @@
 //! This is a library API: the development fabric balances its instances
 //! with it too.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::settings::Seconds;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::connect::{close_politely, connect, Unreachable};
 use crate::metrics::{RouteStats, TargetStats};
-use crate::settings::Target;
-
-/// How a route picks a target for each new connection.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Policy {
-    /// Each live target in turn.
-    #[default]
-    RoundRobin,
-    /// The live target with the fewest open connections.
-    LeastConnections,
-    /// The first live target in the list; the others are standbys.
-    FirstAvailable,
-}
-
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Policy::RoundRobin => "round-robin",
-            Policy::LeastConnections => "least-connections",
-            Policy::FirstAvailable => "first-available",
-        })
-    }
-}
-
-/// Active TCP health checks: a connect to each target every `interval`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct HealthCheck {
-    /// Time between checks of a target.
-    #[serde(deserialize_with = "common::settings::nonzero_duration")]
-    pub interval: Seconds,
-    /// How long a check's connect may take; also how long it waits for the
-    /// target to close after the check has sent its end of stream.
-    #[serde(deserialize_with = "common::settings::nonzero_duration")]
-    pub timeout: Seconds,
-    /// Consecutive successes that bring an ejected target back.
-    #[serde(deserialize_with = "common::settings::at_least_one")]
-    pub rise: u32,
-    /// Consecutive failures (checks or client connects) that eject a target.
-    #[serde(deserialize_with = "common::settings::at_least_one")]
-    pub fall: u32,
-}
-
-impl Default for HealthCheck {
-    fn default() -> Self {
-        HealthCheck {
-            interval: Seconds::from_secs(2),
-            timeout: Seconds::from_secs(1),
-            rise: 2,
-            fall: 3,
-        }
-    }
-}
+use crate::settings::{HealthCheck, Policy, Target};
 
 /// One target of a balancer, with its state.
 #[derive(Debug)]

@@ -7,12 +7,11 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::settings::HostPort;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-
-use crate::settings::Target;
 
 /// Why a target could not be reached, in words for the access log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +19,7 @@ pub struct Unreachable(pub String);
 
 /// Connects to `target` within `timeout`.
 pub async fn connect(
-    target: &Target,
+    target: &HostPort,
     timeout: Duration,
 ) -> Result<(TcpStream, SocketAddr), Unreachable> {
     let deadline = deadline_after(timeout);
@@ -68,7 +67,7 @@ pub async fn connect(
 
 /// The instant `after` from now; a duration beyond the clock's range (a
 /// timeout written as "never") gives a far future instead of a panic.
-pub(crate) fn deadline_after(after: Duration) -> Instant {
+fn deadline_after(after: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(after).unwrap_or_else(|| now + FAR_FUTURE)
 }

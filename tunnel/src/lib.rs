@@ -7,23 +7,26 @@
 //! bind fails nothing changes. [`Tunnel::shutdown`] stops accepting and
 //! drains within the grace period. [`Tunnel::readiness`] tells whether
 //! every route can reach a live target (see [`ready`]).
+//!
+//! [`program`] is the program around it: the relay threads, the admin
+//! endpoint, the pid file, reload on SIGHUP and the drain on stop.
 
 pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod connect;
 pub mod metrics;
+pub mod program;
 pub mod ready;
 pub mod relay;
 pub mod rinetd;
 pub mod settings;
-pub mod splice;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::endpoint::bind_listener;
+use common::endpoint::{bind_error, bind_listener};
 use common::serve::{accept_until, Conn, ConnectionCap, Connections, Handler, ServeOptions};
 use common::settings::{AccessRules, ListenAddr};
 use tokio::net::{TcpListener, TcpStream};
@@ -33,11 +36,11 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::access_log::{AccessLog, Entry};
+use crate::access_log::{AccessLog, End, Entry};
 use crate::balance::Balancer;
 use crate::metrics::{Metrics, RouteStats};
 use crate::ready::{Probe, Readiness, RouteState, Source, Watched};
-pub use crate::settings::{Route, Settings, Target};
+pub use crate::settings::{overlaps, Route, Settings, Target};
 
 /// Serves one route's connections: connect to a target, relay, log.
 #[derive(Debug)]
@@ -83,7 +86,7 @@ impl Handler for RouteHandler {
                     sent: 0,
                     received: 0,
                     duration: started.elapsed(),
-                    end: "target unreachable",
+                    end: End::Unreachable,
                     detail: Some(why),
                 });
                 return Ok(());
@@ -109,7 +112,7 @@ impl Handler for RouteHandler {
             sent: outcome.sent,
             received: outcome.received,
             duration: started.elapsed(),
-            end: outcome.end.as_str(),
+            end: End::Relayed(outcome.end),
             detail: outcome.error.map(|e| e.to_string()),
         });
         Ok(())
@@ -124,7 +127,7 @@ impl Handler for RouteHandler {
             sent: 0,
             received: 0,
             duration: Duration::ZERO,
-            end: "refused by access list",
+            end: End::Refused,
             detail: None,
         });
     }
@@ -476,7 +479,14 @@ struct Carried {
     probe: Option<Arc<Probe>>,
 }
 
-fn explain_bind(route: &str, addr: ListenAddr, e: &std::io::Error, held: &[ListenAddr]) -> String {
+/// A route's listen address that cannot be bound, in words: an overlap
+/// with one of the tunnel's own listeners in `held` is named as such.
+pub(crate) fn explain_bind(
+    route: &str,
+    addr: ListenAddr,
+    e: &std::io::Error,
+    held: &[ListenAddr],
+) -> String {
     if e.kind() == std::io::ErrorKind::AddrInUse {
         if let Some(own) = held.iter().find(|h| overlaps(**h, addr)) {
             return format!(
@@ -484,26 +494,10 @@ fn explain_bind(route: &str, addr: ListenAddr, e: &std::io::Error, held: &[Liste
             );
         }
     }
-    match e.kind() {
-        std::io::ErrorKind::AddrInUse => format!("route {route}: {addr} is already in use by another program; pick another listen address"),
-        std::io::ErrorKind::PermissionDenied => format!(
-            "route {route}: no permission to listen on {addr} (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
-        ),
-        std::io::ErrorKind::AddrNotAvailable => format!("route {route}: {addr} is not an address of this machine"),
-        _ => format!("route {route}: cannot listen on {addr}: {e}"),
-    }
-}
-
-/// Whether two listen addresses take the same port on some address: the
-/// same address, or a wildcard (`0.0.0.0` over IPv4, `[::]` over both,
-/// since listeners here are dual-stack) and an address it covers.
-pub fn overlaps(a: ListenAddr, b: ListenAddr) -> bool {
-    let (a, b) = (a.0, b.0);
-    if a.port() != b.port() {
-        return false;
-    }
-    let covers = |wide: std::net::SocketAddr, other: std::net::SocketAddr| {
-        wide.ip().is_unspecified() && (wide.is_ipv6() || other.ip().to_canonical().is_ipv4())
-    };
-    a.ip().to_canonical() == b.ip().to_canonical() || covers(a, b) || covers(b, a)
+    bind_error(
+        &format!("route {route}"),
+        addr,
+        e,
+        "pick another listen address",
+    )
 }

@@ -1,23 +1,18 @@
 //! `tunnel`: forwards TCP connections to a target, or many routes from a
 //! configuration file; SIGHUP reloads it, SIGTERM drains.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
-use common::cli::{parse_args, sources, CommonArgs, ServeArgs, EXIT_CONFIG};
+use common::cli::{parse_args, runtime, sources, CommonArgs, ServeArgs, EXIT_CONFIG, EXIT_FAILED};
 use common::config::{
     env_var, in_use, resolve, ConfigError, ConfigErrors, Converted, Origin, Resolved,
 };
+use common::runtime::Flavor;
 use serde::Serialize;
-use tokio::signal::unix::{signal, SignalKind};
-use tokio_util::sync::CancellationToken;
-use tunnel::access_log::AccessLog;
-use tunnel::admin::Admin;
 use tunnel::settings::{Route, Settings, PROGRAM};
-use tunnel::{rinetd, Tunnel};
+use tunnel::{program, rinetd};
 
 // An idle connection is a handful of small allocations, two of them
 // cache-line aligned (tokio's readiness slots); mimalloc packs those far
@@ -189,198 +184,28 @@ fn main() -> ExitCode {
     };
     let settings = resolved.settings;
     let _log = common::telemetry::init(&settings.log);
-    let log = match &settings.access_log {
-        Some(path) => match AccessLog::to_file(path.as_ref()) {
-            Ok(log) => log,
-            Err(e) => {
-                common::telemetry::say(format_args!("{PROGRAM}: cannot open access log {path}: {e}; check access_log or --access-log"));
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
-        None => AccessLog::to_log(),
-    }
-    .log_empty(settings.log_empty_connections);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(serve(args, settings, routes, log))
-}
-
-/// Threads with a single-threaded runtime each, for the connections; with
-/// one worker, connections stay on the main thread.
-fn start_workers(count: usize) -> Vec<tokio::runtime::Handle> {
-    let count = if count == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        count
+    let runtime = match runtime(PROGRAM, Flavor::CurrentThread) {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
     };
-    if count <= 1 {
-        return Vec::new();
-    }
-    (0..count)
-        .map(|i| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::Builder::new()
-                .name(format!("relay-{i}"))
-                .spawn(move || {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("tokio runtime");
-                    let _ = tx.send(runtime.handle().clone());
-                    runtime.block_on(std::future::pending::<()>());
-                })
-                .expect("a relay thread");
-            rx.recv().expect("the relay thread's runtime")
-        })
-        .collect()
-}
-
-async fn serve(args: Args, settings: Settings, routes: Vec<Route>, log: AccessLog) -> ExitCode {
-    let tunnel = Arc::new(Tunnel::with_workers(
-        settings.shutdown_grace.0,
-        log,
-        start_workers(settings.workers),
-    ));
-    if let Err(e) = tunnel.apply(routes, HashMap::new()).await {
-        common::telemetry::say(format_args!("{PROGRAM}: {e}"));
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    let admin_stop = CancellationToken::new();
-    let mut admin_task = None;
-    if let Some(addr) = settings.admin {
-        match common::endpoint::bind_listener(addr) {
-            Ok(listener) => {
-                tracing::info!(admin = %addr, "serving /metrics, /healthz and /readyz");
-                let admin = Admin::new(tunnel.clone(), common::signal::process().clone());
-                let stop = admin_stop.clone();
-                admin_task = Some(tokio::spawn(common::serve::serve(
-                    listener,
-                    admin.options(&settings),
-                    Arc::new(admin),
-                    async move { stop.cancelled().await },
-                )));
-            }
+    runtime.block_on(async {
+        let bound = match program::bind(&settings, &routes) {
+            Ok(bound) => bound,
             Err(e) => {
-                common::telemetry::say(format_args!("{PROGRAM}: cannot serve the admin endpoint on {addr}: {e}; pass --admin or set TUNNEL_ADMIN"));
+                common::telemetry::say(format_args!("{PROGRAM}: {e}"));
                 return ExitCode::from(EXIT_CONFIG);
             }
-        }
-    }
-    let pid_file = settings.pid_file.as_deref().map(PidFile::write);
-    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    let shutdown = common::signal::shutdown();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = hangup.recv() => reload(&args, &settings, &tunnel).await,
-        }
-    }
-    // A second SIGINT or SIGTERM cuts the drain short (see common::signal).
-    tunnel.shutdown().await;
-    admin_stop.cancel();
-    if let Some(task) = admin_task {
-        let _ = task.await;
-    }
-    drop(pid_file);
-    ExitCode::SUCCESS
-}
-
-/// The pid file, removed again when dropped if it still holds this
-/// process's id.
-struct PidFile(Option<std::path::PathBuf>);
-
-impl PidFile {
-    /// Writes the pid to a new file beside `path` and renames it into
-    /// place: a symlink planted at `path` is replaced, never followed, and
-    /// a reader never sees a half-written file.
-    fn write(path: &str) -> PidFile {
-        let path = std::path::PathBuf::from(path);
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => std::path::PathBuf::from("."),
         };
-        let written = tempfile::Builder::new()
-            .prefix(".tunnel-pid")
-            .tempfile_in(&dir)
-            .and_then(|mut file| {
-                use std::io::Write;
-                writeln!(file, "{}", std::process::id())?;
-                file.persist(&path).map_err(|e| e.error)
-            });
-        match written {
-            Ok(_) => PidFile(Some(path)),
+        // A reload reads the file, the environment and the flags again.
+        let reconfigure =
+            || configure(&args).and_then(|r| routes_of(&r).map(|routes| (r.settings, routes)));
+        let shutdown = common::signal::shutdown();
+        match program::run(settings, routes, bound, reconfigure, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "cannot write the pid file; check pid_file");
-                PidFile(None)
+                common::telemetry::say(format_args!("{PROGRAM}: {e:#}"));
+                ExitCode::from(EXIT_FAILED)
             }
         }
-    }
-}
-
-impl Drop for PidFile {
-    fn drop(&mut self) {
-        let Some(path) = &self.0 else { return };
-        let ours = std::fs::read_to_string(path)
-            .is_ok_and(|text| text.trim() == std::process::id().to_string());
-        if ours {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-/// Applies the configuration as it is now; on any problem the running
-/// routes stay as they are. Settings that only take effect at start are
-/// named in the log when they changed.
-async fn reload(args: &Args, first: &Settings, tunnel: &Tunnel) {
-    tracing::info!("SIGHUP: reloading the configuration");
-    let configured = configure(args).and_then(|r| routes_of(&r).map(|routes| (r, routes)));
-    let (resolved, routes) = match configured {
-        Ok(pair) => pair,
-        Err(errors) => {
-            tracing::error!("reload failed, the running configuration stays: {errors}");
-            return;
-        }
-    };
-    let settings = &resolved.settings;
-    let mut kept = Vec::new();
-    if settings.admin != first.admin
-        || settings.admin_allow != first.admin_allow
-        || settings.admin_deny != first.admin_deny
-    {
-        kept.push("admin");
-    }
-    if settings.workers != first.workers {
-        kept.push("workers");
-    }
-    if settings.access_log != first.access_log
-        || settings.log_empty_connections != first.log_empty_connections
-    {
-        kept.push("access_log");
-    }
-    if settings.shutdown_grace != first.shutdown_grace {
-        kept.push("shutdown_grace");
-    }
-    if settings.pid_file != first.pid_file {
-        kept.push("pid_file");
-    }
-    if settings.log != first.log {
-        kept.push("log_level/log_format");
-    }
-    if settings.instance != first.instance {
-        kept.push("instance");
-    }
-    if !kept.is_empty() {
-        tracing::warn!(
-            settings = %kept.join(", "),
-            "these settings changed but apply only at start; restart the tunnel to use them (the running values stay)"
-        );
-    }
-    let names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
-    match tunnel.apply(routes, HashMap::new()).await {
-        Ok(()) => tracing::info!(routes = ?names, "reloaded"),
-        Err(e) => tracing::error!("reload failed, the running configuration stays: {e}"),
-    }
+    })
 }

@@ -15,7 +15,6 @@ use common::settings::{
     ListenAddr, LogSettings, Seconds,
 };
 
-use crate::balance::{HealthCheck, Policy};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -163,6 +162,59 @@ impl<'de> Deserialize<'de> for HealthSetting {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+/// How a route picks a target for each new connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Each live target in turn.
+    #[default]
+    RoundRobin,
+    /// The live target with the fewest open connections.
+    LeastConnections,
+    /// The first live target in the list; the others are standbys.
+    FirstAvailable,
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::LeastConnections => "least-connections",
+            Policy::FirstAvailable => "first-available",
+        })
+    }
+}
+
+/// Active TCP health checks: a connect to each target every `interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HealthCheck {
+    /// Time between checks of a target.
+    #[serde(deserialize_with = "common::settings::nonzero_duration")]
+    pub interval: Seconds,
+    /// How long a check's connect may take; also how long it waits for the
+    /// target to close after the check has sent its end of stream.
+    #[serde(deserialize_with = "common::settings::nonzero_duration")]
+    pub timeout: Seconds,
+    /// Consecutive successes that bring an ejected target back.
+    #[serde(deserialize_with = "common::settings::at_least_one")]
+    pub rise: u32,
+    /// Consecutive failures (checks or client connects) that eject a target.
+    #[serde(deserialize_with = "common::settings::at_least_one")]
+    pub fall: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            interval: Seconds::from_secs(2),
+            timeout: Seconds::from_secs(1),
+            rise: 2,
+            fall: 3,
+        }
     }
 }
 
@@ -556,7 +608,7 @@ impl Settings {
                         .listen
                         .iter()
                         .take_while(|a| !(earlier.name == route.name && *a == addr))
-                        .find(|a| *a != addr && crate::overlaps(**a, *addr))
+                        .find(|a| *a != addr && overlaps(**a, *addr))
                         .map(|a| (earlier.name.clone(), *a))
                 });
                 if let Some((other, wide)) = clash {
@@ -584,4 +636,18 @@ impl common::config::Effective for Settings {
             _ => false,
         }
     }
+}
+
+/// Whether two listen addresses take the same port on some address: the
+/// same address, or a wildcard (`0.0.0.0` over IPv4, `[::]` over both,
+/// since listeners here are dual-stack) and an address it covers.
+pub fn overlaps(a: ListenAddr, b: ListenAddr) -> bool {
+    let (a, b) = (a.0, b.0);
+    if a.port() != b.port() {
+        return false;
+    }
+    let covers = |wide: std::net::SocketAddr, other: std::net::SocketAddr| {
+        wide.ip().is_unspecified() && (wide.is_ipv6() || other.ip().to_canonical().is_ipv4())
+    };
+    a.ip().to_canonical() == b.ip().to_canonical() || covers(a, b) || covers(b, a)
 }

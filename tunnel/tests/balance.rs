@@ -13,8 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tunnel::access_log::AccessLog;
-use tunnel::balance::{HealthCheck, Policy};
-use tunnel::settings::Keepalive;
+use tunnel::settings::{HealthCheck, Keepalive, Policy};
 use tunnel::{Route, Tunnel};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -60,9 +59,16 @@ impl Target {
         self.tasks.lock().unwrap().push(accept);
     }
 
-    fn kill(&self) {
-        for task in self.tasks.lock().unwrap().drain(..) {
+    /// Kills it, and returns once its listener is closed: an abort only
+    /// asks, and a connect made before the task is dropped would still be
+    /// accepted by the kernel, then reset.
+    async fn kill(&self) {
+        let tasks: Vec<JoinHandle<()>> = self.tasks.lock().unwrap().drain(..).collect();
+        for task in &tasks {
             task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
         }
     }
 
@@ -187,7 +193,7 @@ async fn first_available_fails_over_and_comes_back() {
     for _ in 0..5 {
         assert_eq!(who(addr).await.0, "a");
     }
-    a.kill();
+    a.kill().await;
     // Served by the standby at once, before any check noticed.
     for _ in 0..5 {
         assert_eq!(who(addr).await.0, "b");
@@ -225,10 +231,10 @@ async fn three_targets_two_killed_mid_run_every_connection_served() {
     let mut served = HashMap::new();
     for i in 0..600 {
         if i == 200 {
-            targets[0].kill();
+            targets[0].kill().await;
         }
         if i == 400 {
-            targets[2].kill();
+            targets[2].kill().await;
         }
         let (name, _) = who(addr).await;
         *served.entry(name).or_insert(0) += 1;

@@ -14,8 +14,9 @@ use common::settings::Seconds;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tunnel::balance::{Balancer, HealthCheck, Policy};
+use tunnel::balance::Balancer;
 use tunnel::metrics::RouteStats;
+use tunnel::settings::{HealthCheck, Policy};
 use tunnel::Target;
 
 const WAIT: Duration = Duration::from_secs(20);

@@ -11,8 +11,7 @@ use common::settings::{AccessList, ListenAddr, Seconds};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel::access_log::AccessLog;
-use tunnel::balance::{HealthCheck, Policy};
-use tunnel::settings::Keepalive;
+use tunnel::settings::{HealthCheck, Keepalive, Policy};
 use tunnel::{Route, Tunnel};
 
 const WAIT: Duration = Duration::from_secs(20);

@@ -15,8 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tunnel::access_log::AccessLog;
-use tunnel::balance::{HealthCheck, Policy};
-use tunnel::settings::Keepalive;
+use tunnel::settings::{HealthCheck, Keepalive, Policy};
 use tunnel::{Route, Tunnel};
 
 const WAIT: Duration = Duration::from_secs(30);

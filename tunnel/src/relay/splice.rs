@@ -1,5 +1,5 @@
-//! Zero-copy relaying on Linux: bytes move socket → pipe → socket inside
-//! the kernel with `splice(2)`, never through user space.
+//! The Linux pump: bytes move socket → pipe → socket inside the kernel
+//! with `splice(2)`, never through user space.
 //!
 //! A pipe is taken from a per-thread pool only while a direction has data in
 //! flight and goes back as soon as it is empty, so an idle connection holds
@@ -10,16 +10,16 @@
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
-use std::pin::Pin;
 
 use tokio::io::{AsyncWrite, Interest};
 use tokio::net::TcpStream;
 
-use crate::relay::{abort, Direction, Failed, Pump};
+use super::pump::{abort, Direction, Failed, Pump};
 
 /// Bytes a pipe holds; one splice moves at most this much.
 const PIPE_SIZE: usize = 1 << 20;
@@ -28,7 +28,7 @@ const POOL_MAX: usize = 64;
 
 /// A kernel pipe used as the in-flight buffer of one direction.
 #[derive(Debug)]
-pub struct Pipe {
+struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
     capacity: usize,
@@ -81,7 +81,7 @@ fn to_io(e: Errno) -> io::Error {
 /// system calls); once a read fills the buffer the direction carries bulk
 /// data and switches to `splice(2)`.
 #[derive(Debug, Default)]
-pub struct SpliceDirection {
+struct SpliceDirection {
     /// The copying state; its `read_done`, `shut_down` and `bytes` serve
     /// the spliced mode too.
     buffered: Direction,
@@ -92,19 +92,19 @@ pub struct SpliceDirection {
 
 impl SpliceDirection {
     /// Whether this direction has ended (EOF passed on).
-    pub fn done(&self) -> bool {
+    fn done(&self) -> bool {
         self.buffered.done()
     }
 
     /// Bytes delivered to the receiver.
-    pub fn total(&self) -> u64 {
+    fn total(&self) -> u64 {
         self.buffered.bytes
     }
 
     /// Moves bytes from `src` to `dst` until either would block; Ready once
     /// EOF has been passed on as a shutdown of `dst`'s write side. A failure
     /// says whether reading `src` or writing `dst` failed.
-    pub(crate) fn poll_copy(
+    fn poll_copy(
         &mut self,
         cx: &mut Context<'_>,
         src: &mut TcpStream,
@@ -193,7 +193,7 @@ impl SpliceDirection {
 }
 
 /// Both directions of a spliced relay between two TCP sockets.
-pub(crate) struct Spliced<'a> {
+pub(super) struct Spliced<'a> {
     client: &'a mut TcpStream,
     target: &'a mut TcpStream,
     up: SpliceDirection,
@@ -201,7 +201,7 @@ pub(crate) struct Spliced<'a> {
 }
 
 impl<'a> Spliced<'a> {
-    pub(crate) fn new(client: &'a mut TcpStream, target: &'a mut TcpStream) -> Self {
+    pub(super) fn new(client: &'a mut TcpStream, target: &'a mut TcpStream) -> Self {
         Spliced {
             client,
             target,

@@ -12,24 +12,30 @@
 //! otherwise), [`relay_tcp`] closes both sockets with a reset of its own
 //! (`SO_LINGER` 0), so a truncated reply never reaches a client as a clean
 //! end of stream, and a target sees a client's reset as a reset.
+//!
+//! This module is the one bidirectional copy: how a relay ends (half-close,
+//! failure, idle timeout, shutdown) is decided here, for every pump. A pump
+//! moves the bytes of both directions: `buffered` through user space for
+//! any stream, `splice` inside the kernel between two TCP sockets on Linux.
+//! Both are built from `pump` alone, never from this module.
 
-use std::cell::RefCell;
+mod buffered;
+mod pump;
+#[cfg(target_os = "linux")]
+mod splice;
+
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
-/// Size of the per-thread scratch buffer each read goes through.
-const SCRATCH: usize = 64 * 1024;
-
-thread_local! {
-    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
-}
+pub use self::pump::abort;
+use self::pump::{Failed, Pump};
 
 /// How a relayed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +73,12 @@ impl End {
     }
 }
 
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What went through a relayed connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
@@ -78,184 +90,6 @@ pub struct Outcome {
     pub end: End,
     /// The error, when `end` is [`End::Error`].
     pub error: Option<io::ErrorKind>,
-}
-
-/// Which end of one direction's copy failed: the stream read from, or the
-/// stream written to. The relay turns it into the side that failed.
-#[derive(Debug)]
-pub(crate) enum Failed {
-    /// Reading from the source failed.
-    Reading(io::Error),
-    /// Writing to (or shutting down) the destination failed.
-    Writing(io::Error),
-}
-
-/// One direction of a buffered relay.
-#[derive(Debug, Default)]
-pub(crate) struct Direction {
-    /// Bytes read but not yet written; empty (and unallocated) when idle.
-    pending: Vec<u8>,
-    sent: usize,
-    pub(crate) read_done: bool,
-    pub(crate) shut_down: bool,
-    needs_flush: bool,
-    /// Set when a read filled the whole scratch buffer: a bulk transfer.
-    pub(crate) bulk: bool,
-    pub(crate) bytes: u64,
-}
-
-impl Direction {
-    pub(crate) fn done(&self) -> bool {
-        self.shut_down
-    }
-
-    /// Moves bytes from `reader` to `writer` until either would block.
-    /// Returns Ready once `writer` has been shut down after EOF, or, with
-    /// `stop_on_bulk`, as soon as a bulk transfer is seen and nothing is
-    /// pending (so the caller can switch to zero-copy).
-    pub(crate) fn poll_copy<R, W>(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut reader: Pin<&mut R>,
-        mut writer: Pin<&mut W>,
-        active: &mut bool,
-        stop_on_bulk: bool,
-    ) -> Poll<Result<(), Failed>>
-    where
-        R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
-    {
-        loop {
-            if stop_on_bulk && self.bulk && self.pending.is_empty() && !self.read_done {
-                return Poll::Ready(Ok(()));
-            }
-            if self.sent < self.pending.len() {
-                let n = ready!(writer.as_mut().poll_write(cx, &self.pending[self.sent..]))
-                    .map_err(Failed::Writing)?;
-                if n == 0 {
-                    return Poll::Ready(Err(Failed::Writing(io::ErrorKind::WriteZero.into())));
-                }
-                self.sent += n;
-                self.bytes += n as u64;
-                self.needs_flush = true;
-                *active = true;
-                if self.sent == self.pending.len() {
-                    // Give the memory back: an idle connection keeps none.
-                    self.pending = Vec::new();
-                    self.sent = 0;
-                }
-                continue;
-            }
-            if !self.read_done {
-                let read = SCRATCH_BUF.with(|scratch| {
-                    let mut scratch = scratch.borrow_mut();
-                    let mut buf = ReadBuf::new(&mut scratch[..]);
-                    match reader.as_mut().poll_read(cx, &mut buf) {
-                        Poll::Pending => Poll::Pending,
-                        Poll::Ready(Err(e)) => Poll::Ready(Err(Failed::Reading(e))),
-                        Poll::Ready(Ok(())) => {
-                            let data = buf.filled();
-                            if data.is_empty() {
-                                return Poll::Ready(Ok(None));
-                            }
-                            self.bulk |= data.len() == SCRATCH;
-                            // Write straight on; keep only what does not fit.
-                            let written = match writer.as_mut().poll_write(cx, data) {
-                                Poll::Ready(Ok(n)) => n,
-                                Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::Writing(e))),
-                                Poll::Pending => 0,
-                            };
-                            if written < data.len() {
-                                self.pending = data[written..].to_vec();
-                                self.sent = 0;
-                            }
-                            Poll::Ready(Ok(Some(written)))
-                        }
-                    }
-                });
-                match read {
-                    Poll::Pending => {
-                        if self.needs_flush {
-                            ready!(writer.as_mut().poll_flush(cx)).map_err(Failed::Writing)?;
-                            self.needs_flush = false;
-                        }
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(None)) => self.read_done = true,
-                    Poll::Ready(Ok(Some(written))) => {
-                        self.bytes += written as u64;
-                        self.needs_flush |= written > 0;
-                        *active = true;
-                    }
-                }
-                continue;
-            }
-            if !self.shut_down {
-                ready!(writer.as_mut().poll_shutdown(cx)).map_err(Failed::Writing)?;
-                self.shut_down = true;
-            }
-            return Poll::Ready(Ok(()));
-        }
-    }
-}
-
-/// The two directions of a relay, each moved forward by a poll.
-pub(crate) trait Pump {
-    /// Client to target; Ready once it has ended.
-    fn poll_up(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<Result<(), Failed>>;
-    /// Target to client; Ready once it has ended.
-    fn poll_down(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<Result<(), Failed>>;
-    /// Whether each direction has ended: (up, down).
-    fn done(&self) -> (bool, bool);
-    /// Bytes moved: (up, down).
-    fn bytes(&self) -> (u64, u64);
-    /// Makes both sockets close with a reset rather than a FIN when they
-    /// are dropped, where the streams allow it.
-    fn abort(&mut self);
-}
-
-/// Copies through user space; works for any stream (TLS included).
-struct Buffered<'a, C: ?Sized, T: ?Sized> {
-    client: &'a mut C,
-    target: &'a mut T,
-    up: Direction,
-    down: Direction,
-}
-
-impl<C, T> Pump for Buffered<'_, C, T>
-where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    T: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    fn poll_up(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<Result<(), Failed>> {
-        self.up.poll_copy(
-            cx,
-            Pin::new(&mut *self.client),
-            Pin::new(&mut *self.target),
-            active,
-            false,
-        )
-    }
-    fn poll_down(&mut self, cx: &mut Context<'_>, active: &mut bool) -> Poll<Result<(), Failed>> {
-        self.down.poll_copy(
-            cx,
-            Pin::new(&mut *self.target),
-            Pin::new(&mut *self.client),
-            active,
-            false,
-        )
-    }
-    fn done(&self) -> (bool, bool) {
-        (self.up.done(), self.down.done())
-    }
-    fn bytes(&self) -> (u64, u64) {
-        (self.up.bytes, self.down.bytes)
-    }
-    fn abort(&mut self) {
-        // Any stream: there is no socket option to reach. The caller sees
-        // the reset in the outcome and can pass it on (see `relay`).
-    }
 }
 
 /// Relays between `client` and `target` until both directions have ended,
@@ -276,37 +110,27 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     T: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let pump = Buffered {
-        client,
-        target,
-        up: Direction::default(),
-        down: Direction::default(),
-    };
-    run(pump, idle, closing)
+    run(buffered::Buffered::new(client, target), idle, closing)
 }
 
 /// Like [`relay`] for two TCP sockets: on Linux the bytes never leave the
-/// kernel (`splice(2)`). When the relay ends in a reset or an error, both
-/// sockets are set to close with a reset ([`abort`]) when dropped.
+/// kernel (`splice(2)`); elsewhere they are copied through user space. When
+/// the relay ends in a reset or an error, both sockets are set to close with
+/// a reset ([`abort`]) when dropped.
 pub fn relay_tcp<'a>(
     client: &'a mut tokio::net::TcpStream,
     target: &'a mut tokio::net::TcpStream,
     idle: Duration,
     closing: &'a CancellationToken,
 ) -> impl Future<Output = Outcome> + 'a {
-    let pump = crate::splice::Spliced::new(client, target);
+    #[cfg(target_os = "linux")]
+    let pump = splice::Spliced::new(client, target);
+    #[cfg(not(target_os = "linux"))]
+    let pump = buffered::BufferedTcp::new(client, target);
     run(pump, idle, closing)
 }
 
-/// Makes `stream` close with a reset (RST) instead of a FIN when it is
-/// dropped (`SO_LINGER` 0): its peer reads an error, not an end of stream,
-/// and unsent bytes are discarded.
-pub fn abort(stream: &tokio::net::TcpStream) {
-    // The socket may already be gone (reset by its peer); nothing to do then.
-    let _ = stream.set_zero_linger();
-}
-
-pub(crate) fn run<'t, P: Pump + Unpin>(
+fn run<'t, P: Pump + Unpin>(
     pump: P,
     idle: Duration,
     closing: &'t CancellationToken,
@@ -428,16 +252,15 @@ impl<P: Pump + Unpin> Future for Relay<'_, P> {
         loop {
             match this.deadline.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) => {
-                    let due = this
-                        .last_active
-                        .checked_add(*this.idle)
-                        .unwrap_or_else(|| crate::connect::deadline_after(*this.idle));
-                    if due <= Instant::now() {
+                Poll::Ready(()) => match this.last_active.checked_add(*this.idle) {
+                    Some(due) if due <= Instant::now() => {
                         return Poll::Ready(outcome(this.pump, End::IdleTimeout, None));
                     }
-                    this.deadline.as_mut().reset(due);
-                }
+                    Some(due) => this.deadline.as_mut().reset(due),
+                    // An idle timeout beyond the clock's range ("never"):
+                    // a new sleep of it waits as far as tokio's timers go.
+                    None => this.deadline.set(tokio::time::sleep(*this.idle)),
+                },
             }
         }
     }
@@ -484,56 +307,6 @@ mod tests {
         assert_eq!(outcome.end, End::ClosedByClient);
     }
 
-    /// A receiver that never reads: the direction keeps at most one scratch
-    /// read and stops reading from the sender (whose bytes stay in its own
-    /// socket buffer), and gives the memory back once the receiver reads.
-    #[tokio::test]
-    async fn a_receiver_that_never_reads_holds_at_most_one_scratch_read() {
-        let (mut sender, mut source) = duplex(4 * SCRATCH);
-        let (mut sink, mut receiver) = duplex(1024);
-        sender.write_all(&vec![1u8; 4 * SCRATCH]).await.unwrap();
-        let mut direction = Direction::default();
-        let mut active = false;
-        for _ in 0..10 {
-            std::future::poll_fn(|cx| {
-                let copy = direction.poll_copy(
-                    cx,
-                    Pin::new(&mut source),
-                    Pin::new(&mut sink),
-                    &mut active,
-                    false,
-                );
-                assert!(copy.is_pending(), "the copy cannot finish");
-                Poll::Ready(())
-            })
-            .await;
-        }
-        assert!(direction.pending.capacity() <= SCRATCH);
-        assert_eq!(direction.bytes, 1024, "only what the receiver took");
-        // The sender finishes and the receiver reads everything: the
-        // pending bytes follow, and the buffer is freed.
-        drop(sender);
-        let mut got = Vec::new();
-        let (copied, read) = tokio::time::timeout(Duration::from_secs(20), async {
-            tokio::join!(
-                std::future::poll_fn(|cx| direction.poll_copy(
-                    cx,
-                    Pin::new(&mut source),
-                    Pin::new(&mut sink),
-                    &mut active,
-                    false,
-                )),
-                receiver.read_to_end(&mut got)
-            )
-        })
-        .await
-        .expect("the copy finishes");
-        assert!(copied.is_ok() && read.is_ok());
-        assert_eq!(got.len(), 4 * SCRATCH);
-        assert_eq!(direction.bytes, 4 * SCRATCH as u64);
-        assert_eq!(direction.pending.capacity(), 0);
-    }
-
     #[tokio::test]
     async fn buffered_relay_ends_when_idle_and_on_closing() {
         let (_client_app, mut client_side) = duplex(64);
@@ -558,5 +331,41 @@ mod tests {
         )
         .await;
         assert_eq!(outcome.end, End::Shutdown);
+    }
+
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (far, _) = listener.accept().await.unwrap();
+        (near, far)
+    }
+
+    /// The buffered pump between TCP sockets (the path where splice(2) is
+    /// not available) passes a target's reset on to the client as a reset.
+    #[tokio::test]
+    async fn buffered_tcp_relay_passes_a_reset_on() {
+        let (mut client_app, mut client_side) = tcp_pair().await;
+        let (mut target_side, mut target_app) = tcp_pair().await;
+        let relaying = tokio::spawn(async move {
+            let closing = CancellationToken::new();
+            let pump = buffered::BufferedTcp::new(&mut client_side, &mut target_side);
+            run(pump, Duration::from_secs(10), &closing).await
+        });
+        target_app.write_all(b"partial reply").await.unwrap();
+        target_app.set_zero_linger().unwrap();
+        drop(target_app);
+        let outcome = relaying.await.unwrap();
+        assert_eq!(outcome.end, End::ResetByTarget);
+        let mut buf = [0u8; 64];
+        let last = loop {
+            match client_app.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(_) => continue,
+                Err(e) => break Err(e.kind()),
+            }
+        };
+        assert_eq!(last, Err(io::ErrorKind::ConnectionReset));
     }
 }
