@@ -9,7 +9,7 @@
 //! inside a span with its id and peer (debug level; info events carry both
 //! as fields); the access list is checked right after
 //! accept. On shutdown the listener closes at once, handlers are told to
-//! finish (`Conn::draining`), and whatever is still running when the grace
+//! finish (`Accepted::draining`), and whatever is still running when the grace
 //! period ends is closed.
 
 use std::future::Future;
@@ -39,7 +39,7 @@ pub fn next_connection_id() -> u64 {
 
 /// What a handler knows about its connection.
 #[derive(Debug, Clone)]
-pub struct Conn {
+pub struct Accepted {
     /// Process-wide connection id, also in the log span.
     pub id: u64,
     /// The client's address.
@@ -70,7 +70,7 @@ pub trait Handler<S = TcpStream>: Send + Sync + 'static {
     fn handle(
         self: Arc<Self>,
         stream: S,
-        conn: Conn,
+        conn: Accepted,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 
     /// Called for a client the access list refused, after the connection is
@@ -88,7 +88,7 @@ pub struct ServeOptions {
     pub cap: ConnectionCap,
     /// Who may connect.
     pub access: AccessRules,
-    /// Handed to handlers in [`Conn::idle_timeout`].
+    /// Handed to handlers in [`Accepted::idle_timeout`].
     pub idle_timeout: Duration,
     /// How long live connections may take to finish after shutdown begins.
     pub grace: Duration,
@@ -114,7 +114,7 @@ pub async fn serve<H: Handler<TcpStream>>(
     handler: Arc<H>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let connections = Connections::new(options.grace);
+    let connections = LiveConnections::new(options.grace);
     accept_until(&listener, &options, &handler, &connections, shutdown).await;
     drop(listener);
     connections.drain().await;
@@ -123,7 +123,7 @@ pub async fn serve<H: Handler<TcpStream>>(
 /// The live connections of one or more accept loops, so that they can be
 /// drained together.
 #[derive(Debug, Clone)]
-pub struct Connections {
+pub struct LiveConnections {
     tracker: TaskTracker,
     draining: CancellationToken,
     closing: CancellationToken,
@@ -139,10 +139,10 @@ struct Workers {
     next: std::sync::atomic::AtomicUsize,
 }
 
-impl Connections {
+impl LiveConnections {
     /// An empty set whose drain waits at most `grace`.
     pub fn new(grace: Duration) -> Self {
-        Connections {
+        LiveConnections {
             tracker: TaskTracker::new(),
             draining: CancellationToken::new(),
             closing: CancellationToken::new(),
@@ -151,12 +151,12 @@ impl Connections {
         }
     }
 
-    /// Like [`Connections::new`], with connections spread round-robin over
+    /// Like [`LiveConnections::new`], with connections spread round-robin over
     /// `workers` (each a single-threaded runtime on its own thread). Every
     /// connection then lives on one thread for its whole life: no task
     /// moves between threads, and each thread waits on its own sockets.
     pub fn with_workers(grace: Duration, workers: Vec<tokio::runtime::Handle>) -> Self {
-        let mut connections = Connections::new(grace);
+        let mut connections = LiveConnections::new(grace);
         connections.workers = Arc::new(Workers {
             handles: workers,
             next: Default::default(),
@@ -207,7 +207,7 @@ pub async fn accept_until<H: Handler<TcpStream>>(
     listener: &TcpListener,
     options: &ServeOptions,
     handler: &Arc<H>,
-    connections: &Connections,
+    connections: &LiveConnections,
     stop: impl Future<Output = ()>,
 ) {
     let mut backoff = Duration::from_millis(5);
@@ -261,7 +261,7 @@ pub async fn accept_until<H: Handler<TcpStream>>(
         };
         let local = stream.local_addr().unwrap_or(peer);
         let _ = stream.set_nodelay(true);
-        let conn = Conn {
+        let conn = Accepted {
             id,
             peer,
             local,

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use common::config::{ConfigError, Origin};
-use common::serve::{serve, Conn, Handler, ServeOptions, Stream};
+use common::serve::{serve, Accepted, Handler, ServeOptions, Stream};
 use common::settings::{ListenAddr, LogSettings, ServeSettings};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, Zoned};
@@ -346,7 +346,7 @@ impl DateTime {
     /// until the client has taken them. A client that sends and never
     /// reads is held back by TCP itself, and a quiet session keeps no
     /// output buffer.
-    pub async fn session<S>(&self, stream: S, conn: &Conn) -> anyhow::Result<()>
+    pub async fn session<S>(&self, stream: S, conn: &Accepted) -> anyhow::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -415,7 +415,7 @@ impl DateTime {
 
     /// Appends what the client is told about `input`; says whether the
     /// session goes on.
-    fn respond(&self, input: Input, out: &mut Vec<u8>, conn: &Conn) -> Next {
+    fn respond(&self, input: Input, out: &mut Vec<u8>, conn: &Accepted) -> Next {
         match input {
             Input::Line(line) => self.answer(&line, out),
             Input::TooLong => {
@@ -544,7 +544,7 @@ async fn close<W: AsyncWrite + Unpin>(
 }
 
 impl<S: Stream> Handler<S> for DateTime {
-    async fn handle(self: Arc<Self>, stream: S, conn: Conn) -> anyhow::Result<()> {
+    async fn handle(self: Arc<Self>, stream: S, conn: Accepted) -> anyhow::Result<()> {
         self.session(stream, &conn).await
     }
 }

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use common::config::ConfigError;
-use common::serve::{serve, Conn, Handler, ServeOptions, Stream};
+use common::serve::{serve, Accepted, Handler, ServeOptions, Stream};
 use common::settings::{ListenAddr, LogSettings, ServeSettings};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -165,7 +165,7 @@ impl SquareService {
 }
 
 impl<S: Stream> Handler<S> for SquareService {
-    async fn handle(self: Arc<Self>, stream: S, conn: Conn) -> anyhow::Result<()> {
+    async fn handle(self: Arc<Self>, stream: S, conn: Accepted) -> anyhow::Result<()> {
         protocol::serve_connection(
             stream,
             self.limits,

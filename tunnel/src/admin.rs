@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use common::serve::{Conn, ConnectionCap, Handler, ServeOptions, Stream};
+use common::serve::{Accepted, ConnectionCap, Handler, ServeOptions, Stream};
 use common::settings::{AccessList, AccessRules};
 use common::signal::Shutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -64,7 +64,7 @@ impl Admin {
 }
 
 impl<S: Stream> Handler<S> for Admin {
-    async fn handle(self: Arc<Self>, stream: S, _conn: Conn) -> anyhow::Result<()> {
+    async fn handle(self: Arc<Self>, stream: S, _conn: Accepted) -> anyhow::Result<()> {
         tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &self))
             .await
             .with_context(|| format!("admin request not answered within {REQUEST_TIMEOUT:?}"))?

@@ -66,17 +66,17 @@ impl Backend {
 
 /// The connection a balancer made, and to which backend.
 #[derive(Debug)]
-pub struct Connected {
+pub struct TargetConnection {
     /// The socket to the target.
     pub stream: TcpStream,
     /// The address connected to.
     pub addr: SocketAddr,
     /// The backend it belongs to; its `active` count includes this
-    /// connection until [`Connected`] is dropped.
+    /// connection until [`TargetConnection`] is dropped.
     pub backend: Arc<Backend>,
 }
 
-impl Drop for Connected {
+impl Drop for TargetConnection {
     fn drop(&mut self) {
         self.backend.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -183,7 +183,7 @@ impl Balancer {
 
     /// Connects to a target, trying the next one when a connect fails, each
     /// within `timeout`. The error lists every failure.
-    pub async fn connect(&self, timeout: Duration) -> Result<Connected, Unreachable> {
+    pub async fn connect(&self, timeout: Duration) -> Result<TargetConnection, Unreachable> {
         let mut failures = Vec::new();
         for backend in self.order() {
             match connect(&backend.target, timeout).await {
@@ -195,7 +195,7 @@ impl Balancer {
                     if !failures.is_empty() {
                         tracing::info!(route = %self.route, target = %backend.target, tried = failures.len() + 1, "connected after retrying");
                     }
-                    return Ok(Connected {
+                    return Ok(TargetConnection {
                         stream,
                         addr,
                         backend,

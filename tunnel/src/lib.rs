@@ -27,7 +27,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::endpoint::{bind_error, bind_listener};
-use common::serve::{accept_until, Conn, ConnectionCap, Connections, Handler, ServeOptions};
+use common::serve::{
+    accept_until, Accepted, ConnectionCap, Handler, LiveConnections, ServeOptions,
+};
 use common::settings::{AccessRules, ListenAddr};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
@@ -59,7 +61,7 @@ impl RouteHandler {
 }
 
 impl Handler for RouteHandler {
-    async fn handle(self: Arc<Self>, mut client: TcpStream, conn: Conn) -> anyhow::Result<()> {
+    async fn handle(self: Arc<Self>, mut client: TcpStream, conn: Accepted) -> anyhow::Result<()> {
         let started = Instant::now();
         let route = &self.route;
         let keepalive = route.keepalive.time();
@@ -181,7 +183,7 @@ pub struct Tunnel {
     watched: std::sync::Mutex<Arc<[Watched]>>,
     /// Set when shutdown begins.
     stopping: AtomicBool,
-    connections: Connections,
+    connections: LiveConnections,
     log: Arc<AccessLog>,
     metrics: Arc<Metrics>,
 }
@@ -201,20 +203,20 @@ impl std::error::Error for ApplyError {}
 impl Tunnel {
     /// A tunnel with no routes yet; `grace` bounds the drain on shutdown.
     pub fn new(grace: Duration, log: AccessLog) -> Self {
-        Tunnel::with_connections(Connections::new(grace), log)
+        Tunnel::with_connections(LiveConnections::new(grace), log)
     }
 
     /// A tunnel whose connections run on `workers` (see
-    /// [`Connections::with_workers`]).
+    /// [`LiveConnections::with_workers`]).
     pub fn with_workers(
         grace: Duration,
         log: AccessLog,
         workers: Vec<tokio::runtime::Handle>,
     ) -> Self {
-        Tunnel::with_connections(Connections::with_workers(grace, workers), log)
+        Tunnel::with_connections(LiveConnections::with_workers(grace, workers), log)
     }
 
-    fn with_connections(connections: Connections, log: AccessLog) -> Self {
+    fn with_connections(connections: LiveConnections, log: AccessLog) -> Self {
         Tunnel {
             running: Mutex::new(Vec::new()),
             watched: std::sync::Mutex::new(Arc::new([])),
