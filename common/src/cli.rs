@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::config::{env_var, resolve, Resolved, Sources, EXIT_USAGE};
+use crate::config::{env_var, resolve, ConfigError, ConfigErrors, Resolved, Sources, EXIT_USAGE};
 use crate::endpoint::Endpoint;
 use crate::runtime::Flavor;
 use crate::settings::LogFormat;
@@ -144,14 +144,33 @@ pub enum Loaded<T> {
 /// prints the result to stdout.
 pub fn load<T, F>(program: &'static str, common: &CommonArgs, flags: &F) -> Loaded<T>
 where
-    T: Serialize + DeserializeOwned + Default + crate::config::Effective,
+    T: Serialize + DeserializeOwned + Default + crate::config::ProgramSettings,
     F: Serialize,
 {
     match resolve::<T, _>(&sources(program, common, flags)) {
         Ok(resolved) => {
+            let problems: Vec<ConfigError> = resolved
+                .settings
+                .problems(&|key| resolved.origin(key))
+                .into_iter()
+                .map(|mut problem| {
+                    if problem.origin.is_none() {
+                        problem.origin = resolved.origin(&problem.key);
+                    }
+                    problem
+                })
+                .collect();
             if common.print_config {
+                // What is printed is shown even when it would not run, with why.
                 crate::telemetry::show(format_args!("{}", resolved.print_config()));
+                for problem in &problems {
+                    crate::telemetry::show(format_args!("# would not start: {problem}\n"));
+                }
                 return Loaded::Exit(ExitCode::SUCCESS);
+            }
+            if !problems.is_empty() {
+                crate::telemetry::say(format_args!("{program}: {}", ConfigErrors(problems)));
+                return Loaded::Exit(ExitCode::from(EXIT_CONFIG));
             }
             Loaded::Run(Box::new(resolved))
         }

@@ -318,9 +318,17 @@ impl Converted {
     }
 }
 
-/// What a program's settings put in force beyond what is written, for
-/// `--print-config` to show what is actually used.
-pub trait Effective {
+/// What common needs to know of a program's settings beyond their shape:
+/// problems that take more than one setting to see, and what is actually
+/// used, for `--print-config`.
+pub trait ProgramSettings {
+    /// Problems between settings that are each fine alone (a zone given
+    /// twice, a line too short for the longest number), each at a key;
+    /// `origin` says where a key's value came from, for messages.
+    fn problems(&self, _origin: &dyn Fn(&str) -> Option<Origin>) -> Vec<ConfigError> {
+        Vec::new()
+    }
+
     /// The value in force for the top-level `key` when the written one
     /// does not say it (a time zone found at start), with why.
     fn effective(&self, _key: &str) -> Option<(String, String)> {
@@ -336,7 +344,7 @@ pub trait Effective {
 
 /// `settings` as a value without the top-level keys they do not use, to
 /// write them out as a configuration file would have them.
-pub fn in_use<T: Serialize + Effective>(settings: &T) -> serde_json::Value {
+pub fn in_use<T: Serialize + ProgramSettings>(settings: &T) -> serde_json::Value {
     let mut value = serde_json::to_value(settings).unwrap_or_default();
     if let serde_json::Value::Object(map) = &mut value {
         map.retain(|key, _| !settings.unused(key));
@@ -817,7 +825,7 @@ fn unknown_keys(
     }
 }
 
-impl<T: Serialize + Effective> Resolved<T> {
+impl<T: Serialize + ProgramSettings> Resolved<T> {
     /// The resolved configuration, one `key = value` line per setting in
     /// use with where it came from, as `--print-config` shows it; a value
     /// found at start is shown as found.
@@ -902,7 +910,7 @@ mod tests {
         routes: Vec<Route>,
     }
 
-    impl Effective for Settings {}
+    impl ProgramSettings for Settings {}
 
     #[derive(Debug, Serialize, Deserialize, PartialEq)]
     struct Route {
@@ -1279,7 +1287,7 @@ mod tests {
         serve: ServeSettings,
     }
 
-    impl Effective for Target {}
+    impl ProgramSettings for Target {}
 
     #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
     #[serde(default)]

@@ -185,7 +185,7 @@ impl Settings {
     /// Settings that contradict each other, which no single value shows:
     /// reported like any bad value, with the key, the value and where it
     /// came from (`origin` tells that for a key).
-    pub fn conflicts(&self, origin: impl Fn(&str) -> Option<Origin>) -> Vec<ConfigError> {
+    pub fn conflicts(&self, origin: &dyn Fn(&str) -> Option<Origin>) -> Vec<ConfigError> {
         let mut problems = Vec::new();
         if let (true, Some(zone)) = (self.utc, &self.time_zone) {
             let utc_from = origin("utc")
@@ -208,7 +208,7 @@ impl Settings {
     /// origin).
     pub fn check(&self) -> anyhow::Result<()> {
         let mut problems: Vec<String> = self
-            .conflicts(|_| None)
+            .conflicts(&|_| None)
             .into_iter()
             .map(|e| e.to_string())
             .collect();
@@ -583,7 +583,11 @@ pub async fn run(
     Ok(())
 }
 
-impl common::config::Effective for Settings {
+impl common::config::ProgramSettings for Settings {
+    fn problems(&self, origin: &dyn Fn(&str) -> Option<Origin>) -> Vec<ConfigError> {
+        self.conflicts(origin)
+    }
+
     /// `--print-config` shows the zone the clock reads, not `null`.
     fn effective(&self, key: &str) -> Option<(String, String)> {
         if key != "time_zone" || self.time_zone.is_some() {

@@ -4,8 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use common::cli::{load, parse_args, serve_endpoint, CommonArgs, Loaded, ServeArgs, EXIT_CONFIG};
-use common::config::ConfigErrors;
+use common::cli::{load, parse_args, serve_endpoint, CommonArgs, Loaded, ServeArgs};
 use common::endpoint::Endpoint;
 use echo_server::{run, Settings, ENDPOINT, PROGRAM};
 use serde::Serialize;
@@ -64,11 +63,6 @@ fn main() -> ExitCode {
         Loaded::Run(resolved) => resolved,
         Loaded::Exit(code) => return code,
     };
-    let conflicts = resolved.settings.conflicts(|key| resolved.origin(key));
-    if !conflicts.is_empty() {
-        common::telemetry::say(format_args!("{PROGRAM}: {}", ConfigErrors(conflicts)));
-        return ExitCode::from(EXIT_CONFIG);
-    }
     let settings = resolved.settings;
     let _log = common::telemetry::init(&settings.log);
     let endpoint = Endpoint {

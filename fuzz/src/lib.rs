@@ -332,7 +332,7 @@ pub fn config(data: &[u8]) {
 
 fn resolve_as<T>(program: &'static str, text: &str, then: impl FnOnce(&T))
 where
-    T: Serialize + DeserializeOwned + Default + common::config::Effective,
+    T: Serialize + DeserializeOwned + Default + common::config::ProgramSettings,
 {
     let path = Path::new("config.yaml");
     let sources = Sources {

@@ -51,4 +51,4 @@ fn some_time<'de, D: Deserializer<'de>>(d: D) -> Result<Seconds, D::Error> {
     Ok(timeout)
 }
 
-impl common::config::Effective for Settings {}
+impl common::config::ProgramSettings for Settings {}

@@ -202,4 +202,11 @@ pub async fn run(listener: TcpListener, settings: Settings, shutdown: impl Futur
     .await;
 }
 
-impl common::config::Effective for Settings {}
+impl common::config::ProgramSettings for Settings {
+    fn problems(
+        &self,
+        _origin: &dyn Fn(&str) -> Option<common::config::Origin>,
+    ) -> Vec<ConfigError> {
+        Settings::problems(self)
+    }
+}

@@ -4,8 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use common::cli::{load, parse_args, serve_endpoint, CommonArgs, Loaded, ServeArgs, EXIT_CONFIG};
-use common::config::ConfigErrors;
+use common::cli::{load, parse_args, serve_endpoint, CommonArgs, Loaded, ServeArgs};
 use common::endpoint::Endpoint;
 use serde::Serialize;
 use square_server::{Settings, ENDPOINT, PROGRAM};
@@ -50,18 +49,6 @@ fn main() -> ExitCode {
         Loaded::Run(resolved) => resolved,
         Loaded::Exit(code) => return code,
     };
-    let problems = resolved.settings.problems();
-    if !problems.is_empty() {
-        let problems = problems
-            .into_iter()
-            .map(|mut problem| {
-                problem.origin = resolved.origin(&problem.key);
-                problem
-            })
-            .collect();
-        common::telemetry::say(format_args!("{PROGRAM}: {}", ConfigErrors(problems)));
-        return ExitCode::from(EXIT_CONFIG);
-    }
     let settings = resolved.settings;
     let _log = common::telemetry::init(&settings.log);
     let endpoint = Endpoint {

@@ -41,6 +41,13 @@ fn the_zone_the_clock_reads_is_shown_not_null() {
         out.contains("time_zone = \"UTC\"") && out.contains("built-in default: utc = true"),
         "{out}"
     );
+    // Settings that clash are printed, and said to clash.
+    let (code, out, _) = print_config("echo-server", &["--utc", "--time-zone", "Asia/Tokyo"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("# would not start: time_zone = \"Asia/Tokyo\" (from flag --time-zone): utc = true (from flag --utc) chooses a zone too"),
+        "{out}"
+    );
     let (_, out, _) = print_config("echo-server", &["--time-zone", "Asia/Tokyo"]);
     assert!(out.contains("time_zone = \"Asia/Tokyo\""), "{out}");
     assert!(out.contains("# flag --time-zone"), "{out}");

@@ -627,7 +627,7 @@ impl Settings {
     }
 }
 
-impl common::config::Effective for Settings {
+impl common::config::ProgramSettings for Settings {
     /// With routes, the quick form's keys are not used; without, `routes`.
     fn unused(&self, key: &str) -> bool {
         match key {
