@@ -237,15 +237,27 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0.as_slice() {
-            [one] => write!(f, "invalid configuration: {one}"),
-            many => {
-                write!(f, "invalid configuration, {} problems:", many.len())?;
-                for e in many {
-                    write!(f, "\n  {e}")?;
-                }
-                Ok(())
+        write_problems(f, "invalid configuration: ", "invalid configuration, ", &self.0)
+    }
+}
+
+/// Writes one problem after `one`, or several after `many` as
+/// `N problems:` and one indented line each: how every list of problems
+/// reads.
+pub fn write_problems<T: fmt::Display>(
+    f: &mut fmt::Formatter<'_>,
+    one: &str,
+    many: &str,
+    problems: &[T],
+) -> fmt::Result {
+    match problems {
+        [single] => write!(f, "{one}{single}"),
+        all => {
+            write!(f, "{many}{} problems:", all.len())?;
+            for p in all {
+                write!(f, "\n  {p}")?;
             }
+            Ok(())
         }
     }
 }

@@ -191,16 +191,7 @@ pub struct Problems(pub Vec<Problem>);
 
 impl fmt::Display for Problems {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0.as_slice() {
-            [one] => write!(f, "{one}"),
-            many => {
-                write!(f, "{} problems:", many.len())?;
-                for p in many {
-                    write!(f, "\n  {p}")?;
-                }
-                Ok(())
-            }
-        }
+        common::config::write_problems(f, "", "", &self.0)
     }
 }
 
