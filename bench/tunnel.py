@@ -27,9 +27,8 @@ Prints a table of figures with tunnel/direct ratios; the last line is JSON.
     python3 bench/tunnel.py --tunnel-args '--log-level warn'    # extra tunnel flags
 
 Needs iperf3 and PostgreSQL with a 'bench' database on 127.0.0.1:5432 that
-trusts user postgres: the team's ../shared/bench/proxies.py prepares exactly
-that on its first run. When it is missing and this runs as root, the same
-preparation is done here (Debian: apt-get install iperf3 postgresql; trust for
+trusts user postgres. When it is missing and this runs as root, it is
+prepared here (Debian: apt-get install iperf3 postgresql; trust for
 127.0.0.1; createdb bench; pgbench -i -s 10 bench). Python 3 standard library
 only; Linux (reads /proc).
 """
@@ -189,8 +188,8 @@ def prepare(pgport):
     if not missing and pg_ready(pgport):
         return
     advice = ("this benchmark needs iperf3 and a PostgreSQL database 'bench' on "
-              f"127.0.0.1:{pgport} trusting user postgres; run ../shared/bench/proxies.py once "
-              "(it prepares both), or run this script as root to prepare them")
+              f"127.0.0.1:{pgport} trusting user postgres; run this script as root once "
+              "to prepare them (Debian packages iperf3 and postgresql, database 'bench')")
     if os.geteuid() != 0 or pgport != 5432:
         sys.exit(f"tunnel.py: {advice}")
     log(f"preparing iperf3 and the 'bench' database ({advice})")
