@@ -1,5 +1,6 @@
-//! Setting types every program shares: durations, address lists, listen
-//! addresses, and the serving and telemetry settings.
+//! Setting types every program shares: durations, lists (see [`List`]),
+//! networks and access lists, listen addresses, and the serving and
+//! telemetry settings.
 //!
 //! Each type reads the forms a person would write in YAML, an environment
 //! variable or a flag (`5m` or `300` for a duration, `10.0.0.0/8, ::1` for a
@@ -11,8 +12,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
+
+mod list;
+
+use list::text_serde;
+pub use list::{deserialize_text, List, TextValue};
 
 /// A duration written as `300ms`, `30s`, `5m`, `1h 30m`, or a whole number
 /// of seconds.
@@ -150,18 +156,17 @@ where
     }
 }
 
-/// A list of networks in CIDR form (`10.0.0.0/8`, `2001:db8::/32`); a bare
-/// address is a network of one. Written as a YAML list or as one string with
-/// commas or spaces between the items.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CidrList(pub Vec<IpNet>);
+/// A network in CIDR form (`10.0.0.0/8`, `2001:db8::/32`); a bare address
+/// is a network of one. An IPv4-mapped entry (`::ffff:10.0.0.0/104`,
+/// `::ffff:127.0.0.2`) is the IPv4 network it names (`10.0.0.0/8`),
+/// because clients are matched, and logged, as IPv4 whichever way they
+/// connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr(pub IpNet);
 
-impl CidrList {
-    /// Parses one item: a CIDR network or a single address. An IPv4-mapped
-    /// entry (`::ffff:10.0.0.0/104`, `::ffff:127.0.0.2`) is the IPv4
-    /// network it names (`10.0.0.0/8`), because clients are matched, and
-    /// logged, as IPv4 whichever way they connected.
-    pub fn parse_item(item: &str) -> Result<IpNet, String> {
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(item: &str) -> Result<Self, String> {
         let item = item.trim();
         // Not truncated yet: whether the entry is written in mapped form
         // shows in the address as written.
@@ -174,10 +179,10 @@ impl CidrList {
             })?,
         };
         let IpNet::V6(v6) = net else {
-            return Ok(net.trunc());
+            return Ok(Cidr(net.trunc()));
         };
         let Some(v4) = v6.addr().to_ipv4_mapped() else {
-            return Ok(net.trunc());
+            return Ok(Cidr(net.trunc()));
         };
         if v6.prefix_len() < 96 {
             return Err(format!(
@@ -185,63 +190,30 @@ impl CidrList {
                 v6.prefix_len().saturating_sub(96)
             ));
         }
-        Ok(IpNet::V4(
+        Ok(Cidr(IpNet::V4(
             ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
                 .expect("a prefix of at most 32")
                 .trunc(),
-        ))
+        )))
     }
+}
 
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A list of networks in CIDR form (see [`Cidr`]), written as a YAML list
+/// or as one string with commas or spaces between the items.
+pub type CidrList = List<Cidr>;
+
+impl CidrList {
     /// Whether `ip` lies in one of the networks. An IPv4-mapped IPv6 address
     /// (`::ffff:10.1.2.3`) is matched as the IPv4 address it carries.
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        self.0.iter().any(|net| net.contains(&ip))
-    }
-
-    /// Whether the list has no entries.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl FromStr for CidrList {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        s.split(|c: char| c == ',' || c.is_whitespace())
-            .filter(|item| !item.is_empty())
-            .map(CidrList::parse_item)
-            .collect::<Result<Vec<_>, _>>()
-            .map(CidrList)
-    }
-}
-
-impl Serialize for CidrList {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(|n| n.to_string()))
-    }
-}
-
-impl<'de> Deserialize<'de> for CidrList {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = CidrList;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a list of networks such as [10.0.0.0/8, ::1]")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<CidrList, E> {
-                v.parse().map_err(E::custom)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<CidrList, A::Error> {
-                let mut nets = Vec::new();
-                while let Some(item) = seq.next_element::<String>()? {
-                    nets.push(CidrList::parse_item(&item).map_err(de::Error::custom)?);
-                }
-                Ok(CidrList(nets))
-            }
-        }
-        d.deserialize_any(V)
+        self.0.iter().any(|net| net.0.contains(&ip))
     }
 }
 
@@ -323,34 +295,6 @@ impl FromStr for ListenAddr {
     }
 }
 
-impl Serialize for ListenAddr {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for ListenAddr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = ListenAddr;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a listen address IP:PORT")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ListenAddr, E> {
-                v.parse().map_err(E::custom)
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ListenAddr, E> {
-                self.visit_str(&v.to_string())
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ListenAddr, E> {
-                self.visit_str(&v.to_string())
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
 /// A peer to connect to, `HOST:PORT`: a host name or address and a port.
 /// A name is kept as written and resolved at each connect, so a peer that
 /// moves is followed. IPv6 addresses are written in brackets (`[::1]:5432`).
@@ -400,27 +344,11 @@ impl FromStr for HostPort {
     }
 }
 
-impl Serialize for HostPort {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for HostPort {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = HostPort;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("HOST:PORT")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<HostPort, E> {
-                v.parse().map_err(E::custom)
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
+text_serde!(
+    Cidr: "an address or CIDR network such as 10.0.0.0/8 or ::1",
+    ListenAddr: "a listen address IP:PORT",
+    HostPort: "HOST:PORT",
+);
 
 /// How a program serves connections: the part of every program's settings
 /// the shared accept loop reads.
@@ -521,7 +449,7 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(
-            list.0,
+            list.0.iter().map(|net| net.0).collect::<Vec<_>>(),
             vec![
                 "127.0.0.2/32".parse::<IpNet>().unwrap(),
                 "10.0.0.0/8".parse().unwrap(),

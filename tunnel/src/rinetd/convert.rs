@@ -6,11 +6,11 @@
 
 use std::collections::HashMap;
 
-use common::settings::ListenAddr;
+use common::settings::{Cidr, List, ListenAddr};
 
 use super::line::{Forward, Line};
 use super::Problems;
-use crate::settings::{ListenList, RouteSettings, Settings, TargetList};
+use crate::settings::{RouteSettings, Settings};
 
 /// The settings made so far, and what later lines need to know.
 pub(super) struct Converter {
@@ -32,7 +32,7 @@ impl Converter {
     pub(super) fn new() -> Self {
         Converter {
             settings: Settings {
-                listen: ListenList::default(),
+                listen: List::default(),
                 ..Settings::default()
             },
             rules: 0,
@@ -65,7 +65,7 @@ impl Converter {
                     // The rule it belongs to was bad and has been reported.
                     return;
                 };
-                list.0.extend(networks);
+                list.0.extend(networks.into_iter().map(Cidr));
             }
             Line::LogFile(path) => {
                 if self.once(n, "logfile", &path, problems) {
@@ -137,8 +137,8 @@ impl Converter {
         }
         self.settings.routes.push(RouteSettings {
             name: listen.to_string(),
-            listen: ListenList(vec![listen]),
-            target: Some(TargetList(vec![target])),
+            listen: List(vec![listen]),
+            target: Some(List(vec![target])),
             ..RouteSettings::default()
         });
         self.last_rule = Some(self.settings.routes.len() - 1);

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::rc::Rc;
 
-use common::settings::CidrList;
+use common::settings::Cidr;
 use ipnet::{IpNet, Ipv4Net};
 
 /// The most networks one allow or deny pattern may expand to.
@@ -33,7 +33,7 @@ pub fn pattern_networks(pattern: &str) -> Result<Vec<IpNet>, String> {
                 "{pattern:?}: wildcards work only in IPv4 patterns; write a CIDR network such as 2001:db8::/32"
             ));
         }
-        return CidrList::parse_item(pattern).map(|net| vec![net]);
+        return pattern.parse::<Cidr>().map(|net| vec![net.0]);
     }
     if !pattern
         .bytes()
@@ -233,6 +233,7 @@ impl Glob {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::settings::{CidrList, List};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -247,7 +248,13 @@ mod tests {
     }
 
     fn list(pattern: &str) -> CidrList {
-        CidrList(pattern_networks(pattern).unwrap())
+        List(
+            pattern_networks(pattern)
+                .unwrap()
+                .into_iter()
+                .map(Cidr)
+                .collect(),
+        )
     }
 
     #[test]
@@ -320,7 +327,7 @@ mod tests {
         ];
         let values = [0u8, 1, 2, 5, 10, 11, 20, 25, 31, 100, 105, 200, 255];
         for pattern in patterns {
-            let found = CidrList(pattern_networks(pattern).unwrap());
+            let found = list(pattern);
             for a in values {
                 for b in values {
                     for ip in [
