@@ -10,8 +10,8 @@ use std::fmt;
 
 use common::config::ConfigError;
 use common::settings::{
-    at_least_one, at_least_one_opt, nonzero_duration, nonzero_duration_opt, AccessList, CidrList,
-    List, ListenAddr, LogSettings, Seconds,
+    at_least_one, at_least_one_opt, nonzero_duration, nonzero_duration_opt, AccessList,
+    AddressList, List, ListenAddr, LogSettings, Seconds,
 };
 
 use crate::balance::{HealthCheck, Policy};
@@ -177,10 +177,11 @@ pub struct RouteSettings {
     pub balance: Option<Policy>,
     /// Active health checks of the targets (default: on with several).
     pub health_check: Option<HealthSetting>,
-    /// Client networks let in, on top of the global lists.
-    pub allow: CidrList,
-    /// Client networks refused, on top of the global lists.
-    pub deny: CidrList,
+    /// Clients let in, on top of the global lists: networks and
+    /// rinetd-style patterns.
+    pub allow: AddressList,
+    /// Clients refused, on top of the global lists.
+    pub deny: AddressList,
     /// How long to wait for the target to accept.
     #[serde(deserialize_with = "nonzero_duration_opt")]
     pub connect_timeout: Option<Seconds>,
@@ -209,10 +210,11 @@ pub struct Settings {
     pub port: Option<u16>,
     /// Routes from a configuration file.
     pub routes: Vec<RouteSettings>,
-    /// Client networks let in on every route (empty: everyone).
-    pub allow: CidrList,
-    /// Client networks refused on every route.
-    pub deny: CidrList,
+    /// Clients let in on every route (empty: everyone): networks and
+    /// rinetd-style patterns.
+    pub allow: AddressList,
+    /// Clients refused on every route.
+    pub deny: AddressList,
     /// Default connect timeout.
     #[serde(deserialize_with = "nonzero_duration")]
     pub connect_timeout: Seconds,
@@ -230,10 +232,10 @@ pub struct Settings {
     pub health_check: Option<HealthSetting>,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (off when unset).
     pub admin: Option<ListenAddr>,
-    /// Networks let in to the admin endpoint (empty: everyone).
-    pub admin_allow: CidrList,
-    /// Networks refused by the admin endpoint.
-    pub admin_deny: CidrList,
+    /// Clients let in to the admin endpoint (empty: everyone).
+    pub admin_allow: AddressList,
+    /// Clients refused by the admin endpoint.
+    pub admin_deny: AddressList,
     /// Threads that relay connections (0: one per CPU).
     #[serde(deserialize_with = "workers")]
     pub workers: usize,
@@ -260,8 +262,8 @@ impl Default for Settings {
             host: None,
             port: None,
             routes: Vec::new(),
-            allow: CidrList::default(),
-            deny: CidrList::default(),
+            allow: AddressList::default(),
+            deny: AddressList::default(),
             connect_timeout: Seconds::from_secs(5),
             idle_timeout: Seconds::from_secs(3600),
             keepalive: Keepalive::Default,
@@ -269,8 +271,8 @@ impl Default for Settings {
             balance: Policy::default(),
             health_check: None,
             admin: None,
-            admin_allow: CidrList::default(),
-            admin_deny: CidrList::default(),
+            admin_allow: AddressList::default(),
+            admin_deny: AddressList::default(),
             workers: 1,
             instance: format!("{PROGRAM}_IN_0"),
             shutdown_grace: Seconds::from_secs(30),

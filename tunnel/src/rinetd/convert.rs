@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use common::settings::{Cidr, List, ListenAddr};
+use common::settings::{List, ListenAddr};
 
 use super::line::{Forward, Line};
 use super::Problems;
@@ -47,7 +47,7 @@ impl Converter {
     pub(super) fn line(&mut self, n: usize, line: Line, problems: &mut Problems) {
         match line {
             Line::Rule(rule) => self.rule(n, rule, problems),
-            Line::Access { allow, networks } => {
+            Line::Access { allow, pattern } => {
                 let list = if self.rules == 0 {
                     if allow {
                         &mut self.settings.allow
@@ -65,7 +65,7 @@ impl Converter {
                     // The rule it belongs to was bad and has been reported.
                     return;
                 };
-                list.0.extend(networks.into_iter().map(Cidr));
+                list.0.push(pattern);
             }
             Line::LogFile(path) => {
                 if self.once(n, "logfile", &path, problems) {
@@ -203,6 +203,6 @@ mod tests {
         // Without the bad rule, the same allow is the rule's own.
         let settings = parse("0.0.0.0 2 h 2\nallow 10.*\n").unwrap();
         assert!(settings.allow.is_empty());
-        assert_eq!(settings.routes[0].allow, "10.0.0.0/8".parse().unwrap());
+        assert_eq!(settings.routes[0].allow, "10.*".parse().unwrap());
     }
 }

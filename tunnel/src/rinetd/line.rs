@@ -9,10 +9,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use common::settings::ListenAddr;
-use ipnet::IpNet;
+use common::settings::{AddressPattern, ListenAddr};
 
-use super::pattern::pattern_networks;
 use super::Problems;
 use crate::settings::Target;
 
@@ -23,8 +21,11 @@ pub(super) enum Line {
     /// ports was reported (it still counts as a rule: the `allow` and
     /// `deny` lines after it are its own, not global).
     Rule(Option<Forward>),
-    /// `allow` (or `deny`) and the networks its pattern covers.
-    Access { allow: bool, networks: Vec<IpNet> },
+    /// `allow` (or `deny`) and its pattern.
+    Access {
+        allow: bool,
+        pattern: AddressPattern,
+    },
     /// `logfile PATH`.
     LogFile(String),
     /// `pidlogfile PATH`.
@@ -130,10 +131,10 @@ impl Reader<'_> {
             );
             return None;
         };
-        match pattern_networks(pattern) {
-            Ok(networks) => Some(Line::Access {
+        match pattern.parse() {
+            Ok(pattern) => Some(Line::Access {
                 allow: directive == "allow",
-                networks,
+                pattern,
             }),
             Err(e) => {
                 self.problem(Some(pattern), e);
@@ -412,7 +413,6 @@ mod tests {
             1,
             "host names cannot be matched",
         );
-        one_problem("allow *.1\n0.0.0.0 1 h 1", 1, "CIDR");
         one_problem("allow 1.2.3\n0.0.0.0 1 h 1", 1, "is not an IP address");
         one_problem("allow 300.*\n0.0.0.0 1 h 1", 1, "matches no IPv4 address");
         one_problem(
@@ -420,6 +420,7 @@ mod tests {
             1,
             "wildcards work only in IPv4",
         );
+        one_problem("deny 10.*/8\n0.0.0.0 1 h 1", 1, "no wildcards");
         one_problem("logfile\n0.0.0.0 1 h 1", 1, "logfile needs one path");
         one_problem("logfile a b\n0.0.0.0 1 h 1", 1, "logfile needs one path");
         one_problem("logcommon please\n0.0.0.0 1 h 1", 1, "no arguments");

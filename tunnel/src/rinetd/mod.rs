@@ -18,10 +18,11 @@
 //!   source address of outgoing connections), and so is anything else.
 //! - `allow PATTERN` and `deny PATTERN` before the first rule apply to every
 //!   rule; after a rule they apply to that rule alone, as in rinetd. A
-//!   pattern is an IPv4 address with `*` and `?` wildcards, matched like
-//!   rinetd against the dotted-decimal address, and converted to the CIDR
-//!   networks it covers (see [`pattern_networks`]); an IPv6 address or a
-//!   CIDR network may be written directly.
+//!   pattern is an IPv4 address with `*` and `?` wildcards, kept as written
+//!   and matched like rinetd against the client's dotted-decimal address
+//!   when a connection is accepted (see
+//!   [`Wildcard`](common::settings::Wildcard)); an IPv6 address or a CIDR
+//!   network may be written too.
 //! - `logfile PATH` sets the access log and `pidlogfile PATH` the pid file;
 //!   `logcommon` is accepted, though tunnel always writes its own, richer
 //!   access-log lines. `include` and anything else is an error.
@@ -30,12 +31,10 @@
 //!
 //! The parts: `line` reads one line's tokens (a rule, its options, an
 //! `allow`/`deny` pattern, a path), `convert` takes the lines in file order
-//! into routes and global settings, `pattern` turns rinetd's address
-//! patterns into networks, and `services` looks up port names.
+//! into routes and global settings, and `services` looks up port names.
 
 mod convert;
 mod line;
-mod pattern;
 mod services;
 
 use std::path::Path;
@@ -43,8 +42,6 @@ use std::path::Path;
 use common::config::{read_file, ConfigError, ConfigErrors, Origin};
 
 use crate::settings::Settings;
-
-pub use pattern::{pattern_networks, MAX_PATTERN_NETWORKS};
 
 /// Parses the text of a rinetd configuration file into the tunnel's
 /// settings: the forwarding rules become `routes`, the quick-form `listen`
@@ -205,9 +202,10 @@ deny 192.168.1.100
                 .iter()
                 .map(ToString::to_string)
                 .collect::<Vec<_>>(),
-            ["192.168.0.0/16", "10.8.0.0/29", "10.8.0.8/31"]
+            ["192.168.*", "10.8.0.?"],
+            "patterns are kept as written"
         );
-        assert_eq!(settings.deny, "192.168.99.0/24".parse().unwrap());
+        assert_eq!(settings.deny, "192.168.99.*".parse().unwrap());
 
         let names: Vec<&str> = settings.routes.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["0.0.0.0:5432", "[::]:80", "127.0.0.1:8443"]);
@@ -218,7 +216,7 @@ deny 192.168.1.100
         assert!(db.allow.contains(ip("192.168.1.1")));
         assert!(db.allow.contains(ip("192.168.1.150")));
         assert!(!db.allow.contains(ip("192.168.1.2")));
-        assert_eq!(db.deny, "192.168.1.100".parse().unwrap());
+        assert_eq!(db.deny.to_string(), "192.168.1.100/32");
 
         let web = &settings.routes[1];
         assert_eq!(web.listen.0, vec!["[::]:80".parse().unwrap()]);
@@ -243,12 +241,52 @@ deny 192.168.1.100
         assert!(!access.permits(ip("172.16.0.1")), "not in the global allow");
         let web = common::settings::AccessRules(routes[1].access.clone());
         assert!(web.permits(ip("10.8.0.3")));
+        assert!(!web.permits(ip("10.8.0.10")), "10.8.0.? is one digit");
         assert!(!web.permits(ip("192.168.99.4")), "the global deny");
+        assert!(web.permits(ip("192.168.199.4")), "192.168.99.* has a dot");
+        assert!(!web.permits(ip("2001:db8::1")), "patterns match IPv4 only");
+    }
+
+    #[test]
+    fn patterns_rinetd_matches_and_no_network_can_express() {
+        let settings =
+            parse("allow *.*.*.1\ndeny 10.?.*.*\n0.0.0.0 1 h 1\nallow 1?2.*\ndeny *.2?.*.1\n")
+                .unwrap();
+        let routes = settings.routes().unwrap();
+        let access = common::settings::AccessRules(routes[0].access.clone());
+        assert!(access.permits(ip("192.168.0.1")));
+        assert!(access.permits(ip("172.16.5.1")));
+        assert!(access.permits(ip("1.2.3.1")), "? matches the dot too");
+        assert!(!access.permits(ip("192.168.0.2")), "not *.*.*.1");
+        assert!(!access.permits(ip("192.168.0.11")), "not *.*.*.1");
+        assert!(!access.permits(ip("127.0.0.1")), "not the rule's 1?2.*");
+        assert!(!access.permits(ip("172.25.0.1")), "the rule's deny");
+        assert!(access.permits(ip("172.250.0.1")), "2? is two digits");
+        assert!(access.permits(ip("::ffff:192.168.0.1")), "IPv4-mapped");
+        assert!(
+            !access.permits(ip("2001:db8::1")),
+            "patterns match IPv4 only"
+        );
+
+        // The global deny: 10.? is one digit.
+        let global = common::settings::AccessRules(vec![routes[0].access[0].clone()]);
+        assert!(!global.permits(ip("10.1.0.1")));
+        assert!(global.permits(ip("10.10.0.1")));
+    }
+
+    #[test]
+    fn printed_settings_read_back_the_same() {
+        let settings = parse(REALISTIC).unwrap();
+        let yaml = serde_yaml::to_string(&settings).unwrap();
+        assert!(yaml.contains("192.168.1.1*"), "{yaml}");
+        let back: Settings = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(back.routes, settings.routes);
+        assert_eq!((back.allow, back.deny), (settings.allow, settings.deny));
     }
 
     #[test]
     fn every_problem_is_reported_at_once() {
-        let text = "bogus\n0.0.0.0 53/udp db.internal nosuch\nallow *.*.*.1\nlogcommon x\n";
+        let text = "bogus\n0.0.0.0 53/udp db.internal nosuch\nallow 999.*\nlogcommon x\n";
         let lines: Vec<usize> = problems(text).iter().map(|(line, _)| *line).collect();
         assert_eq!(lines, [1, 2, 2, 3, 4]);
     }
