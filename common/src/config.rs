@@ -237,7 +237,12 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_problems(f, "invalid configuration: ", "invalid configuration, ", &self.0)
+        write_problems(
+            f,
+            "invalid configuration: ",
+            "invalid configuration, ",
+            &self.0,
+        )
     }
 }
 

@@ -1,18 +1,25 @@
-//! Setting types every program shares: durations, address lists, listen
-//! addresses, and the serving and telemetry settings.
+//! Setting types every program shares: durations, lists (see [`List`]),
+//! networks and access lists, listen addresses, and the serving and
+//! telemetry settings.
 //!
 //! Each type reads the forms a person would write in YAML, an environment
 //! variable or a flag (`5m` or `300` for a duration, `10.0.0.0/8, ::1` for a
 //! list) and says what it expected when it cannot.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use ipnet::IpNet;
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
+
+mod access;
+mod list;
+
+pub use access::{AccessList, AccessRules, AddressList, AddressPattern, Cidr, CidrList, Wildcard};
+use list::text_serde;
+pub use list::{deserialize_text, List, TextValue};
 
 /// A duration written as `300ms`, `30s`, `5m`, `1h 30m`, or a whole number
 /// of seconds.
@@ -150,136 +157,6 @@ where
     }
 }
 
-/// A list of networks in CIDR form (`10.0.0.0/8`, `2001:db8::/32`); a bare
-/// address is a network of one. Written as a YAML list or as one string with
-/// commas or spaces between the items.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CidrList(pub Vec<IpNet>);
-
-impl CidrList {
-    /// Parses one item: a CIDR network or a single address. An IPv4-mapped
-    /// entry (`::ffff:10.0.0.0/104`, `::ffff:127.0.0.2`) is the IPv4
-    /// network it names (`10.0.0.0/8`), because clients are matched, and
-    /// logged, as IPv4 whichever way they connected.
-    pub fn parse_item(item: &str) -> Result<IpNet, String> {
-        let item = item.trim();
-        // Not truncated yet: whether the entry is written in mapped form
-        // shows in the address as written.
-        let net = match item.parse::<IpNet>() {
-            Ok(net) => net,
-            Err(_) => item.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
-                format!(
-                    "{item:?} is not a network; write an address or CIDR such as 10.0.0.0/8 or ::1"
-                )
-            })?,
-        };
-        let IpNet::V6(v6) = net else {
-            return Ok(net.trunc());
-        };
-        let Some(v4) = v6.addr().to_ipv4_mapped() else {
-            return Ok(net.trunc());
-        };
-        if v6.prefix_len() < 96 {
-            return Err(format!(
-                "{item:?} mixes IPv4-mapped and other IPv6 addresses; write the IPv4 part as IPv4 (such as {v4}/{}) and the IPv6 part on its own",
-                v6.prefix_len().saturating_sub(96)
-            ));
-        }
-        Ok(IpNet::V4(
-            ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
-                .expect("a prefix of at most 32")
-                .trunc(),
-        ))
-    }
-
-    /// Whether `ip` lies in one of the networks. An IPv4-mapped IPv6 address
-    /// (`::ffff:10.1.2.3`) is matched as the IPv4 address it carries.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.0.iter().any(|net| net.contains(&ip))
-    }
-
-    /// Whether the list has no entries.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl FromStr for CidrList {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        s.split(|c: char| c == ',' || c.is_whitespace())
-            .filter(|item| !item.is_empty())
-            .map(CidrList::parse_item)
-            .collect::<Result<Vec<_>, _>>()
-            .map(CidrList)
-    }
-}
-
-impl Serialize for CidrList {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(|n| n.to_string()))
-    }
-}
-
-impl<'de> Deserialize<'de> for CidrList {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = CidrList;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a list of networks such as [10.0.0.0/8, ::1]")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<CidrList, E> {
-                v.parse().map_err(E::custom)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<CidrList, A::Error> {
-                let mut nets = Vec::new();
-                while let Some(item) = seq.next_element::<String>()? {
-                    nets.push(CidrList::parse_item(&item).map_err(de::Error::custom)?);
-                }
-                Ok(CidrList(nets))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-/// Client address rules: with an allow list, only matching clients get in;
-/// a client on the deny list never does.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AccessList {
-    /// When not empty, the only networks let in.
-    pub allow: CidrList,
-    /// Networks always refused.
-    pub deny: CidrList,
-}
-
-impl AccessList {
-    /// Whether a client at `ip` may connect.
-    pub fn permits(&self, ip: IpAddr) -> bool {
-        (self.allow.is_empty() || self.allow.contains(ip)) && !self.deny.contains(ip)
-    }
-}
-
-/// Several access lists that must all permit a client (global rules, then a
-/// route's own).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AccessRules(pub Vec<AccessList>);
-
-impl AccessRules {
-    /// Whether every list permits `ip`.
-    pub fn permits(&self, ip: IpAddr) -> bool {
-        self.0.iter().all(|list| list.permits(ip))
-    }
-}
-
-impl From<AccessList> for AccessRules {
-    fn from(list: AccessList) -> Self {
-        AccessRules(vec![list])
-    }
-}
-
 /// An address to listen on, `IP:PORT` (`0.0.0.0:1234`, `[::]:1234`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ListenAddr(pub SocketAddr);
@@ -320,34 +197,6 @@ impl FromStr for ListenAddr {
             "not a listen address; write IP:PORT such as 0.0.0.0:1234, [::]:1234 or 127.0.0.1:1234"
                 .to_string(),
         )
-    }
-}
-
-impl Serialize for ListenAddr {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for ListenAddr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = ListenAddr;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a listen address IP:PORT")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ListenAddr, E> {
-                v.parse().map_err(E::custom)
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ListenAddr, E> {
-                self.visit_str(&v.to_string())
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ListenAddr, E> {
-                self.visit_str(&v.to_string())
-            }
-        }
-        d.deserialize_any(V)
     }
 }
 
@@ -400,27 +249,10 @@ impl FromStr for HostPort {
     }
 }
 
-impl Serialize for HostPort {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for HostPort {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = HostPort;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("HOST:PORT")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<HostPort, E> {
-                v.parse().map_err(E::custom)
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
+text_serde!(
+    ListenAddr: "a listen address IP:PORT",
+    HostPort: "HOST:PORT",
+);
 
 /// How a program serves connections: the part of every program's settings
 /// the shared accept loop reads.
@@ -457,8 +289,8 @@ impl ServeSettings {
     /// The allow and deny lists as one access list.
     pub fn access(&self) -> AccessList {
         AccessList {
-            allow: self.allow.clone(),
-            deny: self.deny.clone(),
+            allow: self.allow.clone().into(),
+            deny: self.deny.clone().into(),
         }
     }
 }
@@ -501,51 +333,11 @@ mod tests {
     }
 
     #[test]
-    fn access_lists_match_mapped_addresses_as_ipv4() {
-        let list = AccessList {
-            allow: "10.0.0.0/8, ::1".parse().unwrap(),
-            deny: "10.9.9.9".parse().unwrap(),
-        };
-        assert!(list.permits("10.1.2.3".parse().unwrap()));
-        assert!(list.permits("::ffff:10.1.2.3".parse().unwrap()));
-        assert!(list.permits("::1".parse().unwrap()));
-        assert!(!list.permits("10.9.9.9".parse().unwrap()));
-        assert!(!list.permits("::ffff:10.9.9.9".parse().unwrap()));
-        assert!(!list.permits("192.168.1.1".parse().unwrap()));
-        assert!(AccessList::default().permits("203.0.113.5".parse().unwrap()));
-    }
-
-    #[test]
-    fn mapped_entries_are_the_ipv4_networks_they_name() {
-        let list: CidrList = "::ffff:127.0.0.2, ::ffff:10.0.0.0/104, ::1"
-            .parse()
-            .unwrap();
-        assert_eq!(
-            list.0,
-            vec![
-                "127.0.0.2/32".parse::<IpNet>().unwrap(),
-                "10.0.0.0/8".parse().unwrap(),
-                "::1/128".parse().unwrap()
-            ]
-        );
-        assert!(list.contains("127.0.0.2".parse().unwrap()));
-        assert!(list.contains("10.200.0.1".parse().unwrap()));
-        let err = "::ffff:0.0.0.0/80".parse::<CidrList>().unwrap_err();
-        assert!(err.contains("IPv4-mapped"), "{err}");
-    }
-
-    #[test]
     fn durations_past_a_year_are_refused() {
         assert!("365d".parse::<Seconds>().is_ok());
         let err = "18446744073709551615".parse::<Seconds>().unwrap_err();
         assert!(err.contains("longest"), "{err}");
         assert!("400d".parse::<Seconds>().is_err());
-    }
-
-    #[test]
-    fn bad_networks_are_named() {
-        let err = "10.0.0.0/8, tenfour".parse::<CidrList>().unwrap_err();
-        assert!(err.contains("\"tenfour\""), "{err}");
     }
 
     #[test]

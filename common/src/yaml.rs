@@ -216,6 +216,12 @@ impl Node {
     }
 }
 
+/// `text` read as a `T` (no places kept: for values written by
+/// [`to_string`] or otherwise known good).
+pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    serde_saphyr::from_str(text).map_err(|e| UserMessageFormatter.format_message(&e).into_owned())
+}
+
 /// `value` written as a YAML document.
 pub fn to_string<T: serde::Serialize>(value: &T) -> Result<String, String> {
     serde_saphyr::to_string(value).map_err(|e| e.to_string())

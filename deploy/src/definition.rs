@@ -18,7 +18,7 @@ use common::yaml::{self, Node, Pos};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::programs::Program;
+use crate::programs::{Allowed, Program};
 
 /// Who can reach an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -557,6 +557,24 @@ impl Definition {
                     }
                 }
                 if environment == Environment::Kubernetes {
+                    for endpoint in &role.endpoints {
+                        if endpoint.visibility != Visibility::Public {
+                            continue;
+                        }
+                        for allowed in program.allowed(&role.settings) {
+                            if let Allowed::Pattern(pattern) = allowed {
+                                found.push((
+                                    role.place("settings.allow"),
+                                    Severity::Error,
+                                    format!(
+                                        "role {}: allow entry {pattern:?} is a pattern, which a LoadBalancer's source ranges cannot hold; {} to networks (CIDR)",
+                                        role.name,
+                                        hint("allow")
+                                    ),
+                                ));
+                            }
+                        }
+                    }
                     if let Some(problem) = admin_problem(role) {
                         found.push((role.place("settings.admin"), Severity::Error, problem));
                     }
@@ -1406,6 +1424,21 @@ mod tests {
             "{target: \"db.internal:5432\", allow: [10.1.0.0/16]}",
         );
         assert!(!shown(&allowed).iter().any(|s| s.contains("allow list")));
+        // A rinetd-style pattern: the tunnel matches it, a LoadBalancer's
+        // source ranges cannot hold it.
+        let pattern = text.replace(
+            "{target: \"db.internal:5432\"}",
+            "{target: \"db.internal:5432\", allow: [\"10.1.*.*\"]}",
+        );
+        let found = shown(&pattern);
+        assert!(
+            !found.iter().any(|s| s.contains("allow list")),
+            "{found:#?}"
+        );
+        assert!(
+            found.iter().any(|s| s.starts_with("s.yaml:6:44: kubernetes: role tunnel: allow entry \"10.1.*.*\" is a pattern, which a LoadBalancer's source ranges cannot hold")),
+            "{found:#?}"
+        );
     }
 
     #[test]

@@ -14,10 +14,30 @@ use serde::Serialize;
 use serde_json::Value;
 
 use common::config::env_prefix;
-use common::settings::{CidrList, HostPort};
+use common::settings::{AddressList, AddressPattern, HostPort};
 
 /// Settings by key, as a definition gives them.
 pub type SettingsMap = BTreeMap<String, Value>;
+
+/// An entry of an allow list: a network, or a pattern matched against
+/// the client's address as text (which a load balancer's source ranges
+/// cannot express).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allowed {
+    /// A CIDR network.
+    Network(String),
+    /// A wildcard pattern such as `10.0.*.1`.
+    Pattern(String),
+}
+
+impl Allowed {
+    /// The entry as written in settings.
+    pub fn text(&self) -> &str {
+        match self {
+            Allowed::Network(text) | Allowed::Pattern(text) => text,
+        }
+    }
+}
 
 /// A problem with one setting: its key and what is wrong.
 pub type SettingProblem = (String, String);
@@ -131,19 +151,29 @@ impl Program {
         (self.targets)(settings)
     }
 
-    /// The client networks `settings` let in (`allow`), empty for everyone.
-    pub fn allowed(&self, settings: &SettingsMap) -> Vec<String> {
+    /// The client networks `settings` let in (`allow`), empty for
+    /// everyone: networks as CIDRs, rinetd-style patterns as written.
+    pub fn allowed(&self, settings: &SettingsMap) -> Vec<Allowed> {
         #[derive(serde::Deserialize)]
         struct Allow {
             #[serde(default)]
-            allow: CidrList,
+            allow: AddressList,
         }
         let Some(value) = settings.get("allow") else {
             return Vec::new();
         };
         Figment::from(Serialized::default("allow", env_form(value)))
             .extract::<Allow>()
-            .map(|a| a.allow.0.iter().map(ToString::to_string).collect())
+            .map(|a| {
+                a.allow
+                    .0
+                    .iter()
+                    .map(|entry| match entry {
+                        AddressPattern::Network(net) => Allowed::Network(net.to_string()),
+                        other => Allowed::Pattern(other.to_string()),
+                    })
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

@@ -220,7 +220,13 @@ pub fn kubernetes_role(definition: &Definition, role: &Role) -> Vec<Value> {
                 "protocol": "TCP",
             }],
         });
-        let allowed = program.allowed(&role.settings);
+        // `deploy check` refuses patterns for a public Kubernetes
+        // endpoint, so these are all networks.
+        let allowed: Vec<String> = program
+            .allowed(&role.settings)
+            .iter()
+            .map(|a| a.text().to_string())
+            .collect();
         if endpoint.visibility == Visibility::Public && !allowed.is_empty() {
             spec["loadBalancerSourceRanges"] = json!(allowed);
         }
@@ -389,7 +395,11 @@ pub fn compose(definition: &Definition, context: Option<&str>) -> String {
                 "TUNNEL_LISTEN": format!("0.0.0.0:{}", container_port(endpoint.port)),
                 "TUNNEL_TARGET": format!("{}:{}", role.name, container_port(endpoint.port)),
             });
-            let allowed = program.allowed(&role.settings);
+            let allowed: Vec<String> = program
+                .allowed(&role.settings)
+                .iter()
+                .map(|a| a.text().to_string())
+                .collect();
             if endpoint.visibility == Visibility::Public && !allowed.is_empty() {
                 balancer_env["TUNNEL_ALLOW"] = json!(allowed.join(","));
             }

@@ -10,10 +10,12 @@
 
 #![forbid(unsafe_code)]
 
+use std::net::Ipv4Addr;
 use std::path::Path;
 
 use common::cli::CommonArgs;
 use common::config::{resolve_yaml, ConfigErrors, Origin, Sources};
+use common::settings::AddressPattern;
 use echo_server::telnet::{Input, LineReader, IAC, SUBNEGOTIATION_LIMIT};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -277,8 +279,12 @@ impl<'a> Iterator for Splits<'a> {
 /// Input: the file's bytes (invalid UTF-8 replaced, as a text file would
 /// be read lossily). Checks that a file that parses has rules and that its
 /// routes resolve (a file accepted by the parser must not fail later
-/// without a line number); and that every problem has a message and a line
-/// number inside the file (0 for the whole file).
+/// without a line number); that every `allow`/`deny` entry reads back as
+/// itself from the text `--print-config` shows; that a wildcard pattern
+/// matches a client address exactly when the plain recursive reading of
+/// `*` and `?` over the dotted-decimal text does (client addresses taken
+/// from the input's bytes); and that every problem has a message and a
+/// line number inside the file (0 for the whole file).
 pub fn rinetd(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let lines = text.lines().count();
@@ -293,6 +299,30 @@ pub fn rinetd(data: &[u8]) {
                 assert_eq!(route.listen.len(), 1);
                 assert_eq!(route.targets.len(), 1);
             }
+            let mut octets = data.iter().rev().copied().cycle();
+            let lists = [&settings.allow, &settings.deny]
+                .into_iter()
+                .chain(settings.routes.iter().flat_map(|r| [&r.allow, &r.deny]));
+            for entry in lists.flat_map(|list| &list.0) {
+                let shown = entry.to_string();
+                assert_eq!(
+                    shown.parse::<AddressPattern>().as_ref(),
+                    Ok(entry),
+                    "{shown:?} reads back as something else"
+                );
+                if let AddressPattern::Wildcard(pattern) = entry {
+                    for _ in 0..8 {
+                        let ip = Ipv4Addr::from(std::array::from_fn::<u8, 4, _>(|_| {
+                            octets.next().unwrap_or(1)
+                        }));
+                        assert_eq!(
+                            pattern.matches_ipv4(ip),
+                            glob(pattern.as_str().as_bytes(), ip.to_string().as_bytes()),
+                            "{pattern} against {ip}"
+                        );
+                    }
+                }
+            }
         }
         Err(problems) => {
             assert!(!problems.is_empty(), "refused without a reason");
@@ -302,6 +332,26 @@ pub fn rinetd(data: &[u8]) {
             }
         }
     }
+}
+
+/// Whether `pattern` (`*` any run, `?` any one byte) matches all of
+/// `text`, by the textbook table: `matched[j]` says whether the pattern
+/// read so far matches the first `j` bytes of the text.
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    let mut matched = vec![false; text.len() + 1];
+    matched[0] = true;
+    for &p in pattern {
+        let mut next = vec![false; text.len() + 1];
+        for j in 0..=text.len() {
+            next[j] = match p {
+                b'*' => matched[j] || (j > 0 && next[j - 1]),
+                b'?' => j > 0 && matched[j - 1],
+                _ => j > 0 && matched[j - 1] && text[j - 1] == p,
+            };
+        }
+        matched = next;
+    }
+    matched[text.len()]
 }
 
 /// The YAML configuration loader, as `--config FILE` uses it, for the

@@ -223,6 +223,137 @@ fn a_rinetd_conf_runs_as_it_is() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A connection from the loopback address `from` (127.0.0.2, say).
+fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::from((from, 0)).into()).unwrap();
+    socket.connect(&to.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+/// Whether the tunnel closed `s` without a byte (refused by its access
+/// lists).
+fn refused(s: &mut TcpStream) -> bool {
+    let _ = s.write_all(b"let me in");
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    rest.is_empty()
+}
+
+#[test]
+fn rinetd_patterns_no_network_can_express_are_matched_at_accept() {
+    let dir = tempfile_dir("rinetd-patterns");
+    let conf = dir.join("rinetd.conf");
+    let log = dir.join("rinetd.log");
+    let target = echo_server();
+    let (ones, most) = (local(free_port()), local(free_port()));
+    std::fs::write(
+        &conf,
+        format!(
+            "# only addresses ending in .1, the way rinetd matches them\n\
+             allow *.*.*.1\n\
+             127.0.0.1 {} 127.0.0.1 {}\n\
+             127.0.0.1 {} 127.0.0.1 {}\n\
+             deny 127.0.0.?\n\
+             logfile {}\n",
+            ones.port(),
+            target.port(),
+            most.port(),
+            target.port(),
+            log.display()
+        ),
+    )
+    .unwrap();
+
+    // Printed as written, not as networks.
+    let printed = Command::new(binary("tunnel"))
+        .arg("--rinetd-conf")
+        .arg(&conf)
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    let yaml = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        printed.status.success(),
+        "{yaml}{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    assert!(
+        yaml.contains("*.*.*.1") && yaml.contains("127.0.0.?"),
+        "{yaml}"
+    );
+
+    let mut command = Command::new(binary("tunnel"));
+    command.arg("--rinetd-conf").arg(&conf);
+    let mut tunnel = Running::start(command, ones);
+    tunnel.wait_also(most);
+    // The global allow: 127.0.0.1 ends in .1, 127.0.0.2 and 127.0.0.11 do not.
+    assert_eq!(
+        echo(&mut connect_from([127, 0, 0, 1], ones), b"one"),
+        b"one"
+    );
+    assert!(refused(&mut connect_from([127, 0, 0, 2], ones)));
+    assert!(refused(&mut connect_from([127, 0, 0, 11], ones)));
+    // The second rule's own deny: 127.0.0.? is one digit after the last
+    // dot, so 127.0.0.1 is refused there and 127.0.1.1 is not.
+    assert!(refused(&mut connect_from([127, 0, 0, 1], most)));
+    assert_eq!(
+        echo(&mut connect_from([127, 0, 1, 1], most), b"other"),
+        b"other"
+    );
+    let (code, stderr) = tunnel.stop();
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let ends = |client: &str| -> Vec<&str> {
+        lines
+            .lines()
+            .filter(|l| l.contains(&format!(" client={client}:")))
+            .map(|l| l.rsplit_once(" end=").map_or("", |(_, end)| end))
+            .collect()
+    };
+    let refusal = "\"refused by access list\"";
+    assert_eq!(ends("127.0.0.2"), [refusal], "{lines}");
+    assert_eq!(ends("127.0.0.11"), [refusal], "{lines}");
+    assert_eq!(ends("127.0.1.1"), ["\"closed by client\""], "{lines}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn yaml_and_environment_lists_take_patterns_too() {
+    let target = echo_server();
+    let listen = local(free_port());
+    let mut command = Command::new(binary("tunnel"));
+    command
+        .args(["--listen", &listen.to_string()])
+        .args(["--target", &target.to_string()])
+        .env("TUNNEL_ALLOW", "127.0.0.0/30, *.*.*.1?")
+        .env("TUNNEL_DENY", "127.0.0.2");
+    let tunnel = Running::start(command, listen);
+    assert_eq!(echo(&mut connect_from([127, 0, 0, 1], listen), b"a"), b"a");
+    assert!(refused(&mut connect_from([127, 0, 0, 2], listen)));
+    assert_eq!(echo(&mut connect_from([127, 0, 0, 17], listen), b"b"), b"b");
+    assert!(refused(&mut connect_from([127, 0, 0, 27], listen)));
+    let (code, stderr) = tunnel.stop();
+    assert_eq!(code, Some(0), "{stderr}");
+
+    let out = Command::new(binary("tunnel"))
+        .args(["--listen", &listen.to_string()])
+        .args(["--target", &target.to_string()])
+        .env("TUNNEL_ALLOW", "10.*, 300.*")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("allow") && err.contains("\"300.*\" matches no IPv4 address"),
+        "{err}"
+    );
+}
+
 /// GET a path from the admin endpoint with a plain HTTP/1.1 request.
 fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut s = connect(addr);

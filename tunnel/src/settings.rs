@@ -7,15 +7,14 @@
 //! global ones.
 
 use std::fmt;
-use std::str::FromStr;
 
 use common::config::ConfigError;
 use common::settings::{
-    at_least_one, at_least_one_opt, nonzero_duration, nonzero_duration_opt, AccessList, CidrList,
-    ListenAddr, LogSettings, Seconds,
+    at_least_one, at_least_one_opt, nonzero_duration, nonzero_duration_opt, AccessList,
+    AddressList, List, ListenAddr, LogSettings, Seconds,
 };
 
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 /// The program's name: its configuration prefix is `TUNNEL_`.
@@ -25,96 +24,11 @@ pub const PROGRAM: &str = "tunnel";
 pub use common::settings::HostPort as Target;
 
 /// One or more listen addresses: a single string or a list.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ListenList(pub Vec<ListenAddr>);
-
-impl Serialize for ListenList {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(ToString::to_string))
-    }
-}
-
-impl<'de> Deserialize<'de> for ListenList {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = ListenList;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a listen address IP:PORT, or a list of them")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<ListenList, E> {
-                v.split(|c: char| c == ',' || c.is_whitespace())
-                    .filter(|a| !a.is_empty())
-                    .map(|a| a.parse::<ListenAddr>().map_err(E::custom))
-                    .collect::<Result<_, _>>()
-                    .map(ListenList)
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ListenList, E> {
-                self.visit_str(&v.to_string())
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ListenList, A::Error> {
-                let mut all = Vec::new();
-                while let Some(a) = seq.next_element::<String>()? {
-                    all.push(a.parse::<ListenAddr>().map_err(de::Error::custom)?);
-                }
-                Ok(ListenList(all))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
+pub type ListenList = List<ListenAddr>;
 
 /// One or more targets: a `HOST:PORT` string (several separated by commas)
 /// or a list.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TargetList(pub Vec<Target>);
-
-impl FromStr for TargetList {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        s.split(|c: char| c == ',' || c.is_whitespace())
-            .filter(|t| !t.is_empty())
-            .map(str::parse::<Target>)
-            .collect::<Result<_, _>>()
-            .map(TargetList)
-    }
-}
-
-impl fmt::Display for TargetList {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let all: Vec<String> = self.0.iter().map(ToString::to_string).collect();
-        f.write_str(&all.join(","))
-    }
-}
-
-impl Serialize for TargetList {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(ToString::to_string))
-    }
-}
-
-impl<'de> Deserialize<'de> for TargetList {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = TargetList;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("HOST:PORT, or a list of them")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<TargetList, E> {
-                v.parse().map_err(E::custom)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TargetList, A::Error> {
-                let mut all = Vec::new();
-                while let Some(t) = seq.next_element::<String>()? {
-                    all.push(t.parse::<Target>().map_err(de::Error::custom)?);
-                }
-                Ok(TargetList(all))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
+pub type TargetList = List<Target>;
 
 /// Active health checks: `false`, `true` (the defaults), or the settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,10 +229,11 @@ pub struct RouteSettings {
     pub balance: Option<Policy>,
     /// Active health checks of the targets (default: on with several).
     pub health_check: Option<HealthSetting>,
-    /// Client networks let in, on top of the global lists.
-    pub allow: CidrList,
-    /// Client networks refused, on top of the global lists.
-    pub deny: CidrList,
+    /// Clients let in, on top of the global lists: networks and
+    /// rinetd-style patterns.
+    pub allow: AddressList,
+    /// Clients refused, on top of the global lists.
+    pub deny: AddressList,
     /// How long to wait for the target to accept.
     #[serde(deserialize_with = "nonzero_duration_opt")]
     pub connect_timeout: Option<Seconds>,
@@ -347,10 +262,11 @@ pub struct Settings {
     pub port: Option<u16>,
     /// Routes from a configuration file.
     pub routes: Vec<RouteSettings>,
-    /// Client networks let in on every route (empty: everyone).
-    pub allow: CidrList,
-    /// Client networks refused on every route.
-    pub deny: CidrList,
+    /// Clients let in on every route (empty: everyone): networks and
+    /// rinetd-style patterns.
+    pub allow: AddressList,
+    /// Clients refused on every route.
+    pub deny: AddressList,
     /// Default connect timeout.
     #[serde(deserialize_with = "nonzero_duration")]
     pub connect_timeout: Seconds,
@@ -368,10 +284,10 @@ pub struct Settings {
     pub health_check: Option<HealthSetting>,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (off when unset).
     pub admin: Option<ListenAddr>,
-    /// Networks let in to the admin endpoint (empty: everyone).
-    pub admin_allow: CidrList,
-    /// Networks refused by the admin endpoint.
-    pub admin_deny: CidrList,
+    /// Clients let in to the admin endpoint (empty: everyone).
+    pub admin_allow: AddressList,
+    /// Clients refused by the admin endpoint.
+    pub admin_deny: AddressList,
     /// Threads that relay connections (0: one per CPU).
     #[serde(deserialize_with = "workers")]
     pub workers: usize,
@@ -393,13 +309,13 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            listen: ListenList(vec![ListenAddr(([0, 0, 0, 0], 1001).into())]),
+            listen: List(vec![ListenAddr(([0, 0, 0, 0], 1001).into())]),
             target: None,
             host: None,
             port: None,
             routes: Vec::new(),
-            allow: CidrList::default(),
-            deny: CidrList::default(),
+            allow: AddressList::default(),
+            deny: AddressList::default(),
             connect_timeout: Seconds::from_secs(5),
             idle_timeout: Seconds::from_secs(3600),
             keepalive: Keepalive::Default,
@@ -407,8 +323,8 @@ impl Default for Settings {
             balance: Policy::default(),
             health_check: None,
             admin: None,
-            admin_allow: CidrList::default(),
-            admin_deny: CidrList::default(),
+            admin_allow: AddressList::default(),
+            admin_deny: AddressList::default(),
             workers: 1,
             instance: format!("{PROGRAM}_IN_0"),
             shutdown_grace: Seconds::from_secs(30),
