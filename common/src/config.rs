@@ -901,7 +901,7 @@ impl<T: Serialize + ProgramSettings> Resolved<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::{ListenAddr, Seconds, ServeSettings};
+    use crate::settings::{ListenAddr, Period, ServeSettings};
     use figment::Jail;
 
     /// Runs `test` with environment variables set through `jail`: tests
@@ -934,7 +934,7 @@ mod tests {
         name: String,
         listen: ListenAddr,
         #[serde(default)]
-        idle_timeout: Option<Seconds>,
+        idle_timeout: Option<Period>,
     }
 
     impl Default for Settings {
@@ -984,9 +984,9 @@ mod tests {
             let s = &resolved.settings;
             assert_eq!(s.listen.to_string(), "127.0.0.1:3");
             assert_eq!(s.greeting, "from file");
-            assert_eq!(s.serve.idle_timeout, Seconds::from_secs(120));
+            assert_eq!(s.serve.idle_timeout, Period::from_secs(120));
             assert_eq!(s.serve.max_connections, 7);
-            assert_eq!(s.serve.shutdown_grace, Seconds::from_secs(10));
+            assert_eq!(s.serve.shutdown_grace, Period::from_secs(10));
             assert_eq!(
                 resolved.origin("listen"),
                 Some(Origin::Flag("--listen".into()))
@@ -1310,7 +1310,7 @@ mod tests {
     #[serde(default)]
     struct Health {
         port: Option<u16>,
-        interval: Option<Seconds>,
+        interval: Option<Period>,
     }
 
     fn target(program: &'static str) -> Result<Resolved<Target>, ConfigErrors> {

@@ -21,19 +21,19 @@ pub use access::{AccessList, AccessRules, AddressList, AddressPattern, Cidr, Cid
 use list::text_serde;
 pub use list::{deserialize_text, List, TextValue};
 
-/// A duration written as `300ms`, `30s`, `5m`, `1h 30m`, or a whole number
-/// of seconds.
+/// A length of time in a setting, written as `300ms`, `30s`, `5m`, `1h 30m`,
+/// or a whole number of seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Seconds(pub Duration);
+pub struct Period(pub Duration);
 
-impl Seconds {
+impl Period {
     /// The duration of `secs` seconds.
     pub const fn from_secs(secs: u64) -> Self {
-        Seconds(Duration::from_secs(secs))
+        Period(Duration::from_secs(secs))
     }
     /// The duration of `ms` milliseconds.
     pub const fn from_millis(ms: u64) -> Self {
-        Seconds(Duration::from_millis(ms))
+        Period(Duration::from_millis(ms))
     }
 }
 
@@ -41,21 +41,21 @@ impl Seconds {
 /// anyone means, and a clock moved by much more overflows.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
-fn within_bounds(d: Duration) -> Result<Seconds, String> {
+fn within_bounds(d: Duration) -> Result<Period, String> {
     if d > MAX_DURATION {
         Err("longer than 365 days, the longest duration allowed; write a shorter one such as 1h or 30d".into())
     } else {
-        Ok(Seconds(d))
+        Ok(Period(d))
     }
 }
 
-impl fmt::Display for Seconds {
+impl fmt::Display for Period {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", humantime::format_duration(self.0))
     }
 }
 
-impl FromStr for Seconds {
+impl FromStr for Period {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
@@ -68,34 +68,34 @@ impl FromStr for Seconds {
     }
 }
 
-impl Serialize for Seconds {
+impl Serialize for Period {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_string())
     }
 }
 
-impl<'de> Deserialize<'de> for Seconds {
+impl<'de> Deserialize<'de> for Period {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl Visitor<'_> for V {
-            type Value = Seconds;
+            type Value = Period;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a duration such as 30s, 5m or 1h")
             }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seconds, E> {
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Period, E> {
                 within_bounds(Duration::from_secs(v)).map_err(E::custom)
             }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seconds, E> {
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Period, E> {
                 u64::try_from(v)
                     .map_err(|_| E::custom("a duration cannot be negative"))
                     .and_then(|v| self.visit_u64(v))
             }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Seconds, E> {
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Period, E> {
                 Duration::try_from_secs_f64(v)
                     .map_err(|_| E::custom("a duration must be a positive number of seconds"))
                     .and_then(|d| within_bounds(d).map_err(E::custom))
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Seconds, E> {
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Period, E> {
                 v.parse().map_err(E::custom)
             }
         }
@@ -106,8 +106,8 @@ impl<'de> Deserialize<'de> for Seconds {
 /// For `#[serde(deserialize_with)]` on a duration that cannot be zero (a
 /// timeout of zero would close every connection at once; an interval of
 /// zero would spin).
-pub fn nonzero_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Seconds, D::Error> {
-    let value = Seconds::deserialize(d)?;
+pub fn nonzero_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Period, D::Error> {
+    let value = Period::deserialize(d)?;
     if value.0.is_zero() {
         return Err(de::Error::custom(
             "must be longer than 0; write a duration such as 30s or 5m",
@@ -117,8 +117,8 @@ pub fn nonzero_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Seconds, D::E
 }
 
 /// [`nonzero_duration`] for a setting that may be left out.
-pub fn nonzero_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Seconds>, D::Error> {
-    Option::<Seconds>::deserialize(d)?
+pub fn nonzero_duration_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Period>, D::Error> {
+    Option::<Period>::deserialize(d)?
         .map(|value| {
             if value.0.is_zero() {
                 Err(de::Error::custom(
@@ -268,9 +268,9 @@ pub struct ServeSettings {
     pub deny: CidrList,
     /// A connection with no traffic for this long is closed.
     #[serde(deserialize_with = "nonzero_duration")]
-    pub idle_timeout: Seconds,
+    pub idle_timeout: Period,
     /// On SIGINT/SIGTERM, how long live connections may take to finish.
-    pub shutdown_grace: Seconds,
+    pub shutdown_grace: Period,
 }
 
 impl Default for ServeSettings {
@@ -279,8 +279,8 @@ impl Default for ServeSettings {
             max_connections: 10_000,
             allow: CidrList::default(),
             deny: CidrList::default(),
-            idle_timeout: Seconds::from_secs(300),
-            shutdown_grace: Seconds::from_secs(10),
+            idle_timeout: Period::from_secs(300),
+            shutdown_grace: Period::from_secs(10),
         }
     }
 }
@@ -323,21 +323,18 @@ mod tests {
 
     #[test]
     fn durations_in_the_forms_people_write() {
-        assert_eq!("30".parse::<Seconds>().unwrap(), Seconds::from_secs(30));
-        assert_eq!("5m".parse::<Seconds>().unwrap(), Seconds::from_secs(300));
-        assert_eq!(
-            "250ms".parse::<Seconds>().unwrap(),
-            Seconds::from_millis(250)
-        );
-        assert!("soon".parse::<Seconds>().unwrap_err().contains("30s"));
+        assert_eq!("30".parse::<Period>().unwrap(), Period::from_secs(30));
+        assert_eq!("5m".parse::<Period>().unwrap(), Period::from_secs(300));
+        assert_eq!("250ms".parse::<Period>().unwrap(), Period::from_millis(250));
+        assert!("soon".parse::<Period>().unwrap_err().contains("30s"));
     }
 
     #[test]
     fn durations_past_a_year_are_refused() {
-        assert!("365d".parse::<Seconds>().is_ok());
-        let err = "18446744073709551615".parse::<Seconds>().unwrap_err();
+        assert!("365d".parse::<Period>().is_ok());
+        let err = "18446744073709551615".parse::<Period>().unwrap_err();
         assert!(err.contains("longest"), "{err}");
-        assert!("400d".parse::<Seconds>().is_err());
+        assert!("400d".parse::<Period>().is_err());
     }
 
     #[test]

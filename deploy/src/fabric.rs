@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use common::endpoint::{bind_error, bind_listener};
-use common::settings::{AccessList, ListenAddr, Seconds};
+use common::settings::{AccessList, ListenAddr, Period};
 pub use common::signal::Shutdown;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
@@ -492,15 +492,15 @@ fn balancer_route(
         // Instances are local: check every second and act on the first
         // failure (a refused connect ejects at once, between checks too).
         health: HealthCheck {
-            interval: Seconds::from_secs(1),
-            timeout: Seconds::from_millis(500),
+            interval: Period::from_secs(1),
+            timeout: Period::from_millis(500),
             rise: 1,
             fall: 1,
         },
         checks: true,
         access: vec![AccessList::default()],
-        connect_timeout: Seconds::from_secs(2),
-        idle_timeout: Seconds::from_secs(3600),
+        connect_timeout: Period::from_secs(2),
+        idle_timeout: Period::from_secs(3600),
         keepalive: Keepalive::Default,
         max_connections: 10_000,
     }

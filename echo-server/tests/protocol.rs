@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::settings::{CidrList, Seconds};
+use common::settings::{CidrList, Period};
 use echo_server::{run, text, Settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -318,7 +318,7 @@ async fn a_flood_and_garbage_leave_other_sessions_answering() {
 async fn idle_sessions_are_closed_with_a_reason() {
     let server = Server::start(Settings {
         serve: common::settings::ServeSettings {
-            idle_timeout: Seconds::from_millis(300),
+            idle_timeout: Period::from_millis(300),
             ..Default::default()
         },
         ..utc()

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use common::settings::Seconds;
+use common::settings::Period;
 use square_client::{Client, Reply, SquareError, StreamOptions, Summary};
 use tokio::net::TcpListener;
 
@@ -151,7 +151,7 @@ async fn a_line_longer_than_a_batch_is_refused_by_the_server() {
 #[tokio::test]
 async fn the_server_closing_early_is_a_connection_error() {
     let mut settings = square_server::Settings::default();
-    settings.serve.idle_timeout = Seconds::from_millis(200);
+    settings.serve.idle_timeout = Period::from_millis(200);
     let addr = server(settings).await;
     let client = Client::connect(&addr).await.unwrap();
     // An input that never ends: the server gives up on the idle connection.

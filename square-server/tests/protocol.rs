@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use common::settings::Seconds;
+use common::settings::Period;
 use square_server::Settings;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -220,7 +220,7 @@ async fn a_last_line_without_newline_is_answered_at_eof() {
 #[tokio::test]
 async fn an_idle_connection_is_closed() {
     let mut settings = small_limits();
-    settings.serve.idle_timeout = Seconds::from_millis(200);
+    settings.serve.idle_timeout = Period::from_millis(200);
     let server = start(settings).await;
     let mut peer = Peer::connect(&server).await;
     assert_eq!(peer.ask("2").await, "4");
@@ -230,7 +230,7 @@ async fn an_idle_connection_is_closed() {
 #[tokio::test]
 async fn shutdown_closes_live_connections_and_stops() {
     let mut settings = small_limits();
-    settings.serve.shutdown_grace = Seconds::from_secs(5);
+    settings.serve.shutdown_grace = Period::from_secs(5);
     let mut server = start(settings).await;
     let mut peer = Peer::connect(&server).await;
     assert_eq!(peer.ask("11").await, "121");

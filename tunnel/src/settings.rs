@@ -11,7 +11,7 @@ use std::fmt;
 use common::config::ConfigError;
 use common::settings::{
     at_least_one, at_least_one_opt, nonzero_duration, nonzero_duration_opt, AccessList,
-    AddressList, List, ListenAddr, LogSettings, Seconds,
+    AddressList, List, ListenAddr, LogSettings, Period,
 };
 
 use serde::de::{self, Deserializer, Visitor};
@@ -108,11 +108,11 @@ impl fmt::Display for Policy {
 pub struct HealthCheck {
     /// Time between checks of a target.
     #[serde(deserialize_with = "common::settings::nonzero_duration")]
-    pub interval: Seconds,
+    pub interval: Period,
     /// How long a check's connect may take; also how long it waits for the
     /// target to close after the check has sent its end of stream.
     #[serde(deserialize_with = "common::settings::nonzero_duration")]
-    pub timeout: Seconds,
+    pub timeout: Period,
     /// Consecutive successes that bring an ejected target back.
     #[serde(deserialize_with = "common::settings::at_least_one")]
     pub rise: u32,
@@ -124,8 +124,8 @@ pub struct HealthCheck {
 impl Default for HealthCheck {
     fn default() -> Self {
         HealthCheck {
-            interval: Seconds::from_secs(2),
-            timeout: Seconds::from_secs(1),
+            interval: Period::from_secs(2),
+            timeout: Period::from_secs(1),
             rise: 2,
             fall: 3,
         }
@@ -141,7 +141,7 @@ pub enum Keepalive {
     #[default]
     Default,
     /// Probe after this long idle.
-    After(Seconds),
+    After(Period),
 }
 
 impl Keepalive {
@@ -187,7 +187,7 @@ impl<'de> Deserialize<'de> for Keepalive {
                 match v.trim() {
                     "false" | "off" | "no" => Ok(Keepalive::Off),
                     "true" | "on" | "yes" => Ok(Keepalive::Default),
-                    other => match other.parse::<Seconds>().map_err(E::custom)? {
+                    other => match other.parse::<Period>().map_err(E::custom)? {
                         d if d.0 < std::time::Duration::from_secs(1) => Err(E::custom(
                             "keepalive probes start after at least 1s idle; write false to turn them off",
                         )),
@@ -236,10 +236,10 @@ pub struct RouteSettings {
     pub deny: AddressList,
     /// How long to wait for the target to accept.
     #[serde(deserialize_with = "nonzero_duration_opt")]
-    pub connect_timeout: Option<Seconds>,
+    pub connect_timeout: Option<Period>,
     /// Close a connection with no traffic either way for this long.
     #[serde(deserialize_with = "nonzero_duration_opt")]
-    pub idle_timeout: Option<Seconds>,
+    pub idle_timeout: Option<Period>,
     /// TCP keepalive on both sides.
     pub keepalive: Option<Keepalive>,
     /// Most connections at once on this route, over all its listen
@@ -269,10 +269,10 @@ pub struct Settings {
     pub deny: AddressList,
     /// Default connect timeout.
     #[serde(deserialize_with = "nonzero_duration")]
-    pub connect_timeout: Seconds,
+    pub connect_timeout: Period,
     /// Default idle timeout.
     #[serde(deserialize_with = "nonzero_duration")]
-    pub idle_timeout: Seconds,
+    pub idle_timeout: Period,
     /// Default TCP keepalive.
     pub keepalive: Keepalive,
     /// Default connection cap per route.
@@ -294,7 +294,7 @@ pub struct Settings {
     /// This instance's name in logs (set per instance by a deployment).
     pub instance: String,
     /// How long live connections may take to finish on SIGTERM.
-    pub shutdown_grace: Seconds,
+    pub shutdown_grace: Period,
     /// Where access-log lines go besides the log: a file path, or none.
     pub access_log: Option<String>,
     /// Also log connections that carried no byte (health checks, probes).
@@ -316,8 +316,8 @@ impl Default for Settings {
             routes: Vec::new(),
             allow: AddressList::default(),
             deny: AddressList::default(),
-            connect_timeout: Seconds::from_secs(5),
-            idle_timeout: Seconds::from_secs(3600),
+            connect_timeout: Period::from_secs(5),
+            idle_timeout: Period::from_secs(3600),
             keepalive: Keepalive::Default,
             max_connections: 10_000,
             balance: Policy::default(),
@@ -327,7 +327,7 @@ impl Default for Settings {
             admin_deny: AddressList::default(),
             workers: 1,
             instance: format!("{PROGRAM}_IN_0"),
-            shutdown_grace: Seconds::from_secs(30),
+            shutdown_grace: Period::from_secs(30),
             access_log: None,
             log_empty_connections: false,
             pid_file: None,
@@ -354,9 +354,9 @@ pub struct Route {
     /// Global rules, then the route's own: both must let a client in.
     pub access: Vec<AccessList>,
     /// How long to wait for the target to accept.
-    pub connect_timeout: Seconds,
+    pub connect_timeout: Period,
     /// Close after this long without traffic.
-    pub idle_timeout: Seconds,
+    pub idle_timeout: Period,
     /// TCP keepalive on both sides.
     pub keepalive: Keepalive,
     /// Most connections at once.

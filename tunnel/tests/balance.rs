@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::settings::{AccessList, ListenAddr, Seconds};
+use common::settings::{AccessList, ListenAddr, Period};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -108,8 +108,8 @@ async fn tunnel_over(
         health: checks.unwrap_or_default(),
         checks: checks.is_some(),
         access: vec![AccessList::default()],
-        connect_timeout: Seconds::from_secs(2),
-        idle_timeout: Seconds::from_secs(60),
+        connect_timeout: Period::from_secs(2),
+        idle_timeout: Period::from_secs(60),
         keepalive: Keepalive::Default,
         max_connections: 1000,
     };
@@ -141,8 +141,8 @@ async fn who(addr: SocketAddr) -> (String, TcpStream) {
 
 fn fast_checks() -> HealthCheck {
     HealthCheck {
-        interval: Seconds::from_millis(50),
-        timeout: Seconds::from_millis(500),
+        interval: Period::from_millis(50),
+        timeout: Period::from_millis(500),
         rise: 2,
         fall: 2,
     }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::settings::Seconds;
+use common::settings::Period;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -23,8 +23,8 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn checks(interval_ms: u64, timeout_ms: u64) -> HealthCheck {
     HealthCheck {
-        interval: Seconds::from_millis(interval_ms),
-        timeout: Seconds::from_millis(timeout_ms),
+        interval: Period::from_millis(interval_ms),
+        timeout: Period::from_millis(timeout_ms),
         rise: 1,
         fall: 1,
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::settings::{AccessList, ListenAddr, Seconds};
+use common::settings::{AccessList, ListenAddr, Period};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel::access_log::AccessLog;
@@ -25,8 +25,8 @@ fn route(name: &str, listen: SocketAddr, target: SocketAddr) -> Route {
         health: HealthCheck::default(),
         checks: false,
         access: vec![AccessList::default()],
-        connect_timeout: Seconds::from_secs(2),
-        idle_timeout: Seconds::from_secs(60),
+        connect_timeout: Period::from_secs(2),
+        idle_timeout: Period::from_secs(60),
         keepalive: Keepalive::Default,
         max_connections: 1000,
     }
@@ -179,7 +179,7 @@ async fn a_large_transfer_arrives_intact_both_ways() {
 async fn idle_connections_are_closed_and_logged() {
     let (target, _) = echo_target().await;
     let (tunnel, addr, log) =
-        tunnel_to(target, |r| r.idle_timeout = Seconds::from_millis(300)).await;
+        tunnel_to(target, |r| r.idle_timeout = Period::from_millis(300)).await;
     let mut client = TcpStream::connect(addr).await.unwrap();
     client.write_all(b"hi").await.unwrap();
     let mut buf = [0u8; 2];
@@ -438,8 +438,8 @@ async fn connections_without_a_byte_are_logged_only_when_asked() {
 async fn timeouts_beyond_the_clocks_range_mean_never_not_a_panic() {
     let (target, _) = echo_target().await;
     let (tunnel, addr, _log) = tunnel_to(target, |r| {
-        r.connect_timeout = Seconds(Duration::MAX);
-        r.idle_timeout = Seconds(Duration::MAX);
+        r.connect_timeout = Period(Duration::MAX);
+        r.idle_timeout = Period(Duration::MAX);
     })
     .await;
     assert_eq!(roundtrip(addr, b"still works").await, b"still works");

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::settings::{AccessList, ListenAddr, Seconds};
+use common::settings::{AccessList, ListenAddr, Period};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -40,8 +40,8 @@ async fn tunnel_to(target: SocketAddr) -> (Tunnel, SocketAddr, tempfile::NamedTe
         health: HealthCheck::default(),
         checks: false,
         access: vec![AccessList::default()],
-        connect_timeout: Seconds::from_secs(5),
-        idle_timeout: Seconds::from_secs(60),
+        connect_timeout: Period::from_secs(5),
+        idle_timeout: Period::from_secs(60),
         keepalive: Keepalive::Default,
         max_connections: 100,
     };
