@@ -27,7 +27,7 @@ pub const EXIT_UNAVAILABLE: u8 = 69;
 /// it serializes only the flags that are settings, and only when given.
 #[derive(Debug, Clone, Default, clap::Args, Serialize)]
 pub struct CommonArgs {
-    /// YAML configuration file (also the program's <PREFIX>_CONFIG)
+    /// YAML configuration file (also the program's `<PREFIX>_CONFIG`)
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,

@@ -135,10 +135,16 @@ where
     });
     let pid_file = settings.pid_file.as_deref().map(PidFile::write);
     tokio::pin!(shutdown);
+    let mut reloads = true;
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            _ = hangup.recv() => reload(&mut reconfigure, &settings, &tunnel).await,
+            // A signal stream that ended delivers nothing more: wait for
+            // the shutdown alone rather than spin on it.
+            got = hangup.recv(), if reloads => match got {
+                Some(()) => reload(&mut reconfigure, &settings, &tunnel).await,
+                None => reloads = false,
+            },
         }
     }
     tunnel.shutdown().await;
