@@ -129,6 +129,27 @@ pub struct ServeArgs {
     pub shutdown_grace: Option<String>,
 }
 
+/// A program's start, the same in every one: its arguments parsed, its
+/// settings resolved (every problem printed, `--print-config` answered),
+/// its log started. `Err` is the status to exit with.
+pub fn start<A, T>(
+    program: &'static str,
+    common: impl Fn(&A) -> &CommonArgs,
+    log: impl Fn(&T) -> &crate::settings::LogSettings,
+) -> Result<(A, T, crate::telemetry::LogGuard), ExitCode>
+where
+    A: clap::Parser + Serialize,
+    T: Serialize + DeserializeOwned + Default + crate::config::ProgramSettings,
+{
+    let args = parse_args::<A>()?;
+    let settings = match load::<T, _>(program, common(&args), &args) {
+        Loaded::Run(resolved) => resolved.settings,
+        Loaded::Exit(code) => return Err(code),
+    };
+    let guard = crate::telemetry::init(log(&settings));
+    Ok((args, settings, guard))
+}
+
 /// What a program does after loading its configuration.
 pub enum Loaded<T> {
     /// Go on and run with these settings.

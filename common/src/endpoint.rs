@@ -26,6 +26,16 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// A program's endpoint set by its `listen` setting.
+    pub fn listen(program: &'static str, name: &'static str, addr: ListenAddr) -> Endpoint {
+        Endpoint {
+            program,
+            name,
+            key: "listen",
+            addr,
+        }
+    }
+
     /// Binds the endpoint, with a listen backlog of 4096 and address reuse
     /// so a restart does not wait for old connections in TIME_WAIT.
     pub fn bind(&self) -> anyhow::Result<TcpListener> {

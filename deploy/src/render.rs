@@ -13,7 +13,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::definition::{Definition, Role, Visibility, ADMIN_PORT};
+use crate::definition::{Definition, Endpoint, Role, Visibility, ADMIN_PORT};
 
 /// The image a program runs from, by the name the manifests use before
 /// Kustomize's `images:` puts the registry and tag in:
@@ -222,12 +222,8 @@ pub fn kubernetes_role(definition: &Definition, role: &Role) -> Vec<Value> {
         });
         // `deploy check` refuses patterns for a public Kubernetes
         // endpoint, so these are all networks.
-        let allowed: Vec<String> = program
-            .allowed(&role.settings)
-            .iter()
-            .map(|a| a.text().to_string())
-            .collect();
-        if endpoint.visibility == Visibility::Public && !allowed.is_empty() {
+        let allowed = public_allow(role, endpoint);
+        if !allowed.is_empty() {
             spec["loadBalancerSourceRanges"] = json!(allowed);
         }
         docs.push(json!({
@@ -271,6 +267,19 @@ fn network_policy(definition: &Definition, role: &Role, admin: Option<u16>) -> V
             "ingress": ingress,
         },
     })
+}
+
+/// Who may reach a public endpoint from outside: the role's `allow`
+/// entries as written; nothing for an internal one, which stays inside.
+fn public_allow(role: &Role, endpoint: &Endpoint) -> Vec<String> {
+    if endpoint.visibility != Visibility::Public {
+        return Vec::new();
+    }
+    role.program()
+        .allowed(&role.settings)
+        .iter()
+        .map(|a| a.text().to_string())
+        .collect()
 }
 
 /// An endpoint's container port name (checked by the definition to be
@@ -395,12 +404,8 @@ pub fn compose(definition: &Definition, context: Option<&str>) -> String {
                 "TUNNEL_LISTEN": format!("0.0.0.0:{}", container_port(endpoint.port)),
                 "TUNNEL_TARGET": format!("{}:{}", role.name, container_port(endpoint.port)),
             });
-            let allowed: Vec<String> = program
-                .allowed(&role.settings)
-                .iter()
-                .map(|a| a.text().to_string())
-                .collect();
-            if endpoint.visibility == Visibility::Public && !allowed.is_empty() {
+            let allowed = public_allow(role, endpoint);
+            if !allowed.is_empty() {
                 balancer_env["TUNNEL_ALLOW"] = json!(allowed.join(","));
             }
             let mut balancer = container("tunnel");

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use common::cli::{load, parse_args, runtime, CommonArgs, Loaded};
+use common::cli::{runtime, start, CommonArgs};
 use common::runtime::Flavor;
 use serde::Serialize;
 use square_client::cli::{Format, PROGRAM};
@@ -50,15 +50,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args::<Args>() {
-        Ok(args) => args,
+    let (args, settings, _log) = match start::<Args, Settings>(PROGRAM, |a| &a.common, |s| &s.log) {
+        Ok(started) => started,
         Err(code) => return code,
     };
-    let settings = match load::<Settings, _>(PROGRAM, &args.common, &args) {
-        Loaded::Run(resolved) => resolved.settings,
-        Loaded::Exit(code) => return code,
-    };
-    let _log = common::telemetry::init(&settings.log);
     let format = if args.json {
         Format::Json
     } else {

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use common::cli::{load, parse_args, serve_endpoint, CommonArgs, Loaded, ServeArgs};
+use common::cli::{serve_endpoint, start, CommonArgs, ServeArgs};
 use common::endpoint::Endpoint;
 use serde::Serialize;
 use square_server::{Settings, ENDPOINT, PROGRAM};
@@ -41,22 +41,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args::<Args>() {
-        Ok(args) => args,
+    let (_, settings, _log) = match start::<Args, Settings>(PROGRAM, |a| &a.common, |s| &s.log) {
+        Ok(started) => started,
         Err(code) => return code,
     };
-    let resolved = match load::<Settings, _>(PROGRAM, &args.common, &args) {
-        Loaded::Run(resolved) => resolved,
-        Loaded::Exit(code) => return code,
-    };
-    let settings = resolved.settings;
-    let _log = common::telemetry::init(&settings.log);
-    let endpoint = Endpoint {
-        program: PROGRAM,
-        name: ENDPOINT,
-        key: "listen",
-        addr: settings.listen,
-    };
+    let endpoint = Endpoint::listen(PROGRAM, ENDPOINT, settings.listen);
     serve_endpoint(endpoint, |listener| async move {
         square_server::run(listener, settings, common::signal::shutdown()).await;
         Ok(())
