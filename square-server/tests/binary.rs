@@ -433,6 +433,9 @@ fn refusing_clients_with_stderr_closed_keeps_the_server_serving() {
         let _ = stream.read_to_end(&mut rest);
         assert!(rest.is_empty(), "a refused client got {rest:?}");
     }
+    // A duration: the refusals are written to the closed pipe by the log's
+    // own thread, a moment after the clients see them, and a crash that
+    // does not come is no event to wait for.
     std::thread::sleep(Duration::from_millis(200));
     if let Some(status) = server.child.try_wait().unwrap() {
         panic!("square-server exited ({status}) after refusing clients with its stderr closed");

@@ -10,12 +10,15 @@ pub mod kubelet;
 pub mod netns;
 pub mod postgres;
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// How long a program may take to report where it listens.
+const REPORT_WITHIN: Duration = Duration::from_secs(20);
 
 /// The path of a workspace binary, built once per test run with the
 /// profile and target directory of the tests, so it is never stale.
@@ -93,13 +96,170 @@ pub fn wait_for(mut check: impl FnMut() -> bool, what: &str) {
     }
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago; another process may take it
+/// before the test uses it. Only for an address that must be written down
+/// before the program starts where the program refuses port 0 (a rinetd.conf
+/// rule, an endpoint of a service definition, PostgreSQL's port), and the
+/// race is accepted there. Everywhere else, give the program port 0 and
+/// learn the address it got with [`Running::start_reporting`].
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The address a log line reports in `field` (`listen`, `admin`, `addr`):
+/// `field=ADDR` in the text format, `"field":"ADDR"` in JSON.
+pub fn logged_addr(line: &str, field: &str) -> Option<SocketAddr> {
+    let text = format!("{field}=");
+    let json = format!("\"{field}\":\"");
+    line.match_indices(&text)
+        .filter(|(at, _)| *at == 0 || line[..*at].ends_with(' '))
+        .map(|(at, _)| line[at + text.len()..].split_whitespace().next())
+        .chain(
+            line.match_indices(&json)
+                .map(|(at, _)| line[at + json.len()..].split('"').next()),
+        )
+        .find_map(|value| value?.parse().ok())
+}
+
+/// Starts `command` (stdin closed, stderr piped) with the log at info
+/// unless the command sets `RUST_LOG` itself: start-up lines are logged at
+/// info, and the test's own environment must not hide them.
+fn spawn_logging(mut command: Command) -> Child {
+    if !command.get_envs().any(|(key, _)| key == "RUST_LOG") {
+        command.env_remove("RUST_LOG");
+    }
+    command
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"))
+}
+
+/// Starts `command` and reads its stderr until it has reported an address
+/// in each of `fields` (see [`logged_addr`]); returns the process, those
+/// addresses, and the stderr pipe, read up to there, for the test to close
+/// (a log nobody reads any more) or to keep and never read. For a log the
+/// test goes on reading, use [`Running::start_reporting`].
+pub fn spawn_reporting(command: Command, fields: &[&str]) -> (Child, Vec<SocketAddr>, ChildStderr) {
+    let mut child = spawn_logging(command);
+    let pipe = child.stderr.take().expect("stderr is piped");
+    let fields: Vec<String> = fields.iter().map(ToString::to_string).collect();
+    let (found, report) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut addrs = vec![None; fields.len()];
+        let mut seen = String::new();
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            for (addr, field) in addrs.iter_mut().zip(&fields) {
+                *addr = addr.or_else(|| logged_addr(&line, field));
+            }
+            seen.push_str(&line);
+            line.clear();
+            if let Some(addrs) = addrs.iter().copied().collect::<Option<Vec<_>>>() {
+                let _ = found.send(Ok((addrs, reader.into_inner())));
+                return;
+            }
+        }
+        let _ = found.send(Err(seen));
+    });
+    match report.recv_timeout(REPORT_WITHIN) {
+        Ok(Ok((addrs, pipe))) => (child, addrs, pipe),
+        Ok(Err(seen)) => {
+            let _ = child.kill();
+            let status = child.wait().map_or("?".to_string(), |s| s.to_string());
+            panic!("the program exited ({status}) before reporting where it listens:\n{seen}");
+        }
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the program did not report where it listens within {REPORT_WITHIN:?}");
+        }
+    }
+}
+
+/// Waits until `child` listens on `count` TCP addresses and returns them,
+/// as the kernel shows them (`/proc`), in no particular order: for a
+/// program whose log the test cannot read. Its early exit is reported.
+pub fn listening(child: &mut Child, count: usize) -> Vec<SocketAddr> {
+    let end = Instant::now() + REPORT_WITHIN;
+    loop {
+        let found = listening_now(child.id(), count);
+        if found.len() >= count {
+            return found;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the program exited with {status} listening on {found:?}");
+        }
+        assert!(
+            Instant::now() < end,
+            "the program listens on {found:?} after {REPORT_WITHIN:?}, not on {count} addresses"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The TCP addresses process `pid` listens on, once there are `count`:
+/// its sockets (`/proc/PID/fd`) found in the listening rows of its network
+/// namespace's tables. The tables hold every socket of the namespace (tens
+/// of thousands after a load test), so they are read only when the process
+/// has enough sockets, and only as far as needed.
+fn listening_now(pid: u32, count: usize) -> Vec<SocketAddr> {
+    let sockets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let inode = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?;
+            Some(inode.to_string())
+        })
+        .collect();
+    let mut found = Vec::new();
+    if sockets.len() < count {
+        return found;
+    }
+    for table in ["tcp", "tcp6"] {
+        if found.len() >= count {
+            break;
+        }
+        let rows = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for row in rows.lines().skip(1) {
+            // sl local_address rem_address st ... uid timeout inode
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            let listens = cols.get(3) == Some(&"0A");
+            if listens
+                && cols
+                    .get(9)
+                    .is_some_and(|inode| sockets.iter().any(|s| s == inode))
+            {
+                found.extend(kernel_addr(cols[1]));
+            }
+        }
+    }
+    found
+}
+
+/// `ADDR:PORT` of `/proc/net/tcp{,6}`: the address as 32-bit words in
+/// hexadecimal, each the bytes in memory read as a native integer, and
+/// the port in hexadecimal.
+fn kernel_addr(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::new();
+    for word in ip.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+        bytes.extend(word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// Waits until something accepts connections on `addr`, which `child`
@@ -137,14 +297,36 @@ impl Running {
     }
 
     /// Starts `command` (stderr kept for [`Running::stop`]) and waits until
-    /// it listens on `addr`.
+    /// it listens on `addr`. Only for an address written down before the
+    /// program starts (see [`free_port`]); the probe that finds it listening
+    /// is a connection the program serves.
     pub fn start(mut command: Command, addr: SocketAddr) -> Running {
-        let mut child = command
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the server");
+        let mut running = Running::keeping_stderr(child, addr);
+        wait_listening(addr, &mut running.child);
+        running
+    }
+
+    /// Starts `command` and waits until its log reports the address it
+    /// listens on in `field` (see [`logged_addr`]: `listen` for echo-server
+    /// and a tunnel's first route, `addr` for square-server); that address
+    /// is [`Running::addr`]. Give the program port 0: it binds, the kernel
+    /// chooses, and no other process can take the port in between.
+    pub fn start_reporting(mut command: Command, field: &str) -> Running {
+        command.stdout(Stdio::piped());
+        let child = spawn_logging(command);
+        let mut running = Running::keeping_stderr(child, SocketAddr::from(([0, 0, 0, 0], 0)));
+        running.addr = running.reported("", field);
+        running
+    }
+
+    /// Reads `child`'s stderr as it comes into the kept log.
+    fn keeping_stderr(mut child: Child, addr: SocketAddr) -> Running {
         let stderr = Arc::new(Mutex::new(String::new()));
         let reader = child.stderr.take().map(|mut pipe| {
             let sink = stderr.clone();
@@ -160,12 +342,60 @@ impl Running {
                 }
             })
         });
-        wait_listening(addr, &mut child);
         Running {
             child,
             addr,
             stderr,
             reader,
+        }
+    }
+
+    /// Waits until the log has a line that contains `text`, and returns the
+    /// first such line. Fails at once when the process exits without one,
+    /// and after 20 s.
+    pub fn wait_line(&mut self, text: &str) -> String {
+        self.wait_logged(text, |line| {
+            line.contains(text).then(|| line.trim_end().to_string())
+        })
+    }
+
+    /// Waits until the log has a line that contains `line_has` (`route=db`,
+    /// say; "" for any) and reports an address in `field`; returns the
+    /// first such line's address.
+    pub fn reported(&mut self, line_has: &str, field: &str) -> SocketAddr {
+        self.wait_logged(&format!("{field}= on a line with {line_has:?}"), |line| {
+            logged_addr(line, field).filter(|_| line.contains(line_has))
+        })
+    }
+
+    /// The first complete line of the log for which `find` gives something,
+    /// waiting up to [`REPORT_WITHIN`] for it.
+    fn wait_logged<T>(&mut self, what: &str, find: impl Fn(&str) -> Option<T>) -> T {
+        let end = Instant::now() + REPORT_WITHIN;
+        loop {
+            let exited = self.child.try_wait().unwrap();
+            if exited.is_some() {
+                // Its last lines are in once the pipe has closed.
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
+            }
+            let log = self.stderr();
+            if let Some(found) = log
+                .split_inclusive('\n')
+                .filter(|l| l.ends_with('\n'))
+                .find_map(&find)
+            {
+                return found;
+            }
+            if let Some(status) = exited {
+                panic!("the program exited ({status}) before logging {what}:\n{log}");
+            }
+            assert!(
+                Instant::now() < end,
+                "the program did not log {what} within {REPORT_WITHIN:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

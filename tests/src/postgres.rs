@@ -81,6 +81,8 @@ pub struct Postgres {
 impl Postgres {
     /// Makes a fresh cluster (`initdb -A trust -U postgres`) and starts a
     /// server on a free loopback port; returns when it accepts connections.
+    /// PostgreSQL takes ports 1 to 65535 only, so the port is chosen before
+    /// it starts (see [`free_port`]).
     pub fn start() -> Postgres {
         Postgres::start_at(IpAddr::V4(Ipv4Addr::LOCALHOST), free_port(), &[])
     }

@@ -574,6 +574,24 @@ impl Fabric {
         );
     }
 
+    /// Waits (30 s at most) for a line of the fabric's output that contains
+    /// `text`, and returns it.
+    fn wait_line(&mut self, text: &str) -> String {
+        let end = Instant::now() + Duration::from_secs(30);
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            if let Ok(line) = self.lines.recv_timeout(left) {
+                self.seen.push(line.clone());
+                if line.contains(text) {
+                    return line;
+                }
+            }
+        }
+        panic!(
+            "no line with {text:?} in 30 s; output so far:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
     /// Every line the fabric writes during `period`.
     fn lines_for(&mut self, period: Duration) -> Vec<String> {
         let end = Instant::now() + period;
@@ -727,6 +745,8 @@ fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) 
 }
 
 /// Writes a definition with one echo-server role and returns its path.
+/// The endpoint's port is written down ([`free_port`]): the fabric's
+/// endpoints take ports 1 to 65535 only.
 fn echo_definition(dir: &Path, port: u16, instances: usize, settings: &str) -> PathBuf {
     let definition = dir.join("service.yaml");
     let mut text = format!("name: fabric-test\nroles:\n  - name: echo\n    program: echo-server\n    instances: {instances}\n    endpoints:\n      - name: EchoEndpoint\n        visibility: public\n        port: {port}\n");
@@ -1006,7 +1026,8 @@ fn instances_die_with_a_killed_fabric() {
         fabric.seen.join("\n")
     );
     // Longer than an idle runtime thread lives: instances are tied to a
-    // thread that lasts as long as the fabric, so none dies meanwhile.
+    // thread that lasts as long as the fabric, so none dies meanwhile. A
+    // duration by design: what is checked is that nothing happens.
     std::thread::sleep(Duration::from_secs(12));
     for (id, (_, pid, _)) in &table {
         assert!(alive(*pid), "{id} (pid {pid}) died while the fabric ran");
@@ -1039,7 +1060,9 @@ fn a_second_signal_stops_the_fabric_at_once() {
         greeted(addr).ok()
     });
     fabric.signal("TERM");
-    std::thread::sleep(Duration::from_secs(1));
+    // The stop is under way, held by the open connection: the balancer (and
+    // the instance) say they drain it.
+    fabric.wait_line("draining connections");
     assert!(
         fabric.child.try_wait().unwrap().is_none(),
         "the fabric waits for the open connection"

@@ -11,7 +11,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use tests::kubelet::{env_name, service_links};
-use tests::{binary, echo_server, free_port, local, Running};
+use tests::{binary, echo_server, Running};
 
 /// A Service as the kubelet sees it: its name, cluster IP and ports
 /// (number, protocol, name; a lone port may be unnamed).
@@ -155,15 +155,14 @@ fn the_environment_is_the_kubelets() {
 
 #[test]
 fn echo_server_starts_and_serves() {
-    let addr = local(free_port());
     let mut command = in_pod("echo-server");
     // Settings from the environment still apply beside the links.
     command
-        .env("ECHO_SERVER_LISTEN", addr.to_string())
+        .env("ECHO_SERVER_LISTEN", "127.0.0.1:0")
         .env("ECHO_SERVER_UTC", "true")
         .env("ECHO_SERVER_INSTANCE", "echo-server_IN_7");
-    let server = Running::start(command, addr);
-    let mut s = connect(addr);
+    let server = Running::start_reporting(command, "listen");
+    let mut s = connect(server.addr);
     let greeting = read_until(&mut s, "Your choice: ");
     assert!(greeting.contains("echo-server_IN_7"), "{greeting}");
     s.write_all(b"1\n").unwrap();
@@ -180,12 +179,11 @@ fn echo_server_starts_and_serves() {
 
 #[test]
 fn square_server_and_square_client_run() {
-    let addr = local(free_port());
     let mut command = in_pod("square-server");
-    command.env("SQUARE_SERVER_LISTEN", addr.to_string());
-    let server = Running::start(command, addr);
+    command.env("SQUARE_SERVER_LISTEN", "127.0.0.1:0");
+    let server = Running::start_reporting(command, "addr");
     let out = in_pod("square-client")
-        .env("SQUARE_CLIENT_SERVER", addr.to_string())
+        .env("SQUARE_CLIENT_SERVER", server.addr.to_string())
         .args(["-4", "12"])
         .stdin(Stdio::null())
         .output()
@@ -199,17 +197,11 @@ fn square_server_and_square_client_run() {
 #[test]
 fn tunnel_relays_with_its_own_service_link_in_tunnel_port() {
     let target = echo_server();
-    let listen = local(free_port());
     let mut command = in_pod("tunnel");
-    command.args([
-        "--listen",
-        &listen.to_string(),
-        "--target",
-        &target.to_string(),
-    ]);
-    let tunnel = Running::start(command, listen);
-    round_trip(listen, b"through the tunnel");
-    round_trip(listen, &[0, 255, 1, 254, b'\r', b'\n']);
+    command.args(["--listen", "127.0.0.1:0", "--target", &target.to_string()]);
+    let tunnel = Running::start_reporting(command, "listen");
+    round_trip(tunnel.addr, b"through the tunnel");
+    round_trip(tunnel.addr, &[0, 255, 1, 254, b'\r', b'\n']);
     let (code, stderr) = tunnel.stop();
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
@@ -221,16 +213,15 @@ fn tunnel_relays_with_its_own_service_link_in_tunnel_port() {
 #[test]
 fn tunnel_port_as_a_number_still_names_the_target() {
     let target = echo_server();
-    let listen = local(free_port());
     // The container's own TUNNEL_PORT wins over the Service link, as a
     // pod's `env` does over the kubelet's.
     let mut command = in_pod("tunnel");
     command
         .env("TUNNEL_HOST", "127.0.0.1")
         .env("TUNNEL_PORT", target.port().to_string())
-        .env("TUNNEL_LISTEN", listen.to_string());
-    let tunnel = Running::start(command, listen);
-    round_trip(listen, b"to the port that was set");
+        .env("TUNNEL_LISTEN", "127.0.0.1:0");
+    let tunnel = Running::start_reporting(command, "listen");
+    round_trip(tunnel.addr, b"to the port that was set");
     let (code, stderr) = tunnel.stop();
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
@@ -265,7 +256,7 @@ fn a_service_link_in_tunnel_port_is_never_the_target_port() {
     // TUNNEL_HOST alone, with the kubelet's TUNNEL_PORT=tcp://...: no port.
     let out = in_pod("tunnel")
         .env("TUNNEL_HOST", "127.0.0.1")
-        .env("TUNNEL_LISTEN", local(free_port()).to_string())
+        .env("TUNNEL_LISTEN", "127.0.0.1:0")
         .output()
         .unwrap();
     let err = text(&out.stderr);
@@ -319,7 +310,7 @@ fn refused(output: Output) -> String {
 fn a_typo_of_a_real_key_is_still_refused() {
     let err = refused(
         in_pod("echo-server")
-            .env("ECHO_SERVER_LISTEN", local(free_port()).to_string())
+            .env("ECHO_SERVER_LISTEN", "127.0.0.1:0")
             .env("ECHO_SERVER_IDLE_TIMEOT", "5m")
             .output()
             .unwrap(),

@@ -581,6 +581,7 @@ fn waiting_for_input_is_not_bounded_by_the_reply_timeout() {
     stdout.read_line(&mut line).unwrap();
     assert_eq!(line, "9\n");
     // Everything sent is answered: a user who types slowly is no timeout.
+    // A duration by design: a pause longer than the 300 ms reply timeout.
     std::thread::sleep(Duration::from_secs(1));
     stdin.write_all(b"4\n").unwrap();
     line.clear();

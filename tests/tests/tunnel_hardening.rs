@@ -12,7 +12,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
-use tests::{binary, counting_echo_server, free_port, local, wait_for, wait_listening, Running};
+use tests::{
+    binary, counting_echo_server, free_port, listening, local, spawn_reporting, wait_for, Running,
+};
 
 /// A connection from the loopback address `from` (127.0.0.2, say).
 fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
@@ -61,8 +63,9 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
 }
 
 /// The tunnel with stdout and stderr pipes whose reading ends are already
-/// closed: every log write fails (EPIPE).
-fn start_deaf(mut command: Command, listen: SocketAddr) -> Child {
+/// closed: every log write fails (EPIPE), the start-up lines' included.
+/// Where it listens comes from the kernel: `count` addresses.
+fn start_deaf(mut command: Command, count: usize) -> (Child, Vec<SocketAddr>) {
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -71,8 +74,8 @@ fn start_deaf(mut command: Command, listen: SocketAddr) -> Child {
         .unwrap();
     drop(child.stdout.take());
     drop(child.stderr.take());
-    wait_listening(listen, &mut child);
-    child
+    let addrs = listening(&mut child, count);
+    (child, addrs)
 }
 
 struct Killed(Child);
@@ -90,18 +93,25 @@ fn read(path: &Path) -> String {
 #[test]
 fn a_dead_log_pipe_never_stops_the_tunnel() {
     let (target, _) = counting_echo_server();
-    let listen = local(free_port());
-    let admin = local(free_port());
     let dir = tempfile::tempdir().unwrap();
     let access = dir.path().join("access.log");
     let mut command = Command::new(binary("tunnel"));
+    // The admin endpoint on an address of its own, to tell the two apart.
     command
-        .env("TUNNEL_LISTEN", listen.to_string())
+        .env("TUNNEL_LISTEN", "127.0.0.1:0")
         .env("TUNNEL_TARGET", target.to_string())
         .env("TUNNEL_DENY", "127.0.0.2")
-        .env("TUNNEL_ADMIN", admin.to_string())
+        .env("TUNNEL_ADMIN", "127.0.0.3:0")
         .env("TUNNEL_ACCESS_LOG", &access);
-    let mut tunnel = Killed(start_deaf(command, listen));
+    let (child, addrs) = start_deaf(command, 2);
+    let mut tunnel = Killed(child);
+    let on = |ip: [u8; 4]| {
+        *addrs
+            .iter()
+            .find(|a| a.ip() == std::net::IpAddr::from(ip))
+            .unwrap()
+    };
+    let (listen, admin) = (on([127, 0, 0, 1]), on([127, 0, 0, 3]));
     for _ in 0..3 {
         assert!(refused(&mut connect_from("127.0.0.2", listen)));
         let mut client = connect_from("127.0.0.1", listen);
@@ -128,27 +138,17 @@ fn a_dead_log_pipe_never_stops_the_tunnel() {
 #[test]
 fn a_log_reader_that_never_reads_never_stalls_the_tunnel() {
     let (target, _) = counting_echo_server();
-    let listen = local(free_port());
     let mut command = Command::new(binary("tunnel"));
     command
-        .args([
-            "--listen",
-            &listen.to_string(),
-            "--target",
-            &target.to_string(),
-        ])
-        .env("TUNNEL_DENY", "127.0.0.2");
-    // Stderr is a pipe nobody reads: after 64 KiB of log lines a blocking
-    // write would wait forever.
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _unread = child.stderr.take();
-    wait_listening(listen, &mut child);
+        .args(["--listen", "127.0.0.1:0", "--target", &target.to_string()])
+        .env("TUNNEL_DENY", "127.0.0.2")
+        .stdout(Stdio::null());
+    // Stderr is a pipe nobody reads after the line that says where the
+    // tunnel listens: after 64 KiB of log lines a blocking write would
+    // wait forever.
+    let (child, addrs, _unread) = spawn_reporting(command, &["listen"]);
     let _tunnel = Killed(child);
+    let listen = addrs[0];
     for i in 0..1500 {
         if i % 3 == 0 {
             assert!(refused(&mut connect_from("127.0.0.2", listen)));
@@ -165,16 +165,16 @@ fn a_log_reader_that_never_reads_never_stalls_the_tunnel() {
 #[test]
 fn mapped_access_entries_match_and_clients_are_logged_as_ipv4() {
     let (target, _) = counting_echo_server();
-    let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let access = dir.path().join("access.log");
     let mut command = Command::new(binary("tunnel"));
     command
-        .env("TUNNEL_LISTEN", format!("[::]:{port}"))
+        .env("TUNNEL_LISTEN", "[::]:0")
         .env("TUNNEL_TARGET", target.to_string())
         .env("TUNNEL_DENY", "::ffff:127.0.0.2, ::ffff:127.0.3.0/120")
         .env("TUNNEL_ACCESS_LOG", &access);
-    let tunnel = Running::start(command, local(port));
+    let tunnel = Running::start_reporting(command, "listen");
+    let port = tunnel.addr.port();
     assert!(refused(&mut connect_from("127.0.0.2", local(port))));
     assert!(refused(&mut connect_from("127.0.3.9", local(port))));
     assert!(echoes(&mut connect_from("127.0.0.1", local(port)), b"in"));
@@ -199,24 +199,22 @@ fn write_config(path: &Path, text: &str) {
 #[test]
 fn a_routes_cap_is_shared_by_its_addresses_and_kept_across_reloads() {
     let (target, _) = counting_echo_server();
-    let (a, b) = (local(free_port()), local(free_port()));
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tunnel.yaml");
+    // Ports the tunnel chooses, on two addresses (one route cannot name
+    // 127.0.0.1:0 twice).
     write_config(
         &config,
         &format!(
-            "routes:\n  - name: capped\n    listen: [{a}, {b}]\n    target: {target}\n    max_connections: 1\n"
+            "routes:\n  - name: capped\n    listen: [127.0.0.1:0, 127.0.0.2:0]\n    target: {target}\n    max_connections: 1\n"
         ),
     );
     let mut command = Command::new(binary("tunnel"));
     command.arg("--config").arg(&config);
-    let mut tunnel = Running::start(command, a);
-    tunnel.wait_also(b);
-    // Waiting for a listener took the one place for a moment: wait until it
-    // is free again.
-    wait_for(
-        || echoes(&mut connect_from("127.0.0.1", a), b"free"),
-        "the cap to be free",
+    let mut tunnel = Running::start_reporting(command, "listen");
+    let (a, b) = (
+        tunnel.reported("listen=127.0.0.1:", "listen"),
+        tunnel.reported("listen=127.0.0.2:", "listen"),
     );
 
     let mut first = connect_from("127.0.0.1", a);
@@ -247,18 +245,19 @@ fn a_routes_cap_is_shared_by_its_addresses_and_kept_across_reloads() {
 fn a_replaced_balancers_health_checks_stop_at_the_reload() {
     let (old_target, old_accepts) = counting_echo_server();
     let (new_target, _) = counting_echo_server();
-    let listen = local(free_port());
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tunnel.yaml");
+    // The same listen address in both: the reload keeps the listener.
     let route = |target: SocketAddr| {
         format!(
-            "routes:\n  - name: checked\n    listen: {listen}\n    target: {target}\n    health_check:\n      interval: 100ms\n      timeout: 1s\n"
+            "routes:\n  - name: checked\n    listen: 127.0.0.1:0\n    target: {target}\n    health_check:\n      interval: 100ms\n      timeout: 1s\n"
         )
     };
     write_config(&config, &route(old_target));
     let mut command = Command::new(binary("tunnel"));
     command.arg("--config").arg(&config);
-    let tunnel = Running::start(command, listen);
+    let tunnel = Running::start_reporting(command, "listen");
+    let listen = tunnel.addr;
     // A connection that outlives the reload holds the old balancer.
     let mut held = connect_from("127.0.0.1", listen);
     assert!(echoes(&mut held, b"held"));
@@ -270,6 +269,9 @@ fn a_replaced_balancers_health_checks_stop_at_the_reload() {
     write_config(&config, &route(new_target));
     tunnel.signal("HUP");
     wait_for(|| tunnel.stderr().contains("reloaded"), "the reload");
+    // Durations, not events: a check already under way at the reload may
+    // still land (a loopback connect, far quicker than 300 ms); then no
+    // check may come for fifteen check intervals.
     std::thread::sleep(Duration::from_millis(300));
     let at_reload = old_accepts.load(Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(1500));
@@ -315,9 +317,9 @@ fn exits(configure: impl FnOnce(&mut Command)) -> (Option<i32>, String) {
 
 #[test]
 fn settings_that_cannot_work_are_refused_at_start() {
-    let listen = local(free_port()).to_string();
+    let listen = "127.0.0.1:0";
     let (code, stderr) = exits(|c| {
-        c.args(["--listen", &listen, "--target", "127.0.0.1:9"])
+        c.args(["--listen", listen, "--target", "127.0.0.1:9"])
             .args(["--idle-timeout", "0", "--max-connections", "0"])
             .env("TUNNEL_CONNECT_TIMEOUT", "18446744073709551615")
             .env("TUNNEL_WORKERS", "100000");
@@ -354,17 +356,12 @@ fn settings_that_cannot_work_are_refused_at_start() {
 #[test]
 fn a_second_stop_signal_skips_the_grace_period() {
     let (target, _) = counting_echo_server();
-    let listen = local(free_port());
     let mut command = Command::new(binary("tunnel"));
     command
-        .args([
-            "--listen",
-            &listen.to_string(),
-            "--target",
-            &target.to_string(),
-        ])
+        .args(["--listen", "127.0.0.1:0", "--target", &target.to_string()])
         .args(["--shutdown-grace", "60s"]);
-    let mut tunnel = Running::start(command, listen);
+    let mut tunnel = Running::start_reporting(command, "listen");
+    let listen = tunnel.addr;
     let mut held = connect_from("127.0.0.1", listen);
     assert!(echoes(&mut held, b"busy"));
     tunnel.signal("TERM");
@@ -436,6 +433,9 @@ fn rinetd_conf_is_a_layer_the_environment_and_flags_apply_over() {
 #[test]
 fn a_reload_onto_an_overlapping_address_names_the_tunnels_own_listener() {
     let (target, _) = counting_echo_server();
+    // Written down: the reload must name the same port on another address,
+    // and the tunnel tells an overlap by the addresses its configuration
+    // names (with port 0 on both, no overlap would be seen).
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tunnel.yaml");
@@ -463,19 +463,19 @@ fn a_reload_onto_an_overlapping_address_names_the_tunnels_own_listener() {
 #[test]
 fn a_reload_says_which_changed_settings_wait_for_a_restart() {
     let (target, _) = counting_echo_server();
-    let listen = local(free_port());
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tunnel.yaml");
-    let text = |admin: SocketAddr| {
-        format!("listen: {listen}\ntarget: {target}\nadmin: {admin}\nworkers: 1\n")
+    let text = |admin: &str| {
+        format!("listen: 127.0.0.1:0\ntarget: {target}\nadmin: {admin}\nworkers: 1\n")
     };
-    write_config(&config, &text(local(free_port())));
+    write_config(&config, &text("127.0.0.1:0"));
     let mut command = Command::new(binary("tunnel"));
     command.arg("--config").arg(&config);
-    let tunnel = Running::start(command, listen);
+    let tunnel = Running::start_reporting(command, "listen");
+    // Another admin address (never bound: it applies only at start).
     write_config(
         &config,
-        &text(local(free_port())).replace("workers: 1", "workers: 2"),
+        &text("127.0.0.2:0").replace("workers: 1", "workers: 2"),
     );
     tunnel.signal("HUP");
     wait_for(|| tunnel.stderr().contains("reloaded"), "the reload");
@@ -489,20 +489,13 @@ fn a_reload_says_which_changed_settings_wait_for_a_restart() {
 #[test]
 fn the_admin_endpoint_has_its_own_access_list() {
     let (target, _) = counting_echo_server();
-    let listen = local(free_port());
-    let admin = local(free_port());
     let mut command = Command::new(binary("tunnel"));
     command
-        .args([
-            "--listen",
-            &listen.to_string(),
-            "--target",
-            &target.to_string(),
-        ])
-        .args(["--admin", &admin.to_string()])
+        .args(["--listen", "127.0.0.1:0", "--target", &target.to_string()])
+        .args(["--admin", "127.0.0.1:0"])
         .env("TUNNEL_ADMIN_DENY", "127.0.0.2");
-    let mut tunnel = Running::start(command, listen);
-    tunnel.wait_also(admin);
+    let mut tunnel = Running::start_reporting(command, "listen");
+    let admin = tunnel.reported("", "admin");
     assert!(http_get(admin, "/healthz").starts_with("HTTP/1.1 200"));
     let mut denied = connect_from("127.0.0.2", admin);
     denied.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
@@ -514,7 +507,6 @@ fn the_admin_endpoint_has_its_own_access_list() {
 #[test]
 fn the_pid_file_replaces_a_planted_symlink_instead_of_following_it() {
     let (target, _) = counting_echo_server();
-    let listen = local(free_port());
     let dir = tempfile::tempdir().unwrap();
     let victim = dir.path().join("precious");
     std::fs::write(&victim, "precious data\n").unwrap();
@@ -522,14 +514,9 @@ fn the_pid_file_replaces_a_planted_symlink_instead_of_following_it() {
     std::os::unix::fs::symlink(&victim, &pid_file).unwrap();
     let mut command = Command::new(binary("tunnel"));
     command
-        .args([
-            "--listen",
-            &listen.to_string(),
-            "--target",
-            &target.to_string(),
-        ])
+        .args(["--listen", "127.0.0.1:0", "--target", &target.to_string()])
         .env("TUNNEL_PID_FILE", &pid_file);
-    let tunnel = Running::start(command, listen);
+    let tunnel = Running::start_reporting(command, "listen");
     let pid = tunnel.child.id().to_string();
     wait_for(|| read(&pid_file).trim() == pid, "the pid file");
     assert!(!std::fs::symlink_metadata(&pid_file)

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
-use tests::{binary, free_port, require, Running};
+use tests::{binary, require, Running};
 
 /// Connections held open at once. Not 10,000: the tunnel holds two
 /// descriptors per relayed connection (the client's and the target's), and
@@ -27,13 +27,15 @@ const CONNECTIONS: usize = 9_500;
 /// a client a SYN retransmitted a second later.
 const BATCH: usize = 500;
 
-/// An echo server that can hold as many connections as the limit allows.
+/// An echo server that can hold as many connections as the limit allows,
+/// on a port the kernel chooses, which it reports as the programs do.
 const ECHO: &str = r#"
 import resource, selectors, socket, sys
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("127.0.0.1", int(sys.argv[1]))); l.listen(4096); l.setblocking(False)
+l.bind(("127.0.0.1", 0)); l.listen(4096); l.setblocking(False)
+print("echo ready listen=%s:%d" % l.getsockname(), file=sys.stderr, flush=True)
 sel = selectors.DefaultSelector(); sel.register(l, selectors.EVENT_READ)
 while True:
     for key, _ in sel.select():
@@ -50,10 +52,6 @@ while True:
         if data: s.sendall(data)
         else: sel.unregister(s); s.close()
 "#;
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 /// Connection `i`'s payload: its number and 16 to 200 bytes that depend on
 /// it, so a payload delivered to the wrong connection cannot pass.
@@ -131,24 +129,20 @@ fn relays_9500_connections_at_once() {
         "the open-files hard limit is {hard}; relaying {CONNECTIONS} connections needs {needed}"
     );
 
-    let target = local(free_port());
     let mut echo = Command::new(require("python3"));
-    echo.args(["-c", ECHO, &target.port().to_string()]);
-    let echo = Running::start(echo, target);
+    echo.args(["-c", ECHO]);
+    let echo = Running::start_reporting(echo, "listen");
+    let target = echo.addr;
 
-    let listen = local(free_port());
-    let admin = local(free_port());
     let mut command = Command::new(binary("tunnel"));
     command
-        .args(["--listen", &listen.to_string()])
+        .args(["--listen", "127.0.0.1:0"])
         .args(["--target", &target.to_string()])
-        .args(["--admin", &admin.to_string()])
-        // At info, each connection's access-log line; not needed here.
-        .args(["--log-level", "warn"]);
-    let mut tunnel = Running::start(command, listen);
-    tunnel.wait_also(admin);
-    // Running::start's readiness probe went through to the target; let it end.
-    assert_eq!(wait_active(admin, 0, Duration::from_secs(10)), 0);
+        .args(["--admin", "127.0.0.1:0"])
+        // The start-up lines, without each connection's access-log line.
+        .args(["--log-level", "info,access=warn"]);
+    let mut tunnel = Running::start_reporting(command, "listen");
+    let (listen, admin) = (tunnel.addr, tunnel.reported("", "admin"));
 
     // Open them all, in batches the tunnel accepts before the next.
     let started = Instant::now();

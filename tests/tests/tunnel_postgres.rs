@@ -4,12 +4,11 @@
 //! reaches the host only over a veth link. Through the tunnel they work;
 //! aimed at the database directly they are refused.
 
-use std::net::SocketAddr;
 use std::process::Command;
 
 use tests::netns::Netns;
 use tests::postgres::{Client, Postgres};
-use tests::{binary, free_port, require, Running};
+use tests::{binary, require, Running};
 
 /// The database, a namespace for the clients, and the tunnel between them.
 struct Setup {
@@ -27,13 +26,13 @@ impl Setup {
         require("pgbench");
         let db = Postgres::start();
         let ns = Netns::create(tag);
-        let addr = SocketAddr::from((ns.host_addr, free_port()));
         let mut command = Command::new(binary("tunnel"));
         command
-            .args(["--listen", &addr.to_string()])
+            .args(["--listen", &format!("{}:0", ns.host_addr)])
             .args(["--target", &format!("127.0.0.1:{}", db.port)])
-            .env("RUST_LOG", "warn");
-        let tunnel = Running::start(command, addr);
+            // The start-up lines, without a line per connection.
+            .env("RUST_LOG", "info,access=warn");
+        let tunnel = Running::start_reporting(command, "listen");
         Setup { tunnel, ns, db }
     }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tests::{binary, free_port, local, wait_for, Running};
+use tests::{binary, local, wait_for, Running};
 
 /// A target that can be stopped and started again on the same address,
 /// counting the connections it accepts; each is read until the peer
@@ -125,18 +125,32 @@ fn wait_ready(admin: SocketAddr, status: u16) -> String {
     body
 }
 
-/// The tunnel in the quick form, `--target target`, with the admin
-/// endpoint; `extra` arguments are added.
+/// Where the routes listen, as configured: the tunnel chooses the ports,
+/// and the readiness answer names a route by its configured addresses.
+const LISTEN: &str = "127.0.0.1:0";
+
+/// An address that refuses connections: a socket bound to a port the
+/// kernel chose that does not listen, so the port is not free for another
+/// program to take while the test runs.
+fn refusing() -> (socket2::Socket, SocketAddr) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&local(0).into()).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    (socket, addr)
+}
+
+/// The tunnel in the quick form, `--target target`, on [`LISTEN`], with
+/// the admin endpoint; `extra` arguments are added. Returns where the route
+/// and the admin endpoint listen.
 fn quick(target: &str, extra: &[&str]) -> (Running, SocketAddr, SocketAddr) {
-    let (listen, admin) = (local(free_port()), local(free_port()));
     let mut command = Command::new(binary("tunnel"));
     command
-        .args(["--listen", &listen.to_string(), "--target", target])
-        .args(["--admin", &admin.to_string()])
+        .args(["--listen", LISTEN, "--target", target])
+        .args(["--admin", "127.0.0.1:0"])
         .args(extra);
-    // Wait on the admin endpoint, not the route: a connection through the
-    // route would reach the target and count there.
-    let tunnel = Running::start(command, admin);
+    let mut tunnel = Running::start_reporting(command, "listen");
+    let admin = tunnel.reported("", "admin");
+    let listen = tunnel.addr;
     (tunnel, listen, admin)
 }
 
@@ -147,7 +161,7 @@ fn write_config(path: &Path, text: &str) {
 #[test]
 fn a_single_target_route_is_ready_while_its_target_listens() {
     let target = Target::start();
-    let (_tunnel, listen, admin) = quick(&target.addr.to_string(), &[]);
+    let (_tunnel, _, admin) = quick(&target.addr.to_string(), &[]);
     assert_eq!(get(admin, "/readyz"), (200, "ready\n".into()));
     let (status, body) = request(admin, "HEAD", "/readyz");
     assert_eq!((status, body.as_str()), (200, ""));
@@ -155,7 +169,7 @@ fn a_single_target_route_is_ready_while_its_target_listens() {
     let (addr, accepted) = target.stop();
     let body = wait_ready(admin, 503);
     assert!(
-        body.contains(&format!("route default (listen {listen})")),
+        body.contains(&format!("route default (listen {LISTEN})")),
         "{body}"
     );
     assert!(body.contains("connection refused"), "{body}");
@@ -170,10 +184,10 @@ fn a_single_target_route_is_ready_while_its_target_listens() {
 
 #[test]
 fn a_target_name_that_does_not_resolve_is_not_ready() {
-    let (_tunnel, listen, admin) = quick("no-such-host.invalid:5432", &["--connect-timeout", "2s"]);
+    let (_tunnel, _, admin) = quick("no-such-host.invalid:5432", &["--connect-timeout", "2s"]);
     let body = wait_ready(admin, 503);
     assert!(
-        body.contains(&format!("route default (listen {listen})")),
+        body.contains(&format!("route default (listen {LISTEN})")),
         "{body}"
     );
     // Once the lookup has failed, the answer says so.
@@ -187,32 +201,32 @@ fn a_target_name_that_does_not_resolve_is_not_ready() {
 #[test]
 fn a_route_with_health_checks_is_ready_while_one_target_lives() {
     let (a, b) = (Target::start(), Target::start());
-    let (listen, admin) = (local(free_port()), local(free_port()));
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tunnel.yaml");
     write_config(
         &config,
         &format!(
-            "admin: {admin}\nroutes:\n  - name: pool\n    listen: {listen}\n    targets: [{}, {}]\n    health_check: {{interval: 100ms, timeout: 500ms, rise: 1, fall: 1}}\n",
+            "admin: 127.0.0.1:0\nroutes:\n  - name: pool\n    listen: {LISTEN}\n    targets: [{}, {}]\n    health_check: {{interval: 100ms, timeout: 500ms, rise: 1, fall: 1}}\n",
             a.addr, b.addr
         ),
     );
     let mut command = Command::new(binary("tunnel"));
     command.arg("--config").arg(&config);
-    let _tunnel = Running::start(command, admin);
+    let mut tunnel = Running::start_reporting(command, "admin");
+    let admin = tunnel.addr;
     assert_eq!(wait_ready(admin, 200), "ready\n");
 
     let a_before = a.accepted();
     let (a_addr, _) = a.stop();
-    // The checks eject a within a few intervals; b still lives.
-    std::thread::sleep(Duration::from_millis(600));
+    // The checks eject a; b still lives.
+    tunnel.wait_line(&format!("ejected route=\"pool\" target={a_addr} "));
     assert_eq!(get(admin, "/readyz"), (200, "ready\n".into()));
     assert!(a_before > 0, "the health checks never reached a");
 
     b.stop();
     let body = wait_ready(admin, 503);
     assert!(
-        body.contains(&format!("route pool (listen {listen})")),
+        body.contains(&format!("route pool (listen {LISTEN})")),
         "{body}"
     );
     assert!(
@@ -234,10 +248,14 @@ fn many_readiness_requests_make_few_connections_to_the_target() {
             .map(|_| std::thread::spawn(move || get(admin, "/readyz").0))
             .collect();
         answers.extend(wave.into_iter().map(|t| t.join().unwrap()));
+        // A duration: the waves are spread over more than one round's
+        // freshness (1 s), as a kubelet's probes are.
         std::thread::sleep(Duration::from_millis(400));
     }
     let elapsed = started.elapsed();
-    // Let the last round's connection arrive, if one is under way.
+    // A duration: the last round's connection may still wait for the
+    // target's accept loop (it looks every 5 ms), and "no more to come" is
+    // not an event.
     std::thread::sleep(Duration::from_millis(200));
     let made = target.accepted() - before;
     assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
@@ -316,18 +334,21 @@ fn a_draining_tunnel_is_not_ready() {
 #[test]
 fn a_reload_keeps_readiness_right_for_the_new_routes() {
     let target = Target::start();
-    let dead = local(free_port());
-    let (first, second, admin) = (local(free_port()), local(free_port()), local(free_port()));
+    let (_held, dead) = refusing();
+    // Two routes cannot both name 127.0.0.1:0: the second has an address
+    // of its own.
+    let second = "127.0.0.2:0";
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tunnel.yaml");
     let one = format!(
-        "admin: {admin}\nroutes:\n  - name: first\n    listen: {first}\n    target: {}\n",
+        "admin: 127.0.0.1:0\nroutes:\n  - name: first\n    listen: {LISTEN}\n    target: {}\n",
         target.addr
     );
     write_config(&config, &one);
     let mut command = Command::new(binary("tunnel"));
     command.arg("--config").arg(&config);
-    let tunnel = Running::start(command, admin);
+    let tunnel = Running::start_reporting(command, "admin");
+    let admin = tunnel.addr;
     assert_eq!(wait_ready(admin, 200), "ready\n");
 
     write_config(

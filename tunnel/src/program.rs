@@ -123,7 +123,11 @@ where
     tunnel.apply(routes, listeners).await?;
     let admin_stop = CancellationToken::new();
     let admin_task = admin.map(|(addr, listener)| {
-        tracing::info!(admin = %addr, "serving /metrics, /healthz and /readyz");
+        // The bound address: with port 0 the configured one says nothing.
+        let bound = listener
+            .local_addr()
+            .map_or_else(|_| addr.to_string(), |a| a.to_string());
+        tracing::info!(admin = %bound, "serving /metrics, /healthz and /readyz");
         let admin = Admin::new(tunnel.clone(), common::signal::process().clone());
         let stop = admin_stop.clone();
         tokio::spawn(common::serve::serve(

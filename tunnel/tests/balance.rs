@@ -171,6 +171,14 @@ async fn round_robin_takes_each_target_in_turn() {
 async fn least_connections_avoids_the_busy_target() {
     let (a, b) = (Target::start("a").await, Target::start("b").await);
     let (tunnel, addr) = tunnel(&[&a, &b], Policy::LeastConnections, None).await;
+    let balancers = tunnel.balancers().await;
+    let backends = balancers["pool"].backends();
+    let active = || -> i64 {
+        backends
+            .iter()
+            .map(|b| b.stats.active.load(Ordering::Relaxed))
+            .sum()
+    };
     // Hold three connections; they spread 2/1 or 1/2.
     let held = [who(addr).await, who(addr).await, who(addr).await];
     let busy_a = held.iter().filter(|(n, _)| n == "a").count();
@@ -179,8 +187,8 @@ async fn least_connections_avoids_the_busy_target() {
         let (name, s) = who(addr).await;
         assert_eq!(name, expected, "a new connection went to the busier target");
         drop(s);
-        // Let the tunnel see the close before the next pick.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The tunnel has seen the close before the next pick.
+        wait_until(|| active() == 3, "the closed connection no longer counted").await;
     }
     drop(held);
     tunnel.shutdown().await;
