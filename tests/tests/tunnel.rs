@@ -324,14 +324,14 @@ fn rinetd_patterns_no_network_can_express_are_matched_at_accept() {
 #[test]
 fn yaml_and_environment_lists_take_patterns_too() {
     let target = echo_server();
-    let listen = local(free_port());
     let mut command = Command::new(binary("tunnel"));
     command
-        .args(["--listen", &listen.to_string()])
+        .args(["--listen", "127.0.0.1:0"])
         .args(["--target", &target.to_string()])
         .env("TUNNEL_ALLOW", "127.0.0.0/30, *.*.*.1?")
         .env("TUNNEL_DENY", "127.0.0.2");
-    let tunnel = Running::start(command, listen);
+    let tunnel = Running::start_reporting(command, "listen");
+    let listen = tunnel.addr;
     assert_eq!(echo(&mut connect_from([127, 0, 0, 1], listen), b"a"), b"a");
     assert!(refused(&mut connect_from([127, 0, 0, 2], listen)));
     assert_eq!(echo(&mut connect_from([127, 0, 0, 17], listen), b"b"), b"b");
@@ -340,7 +340,7 @@ fn yaml_and_environment_lists_take_patterns_too() {
     assert_eq!(code, Some(0), "{stderr}");
 
     let out = Command::new(binary("tunnel"))
-        .args(["--listen", &listen.to_string()])
+        .args(["--listen", "127.0.0.1:0"])
         .args(["--target", &target.to_string()])
         .env("TUNNEL_ALLOW", "10.*, 300.*")
         .output()
