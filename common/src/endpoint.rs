@@ -44,7 +44,7 @@ impl Endpoint {
 
     /// A bind failure in words a user can act on: the endpoint, the
     /// address, and the flag and the environment variable that move it.
-    pub fn explain(&self, e: &io::Error) -> String {
+    fn explain(&self, e: &io::Error) -> String {
         let fix = format!(
             "pass {} or set {}",
             flag_name(self.key),
