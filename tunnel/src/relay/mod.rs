@@ -212,30 +212,27 @@ impl<P: Pump + Unpin> Future for Relay<'_, P> {
             return Poll::Ready(outcome(this.pump, End::Shutdown, None));
         }
         let mut active = false;
-        if !this.pump.done().0 {
-            match this.pump.poll_up(cx, &mut active) {
+        // Client to target, then target to client: each direction ends on
+        // its own; a failure ends the relay, blamed on the side at fault.
+        for (from, to, closed) in [
+            (Side::Client, Side::Target, End::ClosedByClient),
+            (Side::Target, Side::Client, End::ClosedByTarget),
+        ] {
+            let done = this.pump.done();
+            let polled = match from {
+                Side::Client if !done.0 => this.pump.poll_up(cx, &mut active),
+                Side::Target if !done.1 => this.pump.poll_down(cx, &mut active),
+                _ => continue,
+            };
+            match polled {
                 Poll::Ready(Ok(())) => {
-                    this.first_done.get_or_insert(End::ClosedByClient);
+                    this.first_done.get_or_insert(closed);
                 }
                 Poll::Ready(Err(Failed::Reading(e))) => {
-                    return Poll::Ready(failed(this.pump, Side::Client, &e))
+                    return Poll::Ready(failed(this.pump, from, &e))
                 }
                 Poll::Ready(Err(Failed::Writing(e))) => {
-                    return Poll::Ready(failed(this.pump, Side::Target, &e))
-                }
-                Poll::Pending => {}
-            }
-        }
-        if !this.pump.done().1 {
-            match this.pump.poll_down(cx, &mut active) {
-                Poll::Ready(Ok(())) => {
-                    this.first_done.get_or_insert(End::ClosedByTarget);
-                }
-                Poll::Ready(Err(Failed::Reading(e))) => {
-                    return Poll::Ready(failed(this.pump, Side::Target, &e))
-                }
-                Poll::Ready(Err(Failed::Writing(e))) => {
-                    return Poll::Ready(failed(this.pump, Side::Client, &e))
+                    return Poll::Ready(failed(this.pump, to, &e))
                 }
                 Poll::Pending => {}
             }
