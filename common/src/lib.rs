@@ -9,6 +9,8 @@
 //! - [`serve`]: the accept loop with a connection cap, access lists, a span
 //!   per connection and graceful shutdown;
 //! - [`runtime`]: the tokio runtimes the programs and their threads run on;
+//! - [`yaml`]: YAML read into a tree that knows where every node is;
+//! - [`tls`]: TLS configurations read from PEM files, every bad file named;
 //! - [`telemetry`], [`signal`], [`cli`]: logging, shutdown signals, and the
 //!   flags every program has.
 
@@ -20,4 +22,5 @@ pub mod serve;
 pub mod settings;
 pub mod signal;
 pub mod telemetry;
+pub mod tls;
 pub mod yaml;
