@@ -14,6 +14,7 @@ declare -A packages=(
     [setpriv]=util-linux
     [kill]=procps
     [promtool]=prometheus
+    [openssl]=openssl
 )
 
 missing=()

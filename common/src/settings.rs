@@ -271,6 +271,13 @@ pub struct ServeSettings {
     pub idle_timeout: Period,
     /// On SIGINT/SIGTERM, how long live connections may take to finish.
     pub shutdown_grace: Period,
+    /// With `tls_key`: serve TLS 1.2/1.3 with this certificate chain (PEM).
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Clients must present a certificate that chains to this CA bundle
+    /// (PEM): mutual TLS.
+    pub tls_client_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for ServeSettings {
@@ -281,11 +288,59 @@ impl Default for ServeSettings {
             deny: CidrList::default(),
             idle_timeout: Period::from_secs(300),
             shutdown_grace: Period::from_secs(10),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
 
 impl ServeSettings {
+    /// The TLS configuration the settings ask for, read from its files:
+    /// `None` for plain TCP. A missing half, or a file that cannot be
+    /// used, is a problem at the key that names it.
+    pub fn tls(
+        &self,
+    ) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, Box<crate::config::ConfigError>> {
+        let problem = |key: &str, message: String| {
+            Box::new(crate::config::ConfigError {
+                key: key.to_string(),
+                value: None,
+                origin: None,
+                message,
+            })
+        };
+        let (cert, key) =
+            match (&self.tls_cert, &self.tls_key) {
+                (None, None) if self.tls_client_ca.is_some() => return Err(problem(
+                    "tls_client_ca",
+                    "asks for client certificates, which need TLS: set tls_cert and tls_key too"
+                        .into(),
+                )),
+                (None, None) => return Ok(None),
+                (Some(_), None) => {
+                    return Err(problem(
+                        "tls_key",
+                        "is missing: tls_cert needs its private key in tls_key".into(),
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(problem(
+                        "tls_cert",
+                        "is missing: tls_key needs its certificate chain in tls_cert".into(),
+                    ))
+                }
+                (Some(cert), Some(key)) => (cert, key),
+            };
+        crate::tls::server_config(&crate::tls::ServerFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+        })
+        .map(Some)
+        .map_err(|e| problem(e.setting, format!("{}: {}", e.file.display(), e.problem)))
+    }
+
     /// The allow and deny lists as one access list.
     pub fn access(&self) -> AccessList {
         AccessList {

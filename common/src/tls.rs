@@ -7,7 +7,15 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use rustls::crypto::CryptoProvider;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::serve::{Accepted, Handler};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::{self, PemObject};
@@ -143,6 +151,76 @@ pub fn server_config(files: &ServerFiles) -> Result<Arc<ServerConfig>, TlsError>
         error("tls_cert", &files.cert, problem)
     })?;
     Ok(Arc::new(config))
+}
+
+/// The longest a client may take over its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A service served over TLS: the accept loop hands it TCP connections,
+/// it completes each handshake (within [`HANDSHAKE_TIMEOUT`]) and hands
+/// the decrypted stream to the service. A handshake that fails is logged
+/// with its reason and the client, and the service never sees it.
+pub struct Tls<H> {
+    acceptor: TlsAcceptor,
+    service: Arc<H>,
+}
+
+impl<H> Tls<H> {
+    /// `service`, served with `config`.
+    pub fn new(config: Arc<ServerConfig>, service: Arc<H>) -> Tls<H> {
+        Tls {
+            acceptor: TlsAcceptor::from(config),
+            service,
+        }
+    }
+}
+
+impl<H: Handler<TlsStream<TcpStream>>> Handler<TcpStream> for Tls<H> {
+    async fn handle(self: Arc<Self>, stream: TcpStream, conn: Accepted) -> anyhow::Result<()> {
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::info!(peer = %conn.peer, reason = %e, "TLS handshake failed");
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::info!(peer = %conn.peer, reason = "no handshake within 10s", "TLS handshake failed");
+                return Ok(());
+            }
+        };
+        self.service.clone().handle(tls, conn).await
+    }
+
+    fn refused(&self, id: u64, peer: SocketAddr) {
+        self.service.refused(id, peer);
+    }
+}
+
+/// Serves `listener` with `service` until `shutdown`, over TLS with
+/// `config` when there is one, plain TCP otherwise (see
+/// [`crate::serve::serve`]).
+pub async fn serve<H>(
+    listener: tokio::net::TcpListener,
+    options: crate::serve::ServeOptions,
+    config: Option<Arc<ServerConfig>>,
+    service: Arc<H>,
+    shutdown: impl std::future::Future<Output = ()>,
+) where
+    H: Handler<TcpStream> + Handler<TlsStream<TcpStream>>,
+{
+    match config {
+        Some(config) => {
+            crate::serve::serve(
+                listener,
+                options,
+                Arc::new(Tls::new(config, service)),
+                shutdown,
+            )
+            .await
+        }
+        None => crate::serve::serve(listener, options, service, shutdown).await,
+    }
 }
 
 #[cfg(test)]

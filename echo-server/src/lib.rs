@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use common::config::{ConfigError, Origin};
-use common::serve::{serve, Accepted, Handler, ServeOptions, Stream};
+use common::serve::{Accepted, Handler, ServeOptions, Stream};
 use common::settings::{ListenAddr, LogSettings, ServeSettings};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, Zoned};
@@ -573,9 +573,11 @@ pub async fn run(
         zone = %service.clock.name(),
         "date/time service ready"
     );
-    serve(
+    let tls = settings.serve.tls().map_err(|e| anyhow::anyhow!("{e}"))?;
+    common::tls::serve(
         listener,
         ServeOptions::from(&settings.serve),
+        tls,
         service,
         shutdown,
     )
@@ -585,7 +587,9 @@ pub async fn run(
 
 impl common::config::ProgramSettings for Settings {
     fn problems(&self, origin: &dyn Fn(&str) -> Option<Origin>) -> Vec<ConfigError> {
-        self.conflicts(origin)
+        let mut problems = self.conflicts(origin);
+        problems.extend(self.serve.tls().err().map(|e| *e));
+        problems
     }
 
     /// `--print-config` shows the zone the clock reads, not `null`.

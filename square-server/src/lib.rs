@@ -14,7 +14,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use common::config::ConfigError;
-use common::serve::{serve, Accepted, Handler, ServeOptions, Stream};
+use common::serve::{Accepted, Handler, ServeOptions, Stream};
 use common::settings::{ListenAddr, LogSettings, ServeSettings};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -193,9 +193,18 @@ pub async fn run(listener: TcpListener, settings: Settings, shutdown: impl Futur
         );
     }
     let service = Arc::new(SquareService::new(settings.limits()));
-    serve(
+    // Checked at start (a bad file is a configuration error there).
+    let tls = match settings.serve.tls() {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::error!("cannot serve TLS: {e}");
+            return;
+        }
+    };
+    common::tls::serve(
         listener,
         ServeOptions::from(&settings.serve),
+        tls,
         service,
         shutdown,
     )
@@ -207,6 +216,8 @@ impl common::config::ProgramSettings for Settings {
         &self,
         _origin: &dyn Fn(&str) -> Option<common::config::Origin>,
     ) -> Vec<ConfigError> {
-        Settings::problems(self)
+        let mut problems = Settings::problems(self);
+        problems.extend(self.serve.tls().err().map(|e| *e));
+        problems
     }
 }
