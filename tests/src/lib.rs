@@ -262,6 +262,19 @@ fn kernel_addr(text: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
+/// A connection from the loopback address `from` (127.0.0.2, say), to
+/// test what an access list lets in; reads time out after 10 s.
+pub fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::from((from, 0)).into()).unwrap();
+    socket.connect(&to.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
 /// Waits until something accepts connections on `addr`, which `child`
 /// serves (so its early exit is reported at once).
 pub fn wait_listening(addr: SocketAddr, child: &mut Child) {

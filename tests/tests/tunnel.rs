@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use tests::{binary, echo_server, free_port, local, Running};
+use tests::{binary, connect_from, echo_server, free_port, local, Running};
 
 fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).unwrap();
@@ -220,18 +220,6 @@ fn a_rinetd_conf_runs_as_it_is() {
         "{lines}"
     );
     std::fs::remove_dir_all(dir).unwrap();
-}
-
-/// A connection from the loopback address `from` (127.0.0.2, say).
-fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.bind(&SocketAddr::from((from, 0)).into()).unwrap();
-    socket.connect(&to.into()).unwrap();
-    let stream: TcpStream = socket.into();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
 }
 
 /// Whether the tunnel closed `s` without a byte (refused by its access

@@ -11,23 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Socket, Type};
 use tests::{
-    binary, counting_echo_server, free_port, listening, local, spawn_reporting, wait_for, Running,
+    binary, connect_from, counting_echo_server, free_port, listening, local, spawn_reporting,
+    wait_for, Running,
 };
-
-/// A connection from the loopback address `from` (127.0.0.2, say).
-fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    let source: SocketAddr = format!("{from}:0").parse().unwrap();
-    socket.bind(&source.into()).unwrap();
-    socket.connect(&to.into()).unwrap();
-    let stream: TcpStream = socket.into();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-}
 
 fn echoes(s: &mut TcpStream, msg: &[u8]) -> bool {
     if s.write_all(msg).is_err() {
@@ -113,8 +100,8 @@ fn a_dead_log_pipe_never_stops_the_tunnel() {
     };
     let (listen, admin) = (on([127, 0, 0, 1]), on([127, 0, 0, 3]));
     for _ in 0..3 {
-        assert!(refused(&mut connect_from("127.0.0.2", listen)));
-        let mut client = connect_from("127.0.0.1", listen);
+        assert!(refused(&mut connect_from([127, 0, 0, 2], listen)));
+        let mut client = connect_from([127, 0, 0, 1], listen);
         assert!(
             echoes(&mut client, b"still here"),
             "the tunnel stopped serving"
@@ -151,9 +138,9 @@ fn a_log_reader_that_never_reads_never_stalls_the_tunnel() {
     let listen = addrs[0];
     for i in 0..1500 {
         if i % 3 == 0 {
-            assert!(refused(&mut connect_from("127.0.0.2", listen)));
+            assert!(refused(&mut connect_from([127, 0, 0, 2], listen)));
         } else {
-            let mut client = connect_from("127.0.0.1", listen);
+            let mut client = connect_from([127, 0, 0, 1], listen);
             assert!(
                 echoes(&mut client, b"through"),
                 "connection {i} was not served: the tunnel waits on its log"
@@ -175,9 +162,12 @@ fn mapped_access_entries_match_and_clients_are_logged_as_ipv4() {
         .env("TUNNEL_ACCESS_LOG", &access);
     let tunnel = Running::start_reporting(command, "listen");
     let port = tunnel.addr.port();
-    assert!(refused(&mut connect_from("127.0.0.2", local(port))));
-    assert!(refused(&mut connect_from("127.0.3.9", local(port))));
-    assert!(echoes(&mut connect_from("127.0.0.1", local(port)), b"in"));
+    assert!(refused(&mut connect_from([127, 0, 0, 2], local(port))));
+    assert!(refused(&mut connect_from([127, 0, 3, 9], local(port))));
+    assert!(echoes(
+        &mut connect_from([127, 0, 0, 1], local(port)),
+        b"in"
+    ));
     wait_for(
         || read(&access).lines().count() == 3,
         "three access-log lines",
@@ -217,9 +207,9 @@ fn a_routes_cap_is_shared_by_its_addresses_and_kept_across_reloads() {
         tunnel.reported("listen=127.0.0.2:", "listen"),
     );
 
-    let mut first = connect_from("127.0.0.1", a);
+    let mut first = connect_from([127, 0, 0, 1], a);
     assert!(echoes(&mut first, b"first"));
-    let mut other_address = connect_from("127.0.0.1", b);
+    let mut other_address = connect_from([127, 0, 0, 1], b);
     other_address.write_all(b"second").unwrap();
     assert!(
         silent_for(&mut other_address, Duration::from_millis(700)),
@@ -229,7 +219,7 @@ fn a_routes_cap_is_shared_by_its_addresses_and_kept_across_reloads() {
 
     tunnel.signal("HUP");
     wait_for(|| tunnel.stderr().contains("reloaded"), "the reload");
-    let mut after_reload = connect_from("127.0.0.1", a);
+    let mut after_reload = connect_from([127, 0, 0, 1], a);
     after_reload.write_all(b"third").unwrap();
     assert!(
         silent_for(&mut after_reload, Duration::from_millis(700)),
@@ -259,7 +249,7 @@ fn a_replaced_balancers_health_checks_stop_at_the_reload() {
     let tunnel = Running::start_reporting(command, "listen");
     let listen = tunnel.addr;
     // A connection that outlives the reload holds the old balancer.
-    let mut held = connect_from("127.0.0.1", listen);
+    let mut held = connect_from([127, 0, 0, 1], listen);
     assert!(echoes(&mut held, b"held"));
     wait_for(
         || old_accepts.load(Ordering::SeqCst) >= 4,
@@ -362,7 +352,7 @@ fn a_second_stop_signal_skips_the_grace_period() {
         .args(["--shutdown-grace", "60s"]);
     let mut tunnel = Running::start_reporting(command, "listen");
     let listen = tunnel.addr;
-    let mut held = connect_from("127.0.0.1", listen);
+    let mut held = connect_from([127, 0, 0, 1], listen);
     assert!(echoes(&mut held, b"busy"));
     tunnel.signal("TERM");
     wait_for(
@@ -457,7 +447,10 @@ fn a_reload_onto_an_overlapping_address_names_the_tunnels_own_listener() {
         stderr.contains("overlaps the tunnel's own listener"),
         "{stderr}"
     );
-    assert!(echoes(&mut connect_from("127.0.0.1", local(port)), b"old"));
+    assert!(echoes(
+        &mut connect_from([127, 0, 0, 1], local(port)),
+        b"old"
+    ));
 }
 
 #[test]
@@ -497,7 +490,7 @@ fn the_admin_endpoint_has_its_own_access_list() {
     let mut tunnel = Running::start_reporting(command, "listen");
     let admin = tunnel.reported("", "admin");
     assert!(http_get(admin, "/healthz").starts_with("HTTP/1.1 200"));
-    let mut denied = connect_from("127.0.0.2", admin);
+    let mut denied = connect_from([127, 0, 0, 2], admin);
     denied.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
     let mut answer = String::new();
     let _ = denied.read_to_string(&mut answer);
