@@ -185,7 +185,8 @@ impl<H: Handler<TlsStream<TcpStream>>> Handler<TcpStream> for Tls<H> {
                 return Ok(());
             }
             Err(_) => {
-                tracing::info!(peer = %conn.peer, reason = "no handshake within 10s", "TLS handshake failed");
+                let reason = format!("no handshake within {HANDSHAKE_TIMEOUT:?}");
+                tracing::info!(peer = %conn.peer, %reason, "TLS handshake failed");
                 return Ok(());
             }
         };

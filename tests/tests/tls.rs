@@ -44,19 +44,12 @@ impl Pki {
         for ca in ["ca", "other-ca"] {
             let mut args = vec!["req", "-x509"];
             args.extend(ec);
-            args.extend(
-                [
-                    "-keyout",
-                    &format!("{ca}.key"),
-                    "-out",
-                    &format!("{ca}.pem"),
-                    "-days",
-                    "2",
-                    "-subj",
-                    &format!("/CN={ca}"),
-                ]
-                .map(|s| Box::leak(s.to_string().into_boxed_str()) as &str),
+            let (key, cert, subj) = (
+                format!("{ca}.key"),
+                format!("{ca}.pem"),
+                format!("/CN={ca}"),
             );
+            args.extend(["-keyout", &key, "-out", &cert, "-days", "2", "-subj", &subj]);
             openssl(d, &args);
         }
         for (name, ca) in [("server", "ca"), ("client", "ca"), ("stranger", "other-ca")] {
