@@ -336,9 +336,13 @@ impl ServeSettings {
             cert: cert.clone(),
             key: key.clone(),
             client_ca: self.tls_client_ca.clone(),
+            client_names: Vec::new(),
         })
         .map(Some)
-        .map_err(|e| problem(e.setting, format!("{}: {}", e.file.display(), e.problem)))
+        .map_err(|e| {
+            let e = e.prefixed("tls_");
+            problem(&e.setting, format!("{}: {}", e.file.display(), e.problem))
+        })
     }
 
     /// The allow and deny lists as one access list.

@@ -31,14 +31,37 @@ pub struct ServerFiles {
     /// When set, clients must present a certificate that chains to one of
     /// these (a PEM bundle): mutual TLS.
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: only client certificates with one of these names
+    /// (DNS or URI subject alternative name, or common name; exact, or
+    /// `*.` for one label) get in. Empty: any name.
+    pub client_names: Vec<String>,
+}
+
+/// What a TLS client (the tunnel towards a target, square-client) uses:
+/// the CAs it trusts, its own certificate if the server asks for one, and
+/// the name it expects the server's certificate to have.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientFiles {
+    /// The CAs that may sign the server's certificate (PEM bundle); the
+    /// system's roots when unset.
+    pub ca: Option<PathBuf>,
+    /// A client certificate chain for mutual TLS (PEM; with `key`).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The name the server's certificate must carry (and the SNI sent);
+    /// the host connected to when unset.
+    pub server_name: Option<String>,
 }
 
 /// A TLS file that cannot be used: which one (by the setting that names
 /// it), and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsError {
-    /// The setting that names the file (`tls_cert`).
-    pub setting: &'static str,
+    /// The setting that names the file, as the caller calls it: `cert`,
+    /// `key`, `client_ca`, `ca`, prefixed with [`TlsError::prefixed`]
+    /// (`tls_cert`, `routes.0.tls.cert`).
+    pub setting: String,
     /// The file.
     pub file: PathBuf,
     /// What is wrong, and what to do.
@@ -59,14 +82,23 @@ impl fmt::Display for TlsError {
 
 impl std::error::Error for TlsError {}
 
+impl TlsError {
+    /// The same error with the setting's name as the program writes it:
+    /// `prefix` before the short name (`tls_` makes `tls_cert`).
+    pub fn prefixed(mut self, prefix: &str) -> TlsError {
+        self.setting = format!("{prefix}{}", self.setting);
+        self
+    }
+}
+
 /// The cryptography every TLS endpoint uses: ring's, TLS 1.2 and 1.3.
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn error(setting: &'static str, file: &Path, problem: impl Into<String>) -> TlsError {
+pub(crate) fn error(setting: &str, file: &Path, problem: impl Into<String>) -> TlsError {
     TlsError {
-        setting,
+        setting: setting.to_string(),
         file: file.to_path_buf(),
         problem: problem.into(),
     }
@@ -86,7 +118,7 @@ fn pem_problem(e: pem::Error, what: &str) -> String {
 
 /// The certificates in a PEM file; at least one.
 pub fn read_certificates(
-    setting: &'static str,
+    setting: &str,
     file: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(file)
@@ -104,7 +136,7 @@ pub fn read_certificates(
 }
 
 /// The private key in a PEM file.
-pub fn read_key(setting: &'static str, file: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub fn read_key(setting: &str, file: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(file)
         .map_err(|e| error(setting, file, pem_problem(e, "private key")))
 }
@@ -113,19 +145,19 @@ pub fn read_key(setting: &'static str, file: &Path) -> Result<PrivateKeyDer<'sta
 /// and 1.3 only; with a client CA, only clients whose certificate chains
 /// to it get in.
 pub fn server_config(files: &ServerFiles) -> Result<Arc<ServerConfig>, TlsError> {
-    let chain = read_certificates("tls_cert", &files.cert)?;
-    let key = read_key("tls_key", &files.key)?;
+    let chain = read_certificates("cert", &files.cert)?;
+    let key = read_key("key", &files.key)?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| error("tls_cert", &files.cert, e.to_string()))?;
+        .map_err(|e| error("cert", &files.cert, e.to_string()))?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for cert in read_certificates("tls_client_ca", ca)? {
+            for cert in read_certificates("client_ca", ca)? {
                 roots.add(cert).map_err(|e| {
                     error(
-                        "tls_client_ca",
+                        "client_ca",
                         ca,
                         format!("holds a certificate that cannot be a CA ({e})"),
                     )
@@ -133,7 +165,7 @@ pub fn server_config(files: &ServerFiles) -> Result<Arc<ServerConfig>, TlsError>
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
-                .map_err(|e| error("tls_client_ca", ca, e.to_string()))?;
+                .map_err(|e| error("client_ca", ca, e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -148,7 +180,7 @@ pub fn server_config(files: &ServerFiles) -> Result<Arc<ServerConfig>, TlsError>
                 files.key.display()
             ),
         };
-        error("tls_cert", &files.cert, problem)
+        error("cert", &files.cert, problem)
     })?;
     Ok(Arc::new(config))
 }
@@ -251,6 +283,7 @@ mod tests {
             cert: cert.clone(),
             key,
             client_ca: Some(cert),
+            client_names: Vec::new(),
         })
         .unwrap();
         assert!(config.alpn_protocols.is_empty());
@@ -268,25 +301,20 @@ mod tests {
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
             client_ca: ca.map(Path::to_path_buf),
+            client_names: Vec::new(),
         };
         let problem = |f: ServerFiles| server_config(&f).unwrap_err().to_string();
 
         let e = problem(files(&not_pem, &key, None));
         assert!(
-            e.starts_with(&format!(
-                "tls_cert {}: holds no certificate",
-                not_pem.display()
-            )),
+            e.starts_with(&format!("cert {}: holds no certificate", not_pem.display())),
             "{e}"
         );
         let e = problem(files(&missing, &key, None));
         assert!(e.ends_with("does not exist"), "{e}");
         let e = problem(files(&cert, &not_pem, None));
         assert!(
-            e.starts_with(&format!(
-                "tls_key {}: holds no private key",
-                not_pem.display()
-            )),
+            e.starts_with(&format!("key {}: holds no private key", not_pem.display())),
             "{e}"
         );
         // The key file holds a certificate, not a key.
@@ -295,7 +323,7 @@ mod tests {
         let e = problem(files(&cert, &other_key, None));
         assert!(
             e.starts_with(&format!(
-                "tls_cert {}: does not match the key in",
+                "cert {}: does not match the key in",
                 cert.display()
             )),
             "{e}"
@@ -303,7 +331,7 @@ mod tests {
         let e = problem(files(&cert, &key, Some(&not_pem)));
         assert!(
             e.starts_with(&format!(
-                "tls_client_ca {}: holds no certificate",
+                "client_ca {}: holds no certificate",
                 not_pem.display()
             )),
             "{e}"
