@@ -15,6 +15,7 @@ declare -A packages=(
     [kill]=procps
     [promtool]=prometheus
     [openssl]=openssl
+    [telnet-ssl]=telnet-ssl
 )
 
 missing=()

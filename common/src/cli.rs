@@ -142,6 +142,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_client_ca: Option<PathBuf>,
+
+    /// With --tls-client-ca: let in only client certificates with one of these names (comma-separated; *.example.com for one label)
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tls_client_names: Vec<String>,
 }
 
 /// A program's start, the same in every one: its arguments parsed, its

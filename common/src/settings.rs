@@ -250,6 +250,7 @@ impl FromStr for HostPort {
 }
 
 text_serde!(
+    crate::tls::names::NamePattern: "a name: client.example.com, *.example.com or a URI",
     ListenAddr: "a listen address IP:PORT",
     HostPort: "HOST:PORT",
 );
@@ -278,6 +279,10 @@ pub struct ServeSettings {
     /// Clients must present a certificate that chains to this CA bundle
     /// (PEM): mutual TLS.
     pub tls_client_ca: Option<std::path::PathBuf>,
+    /// With `tls_client_ca`: only client certificates with one of these
+    /// names (DNS or URI subject alternative name, or common name; exact
+    /// or `*.` for one label) get in.
+    pub tls_client_names: List<crate::tls::names::NamePattern>,
 }
 
 impl Default for ServeSettings {
@@ -291,6 +296,7 @@ impl Default for ServeSettings {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            tls_client_names: List::default(),
         }
     }
 }
@@ -301,7 +307,8 @@ impl ServeSettings {
     /// used, is a problem at the key that names it.
     pub fn tls(
         &self,
-    ) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, Box<crate::config::ConfigError>> {
+    ) -> Result<Option<std::sync::Arc<crate::tls::ServerTls>>, Box<crate::config::ConfigError>>
+    {
         let problem = |key: &str, message: String| {
             Box::new(crate::config::ConfigError {
                 key: key.to_string(),
@@ -315,6 +322,11 @@ impl ServeSettings {
                 (None, None) if self.tls_client_ca.is_some() => return Err(problem(
                     "tls_client_ca",
                     "asks for client certificates, which need TLS: set tls_cert and tls_key too"
+                        .into(),
+                )),
+                (None, None) if !self.tls_client_names.0.is_empty() => return Err(problem(
+                    "tls_client_names",
+                    "names the clients let in, which needs TLS: set tls_cert, tls_key and tls_client_ca too"
                         .into(),
                 )),
                 (None, None) => return Ok(None),
@@ -332,13 +344,27 @@ impl ServeSettings {
                 }
                 (Some(cert), Some(key)) => (cert, key),
             };
-        crate::tls::server_config(&crate::tls::ServerFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-            client_ca: self.tls_client_ca.clone(),
-            client_names: Vec::new(),
-        })
-        .map(Some)
+        if !self.tls_client_names.0.is_empty() && self.tls_client_ca.is_none() {
+            return Err(problem(
+                "tls_client_names",
+                "needs tls_client_ca: names are checked on client certificates, which are asked for only with a client CA".into(),
+            ));
+        }
+        crate::tls::ServerTls::load(
+            crate::tls::ServerFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+                client_names: self
+                    .tls_client_names
+                    .0
+                    .iter()
+                    .map(|n| n.0.clone())
+                    .collect(),
+            },
+            std::sync::Arc::default(),
+        )
+        .map(|tls| Some(std::sync::Arc::new(tls)))
         .map_err(|e| {
             let e = e.prefixed("tls_");
             problem(&e.setting, format!("{}: {}", e.file.display(), e.problem))

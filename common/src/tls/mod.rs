@@ -16,7 +16,15 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::serve::{Accepted, Handler};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub mod names;
+pub use names::CertInfo;
+use names::{NameNotAllowed, NamedClients};
 use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, OtherError};
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -143,9 +151,28 @@ pub fn read_key(setting: &str, file: &Path) -> Result<PrivateKeyDer<'static>, Tl
 
 /// The rustls configuration of a TLS endpoint served from `files`: TLS 1.2
 /// and 1.3 only; with a client CA, only clients whose certificate chains
-/// to it get in.
-pub fn server_config(files: &ServerFiles) -> Result<Arc<ServerConfig>, TlsError> {
+/// to it (and, with client names, carries one of them) get in. Also the
+/// validity of the endpoint's own certificate: an expired one is an error.
+pub fn server_config(files: &ServerFiles) -> Result<(Arc<ServerConfig>, CertInfo), TlsError> {
     let chain = read_certificates("cert", &files.cert)?;
+    let info = CertInfo::of(&chain[0]).ok_or_else(|| {
+        error(
+            "cert",
+            &files.cert,
+            "holds a certificate that is not X.509 (is the PEM block damaged?)",
+        )
+    })?;
+    let now = SystemTime::now();
+    if info.not_after < now {
+        return Err(error(
+            "cert",
+            &files.cert,
+            format!(
+                "expired on {}; renew it (or give the renewed file)",
+                names::when(info.not_after)
+            ),
+        ));
+    }
     let key = read_key("key", &files.key)?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -166,7 +193,14 @@ pub fn server_config(files: &ServerFiles) -> Result<Arc<ServerConfig>, TlsError>
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
                 .map_err(|e| error("client_ca", ca, e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
+            if files.client_names.is_empty() {
+                builder.with_client_cert_verifier(verifier)
+            } else {
+                builder.with_client_cert_verifier(Arc::new(NamedClients::new(
+                    verifier,
+                    files.client_names.clone(),
+                )))
+            }
         }
     };
     let config = builder.with_single_cert(chain, key).map_err(|e| {
@@ -182,47 +216,366 @@ pub fn server_config(files: &ServerFiles) -> Result<Arc<ServerConfig>, TlsError>
         };
         error("cert", &files.cert, problem)
     })?;
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), info))
 }
 
 /// The longest a client may take over its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A service served over TLS: the accept loop hands it TCP connections,
-/// it completes each handshake (within [`HANDSHAKE_TIMEOUT`]) and hands
-/// the decrypted stream to the service. A handshake that fails is logged
-/// with its reason and the client, and the service never sees it.
-pub struct Tls<H> {
-    acceptor: TlsAcceptor,
-    service: Arc<H>,
+/// Why a handshake failed, as metrics count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No complete handshake within [`HANDSHAKE_TIMEOUT`].
+    Timeout,
+    /// The client went away (or reset) during the handshake.
+    Closed,
+    /// Mutual TLS, and the client sent no certificate.
+    NoClientCertificate,
+    /// The client's certificate does not chain to the client CA.
+    UnknownCa,
+    /// The client's certificate has expired (or is not valid yet).
+    Expired,
+    /// The client's certificate has none of the client names.
+    NameNotAllowed,
+    /// The client's certificate is unusable otherwise.
+    BadCertificate,
+    /// The server name the client asked for is not served here.
+    UnknownServerName,
+    /// Anything else: not TLS, no common version or cipher suite.
+    Protocol,
 }
 
-impl<H> Tls<H> {
-    /// `service`, served with `config`.
-    pub fn new(config: Arc<ServerConfig>, service: Arc<H>) -> Tls<H> {
-        Tls {
-            acceptor: TlsAcceptor::from(config),
-            service,
+impl Failure {
+    /// Every reason, in the order metrics list them.
+    pub const ALL: [Failure; 9] = [
+        Failure::Timeout,
+        Failure::Closed,
+        Failure::NoClientCertificate,
+        Failure::UnknownCa,
+        Failure::Expired,
+        Failure::NameNotAllowed,
+        Failure::BadCertificate,
+        Failure::UnknownServerName,
+        Failure::Protocol,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Timeout => "timeout",
+            Failure::Closed => "closed",
+            Failure::NoClientCertificate => "no_client_certificate",
+            Failure::UnknownCa => "unknown_ca",
+            Failure::Expired => "expired",
+            Failure::NameNotAllowed => "name_not_allowed",
+            Failure::BadCertificate => "bad_certificate",
+            Failure::UnknownServerName => "unknown_server_name",
+            Failure::Protocol => "protocol",
+        }
+    }
+
+    /// Why a handshake that ended in `e` failed, and in which words.
+    pub fn of(e: &std::io::Error) -> (Failure, String) {
+        use std::io::ErrorKind;
+        let Some(tls) = e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+            return match e.kind() {
+                ErrorKind::UnexpectedEof
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionAborted
+                | ErrorKind::BrokenPipe => (
+                    Failure::Closed,
+                    format!("the client went away during the handshake ({e})"),
+                ),
+                _ => (Failure::Protocol, e.to_string()),
+            };
+        };
+        let failure = match tls {
+            rustls::Error::NoCertificatesPresented => Failure::NoClientCertificate,
+            rustls::Error::InvalidCertificate(c) => match c {
+                CertificateError::UnknownIssuer => Failure::UnknownCa,
+                CertificateError::ExpiredContext { not_after, .. } => {
+                    let when = names::when(UNIX_EPOCH + Duration::from_secs(not_after.as_secs()));
+                    return (
+                        Failure::Expired,
+                        format!("the client's certificate expired on {when}"),
+                    );
+                }
+                CertificateError::Expired
+                | CertificateError::NotValidYet
+                | CertificateError::NotValidYetContext { .. } => Failure::Expired,
+                CertificateError::Other(OtherError(other))
+                    if other.downcast_ref::<NameNotAllowed>().is_some() =>
+                {
+                    return (Failure::NameNotAllowed, other.to_string());
+                }
+                _ => Failure::BadCertificate,
+            },
+            _ => Failure::Protocol,
+        };
+        (failure, tls.to_string())
+    }
+}
+
+/// Handshakes of one endpoint: completed, and failed by reason.
+#[derive(Debug, Default)]
+pub struct HandshakeStats {
+    completed: AtomicU64,
+    failed: [AtomicU64; Failure::ALL.len()],
+}
+
+impl HandshakeStats {
+    /// Counts a handshake that completed.
+    pub fn completed(&self) {
+        self.completed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a handshake that failed.
+    pub fn failed(&self, why: Failure) {
+        let i = Failure::ALL.iter().position(|f| *f == why).unwrap_or(0);
+        self.failed[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Handshakes completed so far.
+    pub fn completed_total(&self) -> u64 {
+        self.completed.load(Ordering::Relaxed)
+    }
+
+    /// Handshakes failed so far, by reason (every reason, zeros included).
+    pub fn failed_totals(&self) -> impl Iterator<Item = (Failure, u64)> + '_ {
+        Failure::ALL
+            .iter()
+            .zip(&self.failed)
+            .map(|(f, n)| (*f, n.load(Ordering::Relaxed)))
+    }
+}
+
+/// The modification stamp of a file, to see that it changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp(Option<(SystemTime, u64, u64)>);
+
+impl Stamp {
+    fn of(file: &Path) -> Stamp {
+        // Through symbolic links: a mounted Kubernetes Secret changes by
+        // swapping a link to a new directory.
+        Stamp(std::fs::metadata(file).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.modified().unwrap_or(UNIX_EPOCH), m.len(), m.ino())
+        }))
+    }
+}
+
+/// A TLS endpoint's configuration as it is now, and what it was made of.
+struct Current {
+    config: Arc<ServerConfig>,
+    cert: CertInfo,
+    /// The files' stamps when last read (successfully or not).
+    stamps: Vec<Stamp>,
+}
+
+/// A TLS endpoint's certificate, key and client CA, re-read when asked
+/// ([`ServerTls::reload`], on SIGHUP) and when the files change
+/// ([`ServerTls::watch`]). A new set that does not load is reported and
+/// the old one stays in force; handshakes in progress and sessions
+/// already made keep the configuration they started with.
+pub struct ServerTls {
+    files: ServerFiles,
+    current: RwLock<Current>,
+    stats: Arc<HandshakeStats>,
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often [`ServerTls::watch`] looks at the files.
+pub const WATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// Within this of its expiry, a certificate is warned about.
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
+impl ServerTls {
+    /// Reads `files`; counts handshakes in `stats`.
+    pub fn load(files: ServerFiles, stats: Arc<HandshakeStats>) -> Result<ServerTls, TlsError> {
+        let stamps = ServerTls::stamps_of(&files);
+        let (config, cert) = server_config(&files)?;
+        Ok(ServerTls {
+            files,
+            current: RwLock::new(Current {
+                config,
+                cert,
+                stamps,
+            }),
+            stats,
+        })
+    }
+
+    fn stamps_of(files: &ServerFiles) -> Vec<Stamp> {
+        [
+            Some(&files.cert),
+            Some(&files.key),
+            files.client_ca.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|f| Stamp::of(f))
+        .collect()
+    }
+
+    /// The files it is served from.
+    pub fn files(&self) -> &ServerFiles {
+        &self.files
+    }
+
+    /// The configuration new handshakes get.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.current.read().expect("tls lock").config.clone()
+    }
+
+    /// When the certificate in force expires.
+    pub fn expires(&self) -> SystemTime {
+        self.current.read().expect("tls lock").cert.not_after
+    }
+
+    /// The handshake counters.
+    pub fn stats(&self) -> &Arc<HandshakeStats> {
+        &self.stats
+    }
+
+    /// Reads the files again; on success new handshakes use them, on
+    /// failure the configuration in force stays and the error says why.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let stamps = ServerTls::stamps_of(&self.files);
+        let loaded = server_config(&self.files);
+        let mut current = self.current.write().expect("tls lock");
+        current.stamps = stamps;
+        let (config, cert) = loaded?;
+        expiry_warning(&self.files, &cert);
+        current.config = config;
+        current.cert = cert;
+        Ok(())
+    }
+
+    /// Whether a file changed since it was last read.
+    fn changed(&self) -> bool {
+        self.current.read().expect("tls lock").stamps != ServerTls::stamps_of(&self.files)
+    }
+
+    /// Re-reads the files whenever they change (looked at every
+    /// [`WATCH_EVERY`]) until `stop`, logging each change under `what`
+    /// (the endpoint's name). A change that does not load is reported
+    /// once; the old configuration stays until the files change again.
+    pub async fn watch(self: Arc<Self>, what: String, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(WATCH_EVERY) => {}
+            }
+            if !self.changed() {
+                continue;
+            }
+            // A renewal writes the certificate and the key one after the
+            // other: give the second write a moment.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            self.reload_logged(&what, "the files changed");
+        }
+    }
+
+    /// [`ServerTls::reload`], with its outcome logged under `what`.
+    pub fn reload_logged(&self, what: &str, why: &str) {
+        match self.reload() {
+            Ok(()) => tracing::info!(
+                endpoint = what,
+                cert = %self.files.cert.display(),
+                expires = %names::when(self.expires()),
+                "TLS certificate re-read ({why}); new connections use it"
+            ),
+            Err(e) => tracing::error!(
+                endpoint = what,
+                error = %e,
+                "TLS files not re-read ({why}); the certificate in force stays"
+            ),
         }
     }
 }
 
+/// Warns when the certificate in force expires within 14 days (said once
+/// when serving starts, and at every re-read).
+pub fn warn_if_expiring(tls: &ServerTls) {
+    let current = tls.current.read().expect("tls lock");
+    expiry_warning(&tls.files, &current.cert);
+}
+
+fn expiry_warning(files: &ServerFiles, cert: &CertInfo) {
+    let left = cert
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    if left < EXPIRY_WARNING {
+        tracing::warn!(
+            cert = %files.cert.display(),
+            expires = %names::when(cert.not_after),
+            "TLS certificate expires in less than 14 days; renew it"
+        );
+    }
+}
+
+/// A service served over TLS: the accept loop hands it TCP connections,
+/// it completes each handshake (within [`HANDSHAKE_TIMEOUT`]) and hands
+/// the decrypted stream to the service. A handshake that fails is logged
+/// with its reason and the client, counted, and the service never sees
+/// it.
+pub struct Tls<H> {
+    tls: Arc<ServerTls>,
+    service: Arc<H>,
+}
+
+impl<H> Tls<H> {
+    /// `service`, served with `tls`.
+    pub fn new(tls: Arc<ServerTls>, service: Arc<H>) -> Tls<H> {
+        Tls { tls, service }
+    }
+}
+
+/// Completes the server side of a handshake on `stream` with `tls`'s
+/// configuration of the moment, within [`HANDSHAKE_TIMEOUT`]; counts it,
+/// and logs a failure with `peer` and its reason.
+pub async fn accept<S>(
+    tls: &ServerTls,
+    stream: S,
+    peer: SocketAddr,
+) -> Result<TlsStream<S>, Failure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let acceptor = TlsAcceptor::from(tls.config());
+    let (failure, reason) =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => {
+                tls.stats.completed();
+                return Ok(stream);
+            }
+            Ok(Err(e)) => Failure::of(&e),
+            Err(_) => (
+                Failure::Timeout,
+                format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
+            ),
+        };
+    tls.stats.failed(failure);
+    tracing::info!(%peer, %reason, "TLS handshake failed");
+    Err(failure)
+}
+
 impl<H: Handler<TlsStream<TcpStream>>> Handler<TcpStream> for Tls<H> {
     async fn handle(self: Arc<Self>, stream: TcpStream, conn: Accepted) -> anyhow::Result<()> {
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(stream)).await
-        {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                tracing::info!(peer = %conn.peer, reason = %e, "TLS handshake failed");
-                return Ok(());
-            }
-            Err(_) => {
-                let reason = format!("no handshake within {HANDSHAKE_TIMEOUT:?}");
-                tracing::info!(peer = %conn.peer, %reason, "TLS handshake failed");
-                return Ok(());
-            }
-        };
-        self.service.clone().handle(tls, conn).await
+        match accept(&self.tls, stream, conn.peer).await {
+            Ok(tls) => self.service.clone().handle(tls, conn).await,
+            Err(_) => Ok(()),
+        }
     }
 
     fn refused(&self, id: u64, peer: SocketAddr) {
@@ -230,29 +583,65 @@ impl<H: Handler<TlsStream<TcpStream>>> Handler<TcpStream> for Tls<H> {
     }
 }
 
-/// Serves `listener` with `service` until `shutdown`, over TLS with
-/// `config` when there is one, plain TCP otherwise (see
-/// [`crate::serve::serve`]).
+/// Serves `listener` with `service` until `shutdown`, over TLS with `tls`
+/// when there is one (re-read on SIGHUP and when its files change), plain
+/// TCP otherwise (see [`crate::serve::serve`]).
 pub async fn serve<H>(
     listener: tokio::net::TcpListener,
     options: crate::serve::ServeOptions,
-    config: Option<Arc<ServerConfig>>,
+    tls: Option<Arc<ServerTls>>,
     service: Arc<H>,
     shutdown: impl std::future::Future<Output = ()>,
 ) where
     H: Handler<TcpStream> + Handler<TlsStream<TcpStream>>,
 {
-    match config {
-        Some(config) => {
+    match tls {
+        Some(tls) => {
+            warn_if_expiring(&tls);
+            let stop = tokio_util::sync::CancellationToken::new();
+            let what = listener
+                .local_addr()
+                .map_or_else(|_| "listener".to_string(), |a| a.to_string());
+            tokio::spawn(
+                tls.clone()
+                    .watch(what.clone(), stop.clone().cancelled_owned()),
+            );
+            tokio::spawn(reload_on_hangup(tls.clone(), what, stop.clone()));
             crate::serve::serve(
                 listener,
                 options,
-                Arc::new(Tls::new(config, service)),
+                Arc::new(Tls::new(tls, service)),
                 shutdown,
             )
-            .await
+            .await;
+            stop.cancel();
         }
         None => crate::serve::serve(listener, options, service, shutdown).await,
+    }
+}
+
+/// Re-reads `tls` on every SIGHUP until `stop`.
+async fn reload_on_hangup(
+    tls: Arc<ServerTls>,
+    what: String,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch for SIGHUP; TLS files are re-read only when they change");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            got = hangups.recv() => match got {
+                Some(()) => tls.reload_logged(&what, "SIGHUP"),
+                None => return,
+            },
+        }
     }
 }
 
@@ -279,7 +668,7 @@ mod tests {
     fn a_certificate_and_its_key_make_a_server() {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = make(dir.path(), "server", "echo.test");
-        let config = server_config(&ServerFiles {
+        let (config, _) = server_config(&ServerFiles {
             cert: cert.clone(),
             key,
             client_ca: Some(cert),
