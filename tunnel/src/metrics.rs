@@ -33,6 +33,10 @@ pub struct RouteStats {
     pub refused: AtomicU64,
     /// Clients closed because no target could be reached.
     pub unavailable: AtomicU64,
+    /// TLS handshakes of the listening side, and the expiry of its
+    /// certificate, when the route terminates TLS (kept across reloads
+    /// like every counter).
+    pub handshakes: Arc<common::tls::HandshakeStats>,
     targets: Mutex<BTreeMap<String, Arc<TargetStats>>>,
 }
 
@@ -57,6 +61,9 @@ impl RouteStats {
 #[derive(Debug, Default)]
 pub struct Metrics {
     routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
+    /// Clients of a listen address shared by name (SNI) that no route
+    /// took: by address, then reason.
+    sni_refused: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 impl Metrics {
@@ -68,6 +75,17 @@ impl Metrics {
             .entry(route.to_string())
             .or_default()
             .clone()
+    }
+
+    /// Counts a client of the shared address `listen` that no route took,
+    /// for `reason` (`unknown_name`, `no_name`, `not_tls`).
+    pub fn sni_refused(&self, listen: &str, reason: &'static str) {
+        *self
+            .sni_refused
+            .lock()
+            .expect("stats lock")
+            .entry((listen.to_string(), reason))
+            .or_default() += 1;
     }
 
     /// Forgets routes and targets no longer configured.
@@ -116,12 +134,68 @@ impl Metrics {
                 }
             }
         }
+        render_tls(&routes, &mut out);
+        let sni = self.sni_refused.lock().expect("stats lock");
+        let _ = writeln!(
+            out,
+            "# HELP tunnel_sni_refused_total Clients of an address shared by server name that no route took, by reason.\n# TYPE tunnel_sni_refused_total counter"
+        );
+        for ((listen, reason), n) in sni.iter() {
+            let _ = writeln!(
+                out,
+                "tunnel_sni_refused_total{{listen=\"{}\",reason=\"{reason}\"}} {n}",
+                escape(listen)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP tunnel_log_lines_dropped_total Log and access-log lines lost: the writer could not keep up, or the write failed.\n# TYPE tunnel_log_lines_dropped_total counter\ntunnel_log_lines_dropped_total {}",
             common::telemetry::dropped_lines()
         );
         out
+    }
+}
+
+/// The TLS families, for the routes that terminate TLS.
+fn render_tls(routes: &BTreeMap<String, Arc<RouteStats>>, out: &mut String) {
+    let tls = || routes.iter().filter(|(_, s)| s.handshakes.expiry() > 0);
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_tls_handshakes_total TLS handshakes completed on the route's listening side.\n# TYPE tunnel_tls_handshakes_total counter"
+    );
+    for (route, s) in tls() {
+        let _ = writeln!(
+            out,
+            "tunnel_tls_handshakes_total{{route=\"{}\"}} {}",
+            escape(route),
+            s.handshakes.completed_total()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_tls_handshake_failures_total TLS handshakes refused or failed on the route's listening side, by reason.\n# TYPE tunnel_tls_handshake_failures_total counter"
+    );
+    for (route, s) in tls() {
+        for (reason, n) in s.handshakes.failed_totals() {
+            let _ = writeln!(
+                out,
+                "tunnel_tls_handshake_failures_total{{route=\"{}\",reason=\"{}\"}} {n}",
+                escape(route),
+                reason.as_str()
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_tls_certificate_expiry_seconds When the route's certificate expires (Unix time).\n# TYPE tunnel_tls_certificate_expiry_seconds gauge"
+    );
+    for (route, s) in tls() {
+        let _ = writeln!(
+            out,
+            "tunnel_tls_certificate_expiry_seconds{{route=\"{}\"}} {}",
+            escape(route),
+            s.handshakes.expiry()
+        );
     }
 }
 

@@ -321,6 +321,8 @@ impl Failure {
 pub struct HandshakeStats {
     completed: AtomicU64,
     failed: [AtomicU64; Failure::ALL.len()],
+    /// When the certificate in force expires, Unix seconds (0: none).
+    expiry: AtomicU64,
 }
 
 impl HandshakeStats {
@@ -333,6 +335,21 @@ impl HandshakeStats {
     pub fn failed(&self, why: Failure) {
         let i = Failure::ALL.iter().position(|f| *f == why).unwrap_or(0);
         self.failed[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// When the certificate in force expires, in Unix seconds; 0 when the
+    /// endpoint serves no TLS.
+    pub fn expiry(&self) -> u64 {
+        self.expiry.load(Ordering::Relaxed)
+    }
+
+    /// Records when the certificate in force expires (`None`: no TLS).
+    pub fn set_expiry(&self, at: Option<SystemTime>) {
+        let secs = at.map_or(0, |t| {
+            t.duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_secs().max(1))
+        });
+        self.expiry.store(secs, Ordering::Relaxed);
     }
 
     /// Handshakes completed so far.
@@ -402,6 +419,7 @@ impl ServerTls {
     pub fn load(files: ServerFiles, stats: Arc<HandshakeStats>) -> Result<ServerTls, TlsError> {
         let stamps = ServerTls::stamps_of(&files);
         let (config, cert) = server_config(&files)?;
+        stats.set_expiry(Some(cert.not_after));
         Ok(ServerTls {
             files,
             current: RwLock::new(Current {
@@ -454,6 +472,7 @@ impl ServerTls {
         current.stamps = stamps;
         let (config, cert) = loaded?;
         expiry_warning(&self.files, &cert);
+        self.stats.set_expiry(Some(cert.not_after));
         current.config = config;
         current.cert = cert;
         Ok(())

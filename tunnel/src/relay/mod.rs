@@ -130,6 +130,57 @@ pub fn relay_tcp<'a>(
     run(pump, idle, closing)
 }
 
+/// A stream with a TCP socket underneath: the socket itself, or a TLS
+/// stream over one. A relay that was cut short closes that socket with a
+/// reset ([`abort`]).
+pub trait OverTcp {
+    /// The socket underneath.
+    fn tcp(&self) -> &tokio::net::TcpStream;
+}
+
+impl OverTcp for tokio::net::TcpStream {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self
+    }
+}
+
+impl<S: OverTcp> OverTcp for tokio_rustls::server::TlsStream<S> {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self.get_ref().0.tcp()
+    }
+}
+
+impl<S: OverTcp> OverTcp for tokio_rustls::client::TlsStream<S> {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        self.get_ref().0.tcp()
+    }
+}
+
+/// Relays between two streams over TCP of which at least one is TLS:
+/// through user space (the bytes must be decrypted or encrypted), and
+/// when the relay ends in a reset or an error, both sockets close with a
+/// reset, as [`relay_tcp`] does.
+pub async fn relay_over_tcp<C, T>(
+    client: &mut C,
+    target: &mut T,
+    idle: Duration,
+    closing: &CancellationToken,
+) -> Outcome
+where
+    C: AsyncRead + AsyncWrite + Unpin + OverTcp,
+    T: AsyncRead + AsyncWrite + Unpin + OverTcp,
+{
+    let outcome = relay(client, target, idle, closing).await;
+    if matches!(
+        outcome.end,
+        End::ResetByClient | End::ResetByTarget | End::Error
+    ) {
+        abort(client.tcp());
+        abort(target.tcp());
+    }
+    outcome
+}
+
 fn run<'t, P: Pump + Unpin>(
     pump: P,
     idle: Duration,

@@ -107,6 +107,12 @@ impl Direction {
                     let mut buf = ReadBuf::new(&mut scratch[..]);
                     match reader.as_mut().poll_read(cx, &mut buf) {
                         Poll::Pending => Poll::Pending,
+                        // A TLS peer that closes its socket without a
+                        // close_notify: its end of stream, passed on as
+                        // such (the bytes it sent were all delivered).
+                        Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                            Poll::Ready(Ok(None))
+                        }
                         Poll::Ready(Err(e)) => Poll::Ready(Err(Failed::Reading(e))),
                         Poll::Ready(Ok(())) => {
                             let data = buf.filled();
