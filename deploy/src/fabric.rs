@@ -503,6 +503,9 @@ fn balancer_route(
         idle_timeout: Period::from_secs(3600),
         keepalive: Keepalive::Default,
         max_connections: 10_000,
+        tls: None,
+        target_tls: None,
+        sni: Vec::new(),
     }
 }
 

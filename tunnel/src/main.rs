@@ -24,8 +24,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// Quick form: `tunnel --listen 0.0.0.0:1001 --target db.internal:5432`, or
 /// set TUNNEL_HOST and TUNNEL_PORT. Many routes: `--config FILE` (YAML) or
-/// rinetd's own format with `--rinetd-conf FILE`. Every setting can also come
-/// from a TUNNEL_* environment variable. SIGHUP reloads the configuration;
+/// rinetd's own format with `--rinetd-conf FILE`. TLS: `--tls-cert` and
+/// `--tls-key` serve it to clients, `--target-tls` speaks it to the target.
+/// Every setting can also come from a TUNNEL_* environment variable. SIGHUP reloads the configuration;
 /// SIGTERM or Ctrl-C stops accepting and lets connections finish.
 #[derive(Debug, Parser, Serialize)]
 #[command(version, about, long_about)]
@@ -65,6 +66,36 @@ struct Args {
     #[serde(skip_serializing_if = "Option::is_none")]
     connect_timeout: Option<String>,
 
+    /// With --tls-client-ca: let in only client certificates with one of these names (comma-separated; *.example.com for one label, or a URI)
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tls_client_names: Vec<String>,
+
+    /// Speak TLS to the target (implied by the other --target-* TLS flags)
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    target_tls: bool,
+
+    /// Trust only this CA bundle (PEM) for the target's certificate [default: the system's roots]
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_ca: Option<PathBuf>,
+
+    /// The name the target's certificate must carry, also sent as SNI [default: the target's host]
+    #[arg(long, value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_server_name: Option<String>,
+
+    /// Present this client certificate chain (PEM) to the target (with --target-key)
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_cert: Option<PathBuf>,
+
+    /// The private key of --target-cert (PEM)
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_key: Option<PathBuf>,
+
     #[command(flatten)]
     #[serde(flatten)]
     serve: ServeArgs,
@@ -72,6 +103,10 @@ struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     common: CommonArgs,
+}
+
+fn is_false(value: &bool) -> bool {
+    !value
 }
 
 /// Reads the settings, every problem at once. A rinetd.conf is one layer
@@ -111,6 +146,23 @@ fn routes_of(resolved: &Resolved<Settings>) -> Result<Vec<Route>, ConfigErrors> 
                 message: "is the quick form's listen address, and routes are configured; give each route its own listen addresses".into(),
             });
         }
+    }
+    // target_tls written false beside the settings that turn it on.
+    let implied_by = resolved.settings.target_tls_implied_by();
+    if let Some(origin) = resolved
+        .origin("target_tls")
+        .filter(|o| *o != Origin::Default && !resolved.settings.target_tls)
+        .filter(|_| !implied_by.is_empty() && resolved.settings.routes.is_empty())
+    {
+        errors.push(ConfigError {
+            key: "target_tls".into(),
+            value: Some("false".into()),
+            origin: Some(origin),
+            message: format!(
+                "turns TLS to the target off, but {} is set, which needs it; remove one or the other",
+                implied_by.join(" and ")
+            ),
+        });
     }
     match resolved.settings.routes() {
         Ok(routes) if errors.is_empty() => Ok(routes),

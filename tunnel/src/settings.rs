@@ -5,8 +5,13 @@
 //! and `TUNNEL_PORT` settings) makes one route named `default`; a
 //! configuration file can hold many. Per-route values left out take the
 //! global ones.
+//!
+//! A route may serve TLS (`tls`), speak TLS to its targets (`target_tls`),
+//! and share its listen address with other routes, chosen by the server
+//! name of the client's TLS hello (`sni`): see [`tls`].
 
 use std::fmt;
+use std::path::PathBuf;
 
 use common::config::ConfigError;
 use common::settings::{
@@ -16,6 +21,10 @@ use common::settings::{
 
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
+
+pub mod tls;
+
+pub use tls::{ClientName, ServerName, SniName, TargetTls, TargetTlsSetting, TlsSettings};
 
 /// The program's name: its configuration prefix is `TUNNEL_`.
 pub const PROGRAM: &str = "tunnel";
@@ -246,6 +255,14 @@ pub struct RouteSettings {
     /// addresses.
     #[serde(deserialize_with = "at_least_one_opt")]
     pub max_connections: Option<usize>,
+    /// Serve TLS to clients (terminate it) with this certificate.
+    pub tls: Option<TlsSettings>,
+    /// Speak TLS to the targets (originate it).
+    pub target_tls: Option<TargetTlsSetting>,
+    /// The TLS server names that choose this route among the routes on
+    /// its listen addresses; without `tls`, the route passes TLS through
+    /// untouched.
+    pub sni: List<SniName>,
 }
 
 /// The tunnel's settings.
@@ -301,6 +318,31 @@ pub struct Settings {
     pub log_empty_connections: bool,
     /// A file to write the process id to.
     pub pid_file: Option<String>,
+    /// Quick form: serve TLS with this certificate chain (PEM; with
+    /// `tls_key`).
+    pub tls_cert: Option<PathBuf>,
+    /// Quick form: the private key of `tls_cert` (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Quick form: clients must present a certificate from this CA bundle
+    /// (PEM): mutual TLS.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Quick form: with `tls_client_ca`, only client certificates with one
+    /// of these names get in.
+    pub tls_client_names: List<ClientName>,
+    /// Quick form: speak TLS to the target (implied by any `target_*` TLS
+    /// setting below).
+    pub target_tls: bool,
+    /// Quick form: the CAs that may sign the target's certificate (PEM
+    /// bundle; the system's roots when unset).
+    pub target_ca: Option<PathBuf>,
+    /// Quick form: the name the target's certificate must carry (the
+    /// target's host when unset).
+    pub target_server_name: Option<ServerName>,
+    /// Quick form: a client certificate to present to the target (PEM;
+    /// with `target_key`).
+    pub target_cert: Option<PathBuf>,
+    /// Quick form: the private key of `target_cert` (PEM).
+    pub target_key: Option<PathBuf>,
     /// Log level and format.
     #[serde(flatten)]
     pub log: LogSettings,
@@ -331,6 +373,15 @@ impl Default for Settings {
             access_log: None,
             log_empty_connections: false,
             pid_file: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_client_names: List::default(),
+            target_tls: false,
+            target_ca: None,
+            target_server_name: None,
+            target_cert: None,
+            target_key: None,
             log: LogSettings::default(),
         }
     }
@@ -361,6 +412,24 @@ pub struct Route {
     pub keepalive: Keepalive,
     /// Most connections at once.
     pub max_connections: usize,
+    /// Serve TLS to clients with these files (terminate it); `None`: the
+    /// bytes from clients go to the target as they come.
+    pub tls: Option<common::tls::ServerFiles>,
+    /// Speak TLS to the targets with these (originate it); `None`: plain
+    /// TCP to the targets.
+    pub target_tls: Option<common::tls::ClientFiles>,
+    /// The TLS server names (lower case; exact, or `*.` for one label)
+    /// that choose this route among the routes sharing its listen
+    /// addresses. Empty: the route has its addresses to itself.
+    pub sni: Vec<String>,
+}
+
+impl Route {
+    /// Whether the route passes TLS through untouched: it is chosen by
+    /// server name but holds no certificate of its own.
+    pub fn passthrough(&self) -> bool {
+        !self.sni.is_empty() && self.tls.is_none()
+    }
 }
 
 impl Settings {
@@ -372,6 +441,77 @@ impl Settings {
             Some(HealthSetting::Off) => (HealthCheck::default(), false),
             None => (HealthCheck::default(), targets > 1),
         }
+    }
+
+    /// The quick form's TLS keys that are set, with what they are: with
+    /// routes, each is a mistake to report.
+    fn quick_tls_given(&self) -> Vec<&'static str> {
+        let set = [
+            ("tls_cert", self.tls_cert.is_some()),
+            ("tls_key", self.tls_key.is_some()),
+            ("tls_client_ca", self.tls_client_ca.is_some()),
+            ("tls_client_names", !self.tls_client_names.is_empty()),
+            ("target_tls", self.target_tls),
+            ("target_ca", self.target_ca.is_some()),
+            ("target_server_name", self.target_server_name.is_some()),
+            ("target_cert", self.target_cert.is_some()),
+            ("target_key", self.target_key.is_some()),
+        ];
+        set.into_iter()
+            .filter(|(_, given)| *given)
+            .map(|(key, _)| key)
+            .collect()
+    }
+
+    /// The quick form's `target_*` TLS settings that are set: each one
+    /// turns TLS to the target on.
+    pub fn target_tls_implied_by(&self) -> Vec<&'static str> {
+        self.quick_tls_given()
+            .into_iter()
+            .filter(|key| key.starts_with("target_") && *key != "target_tls")
+            .collect()
+    }
+
+    /// The quick form's TLS, as the default route has it: (tls,
+    /// target_tls), each problem pushed as (key, message).
+    fn quick_tls(
+        &self,
+        problems: &mut Vec<(String, String)>,
+    ) -> (
+        Option<common::tls::ServerFiles>,
+        Option<common::tls::ClientFiles>,
+    ) {
+        let server = TlsSettings {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+            client_names: self.tls_client_names.clone(),
+        };
+        let tls = (server != TlsSettings::default())
+            .then(|| {
+                let at = tls::Place {
+                    full: "tls_",
+                    short: "tls_",
+                };
+                tls::server_files(&server, &at, problems)
+            })
+            .flatten();
+        let target_tls = (self.target_tls || !self.target_tls_implied_by().is_empty())
+            .then(|| {
+                let client = TargetTls {
+                    ca: self.target_ca.clone(),
+                    server_name: self.target_server_name.clone(),
+                    cert: self.target_cert.clone(),
+                    key: self.target_key.clone(),
+                };
+                let at = tls::Place {
+                    full: "target_",
+                    short: "target_",
+                };
+                tls::client_files(&client, &at, problems)
+            })
+            .flatten();
+        (tls, target_tls)
     }
 
     /// The routes to run, with global values filled in; every problem is
@@ -389,6 +529,11 @@ impl Settings {
             deny: self.deny.clone(),
         };
         let mut routes = Vec::new();
+        // Where each route's keys are: `routes.N.` (N in the file, which
+        // differs from the index in `routes` once one is left out), or
+        // nothing for the quick form's route.
+        let mut prefixes: Vec<String> = Vec::new();
+        let mut tls_problems = Vec::new();
         if self.routes.is_empty() {
             let targets = match (&self.target, &self.host, self.port) {
                 (Some(targets), _, _) => Some(targets.0.clone()),
@@ -418,6 +563,7 @@ impl Settings {
                     "no listen address; pass --listen ADDR".into(),
                 ));
             }
+            let (tls, target_tls) = self.quick_tls(&mut tls_problems);
             if let Some(targets) = targets.filter(|t| !t.is_empty()) {
                 let (health, checks) = self.health(None, targets.len());
                 routes.push(Route {
@@ -432,7 +578,11 @@ impl Settings {
                     idle_timeout: self.idle_timeout,
                     keepalive: self.keepalive,
                     max_connections: self.max_connections,
+                    tls,
+                    target_tls,
+                    sni: Vec::new(),
                 });
+                prefixes.push(String::new());
             }
         } else {
             if self.target.is_some() || self.host.is_some() {
@@ -440,6 +590,12 @@ impl Settings {
                     "target",
                     "both a quick-form target and routes are given; put the target in a route"
                         .into(),
+                ));
+            }
+            for key in self.quick_tls_given() {
+                errors.push(problem(
+                    key,
+                    "is a setting of the quick form's route, and routes are configured; give each route its own tls or target_tls".into(),
                 ));
             }
             for (i, r) in self.routes.iter().enumerate() {
@@ -454,6 +610,43 @@ impl Settings {
                         &key("listen"),
                         format!("route {name} has no listen address"),
                     ));
+                }
+                let tls = r.tls.as_ref().and_then(|t| {
+                    let full = key("tls.");
+                    let at = tls::Place {
+                        full: &full,
+                        short: "tls.",
+                    };
+                    tls::server_files(t, &at, &mut tls_problems)
+                });
+                let target_tls = match &r.target_tls {
+                    Some(TargetTlsSetting::On(t)) => {
+                        let full = key("target_tls.");
+                        let at = tls::Place {
+                            full: &full,
+                            short: "target_tls.",
+                        };
+                        tls::client_files(t, &at, &mut tls_problems)
+                    }
+                    Some(TargetTlsSetting::Off) | None => None,
+                };
+                let passthrough = !r.sni.is_empty() && r.tls.is_none();
+                if passthrough && matches!(r.target_tls, Some(TargetTlsSetting::On(_))) {
+                    errors.push(problem(
+                        &key("target_tls"),
+                        format!("route {name} passes TLS through untouched (it has sni and no tls), so it cannot speak TLS of its own to its target; remove target_tls, or add tls to decrypt and encrypt again"),
+                    ));
+                }
+                let mut sni: Vec<String> = Vec::new();
+                for n in &r.sni.0 {
+                    if sni.contains(&n.0) {
+                        errors.push(problem(
+                            &key("sni"),
+                            format!("route {name} lists {n} twice; list each name once"),
+                        ));
+                    } else {
+                        sni.push(n.0.clone());
+                    }
                 }
                 let targets = match (&r.target, &r.targets) {
                     (Some(_), Some(_)) => {
@@ -491,50 +684,23 @@ impl Settings {
                     idle_timeout: r.idle_timeout.unwrap_or(self.idle_timeout),
                     keepalive: r.keepalive.unwrap_or(self.keepalive),
                     max_connections: r.max_connections.unwrap_or(self.max_connections),
+                    tls,
+                    target_tls,
+                    sni,
                 });
+                prefixes.push(key(""));
             }
         }
-        // Names and addresses must be unique across routes.
-        let mut seen_names = std::collections::HashMap::new();
-        let mut seen_addrs = std::collections::HashMap::new();
-        for (i, route) in routes.iter().enumerate() {
-            if let Some(other) = seen_names.insert(route.name.clone(), i) {
-                errors.push(problem(
-                    &format!("routes.{i}.name"),
-                    format!(
-                        "route name {} is used twice (routes {} and {})",
-                        route.name,
-                        other + 1,
-                        i + 1
-                    ),
-                ));
-            }
-            for addr in &route.listen {
-                if let Some(other) = seen_addrs.insert(*addr, route.name.clone()) {
-                    errors.push(problem(
-                        &format!("routes.{i}.listen"),
-                        format!("{addr} is claimed by routes {other} and {}", route.name),
-                    ));
-                    continue;
-                }
-                // 0.0.0.0:P takes port P on every IPv4 address (and [::]:P
-                // on every address): no other listener can have it.
-                let clash = routes.iter().take(i + 1).find_map(|earlier| {
-                    earlier
-                        .listen
-                        .iter()
-                        .take_while(|a| !(earlier.name == route.name && *a == addr))
-                        .find(|a| *a != addr && overlaps(**a, *addr))
-                        .map(|a| (earlier.name.clone(), *a))
-                });
-                if let Some((other, wide)) = clash {
-                    errors.push(problem(
-                        &format!("routes.{i}.listen"),
-                        format!("{addr} (route {}) overlaps {wide} (route {other}): a wildcard address takes the port on every address; keep one of them or use another port", route.name),
-                    ));
-                }
-            }
-        }
+        errors.extend(
+            tls_problems
+                .into_iter()
+                .map(|(key, message)| problem(&key, message)),
+        );
+        errors.extend(
+            shared_addresses(&routes, &prefixes)
+                .into_iter()
+                .map(|(key, message)| problem(&key, message)),
+        );
         if errors.is_empty() {
             Ok(routes)
         } else {
@@ -543,14 +709,131 @@ impl Settings {
     }
 }
 
+/// Problems with the names and listen addresses of `routes`, as (key,
+/// message): names are unique; routes share a listen address only when
+/// each has `sni` names and no name is on it twice; and no listen address
+/// overlaps another (a wildcard and an address it covers) unless they are
+/// the same. `prefixes` are where each route's keys are.
+fn shared_addresses(routes: &[Route], prefixes: &[String]) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    let key = |i: usize, k: &str| format!("{}{k}", prefixes[i]);
+    let mut seen_names = std::collections::HashMap::new();
+    // The routes on each address, in the order the addresses come.
+    let mut groups: Vec<(ListenAddr, Vec<usize>)> = Vec::new();
+    for (i, route) in routes.iter().enumerate() {
+        if let Some(other) = seen_names.insert(route.name.clone(), i) {
+            problems.push((
+                key(i, "name"),
+                format!(
+                    "route name {} is used twice (routes {} and {})",
+                    route.name,
+                    other + 1,
+                    i + 1
+                ),
+            ));
+        }
+        for (n, addr) in route.listen.iter().enumerate() {
+            if route.listen[..n].contains(addr) {
+                problems.push((
+                    key(i, "listen"),
+                    format!(
+                        "route {} lists {addr} twice; list each address once",
+                        route.name
+                    ),
+                ));
+                continue;
+            }
+            match groups.iter_mut().find(|(a, _)| a == addr) {
+                Some((_, group)) => group.push(i),
+                None => groups.push((*addr, vec![i])),
+            }
+            // 0.0.0.0:P takes port P on every IPv4 address (and [::]:P
+            // on every address): no other listener can have it.
+            let clash = routes.iter().take(i + 1).find_map(|earlier| {
+                earlier
+                    .listen
+                    .iter()
+                    .take_while(|a| !(earlier.name == route.name && *a == addr))
+                    .find(|a| *a != addr && overlaps(**a, *addr))
+                    .map(|a| (earlier.name.clone(), *a))
+            });
+            if let Some((other, wide)) = clash {
+                problems.push((
+                    key(i, "listen"),
+                    format!("{addr} (route {}) overlaps {wide} (route {other}): a wildcard address takes the port on every address; keep one of them or use another port", route.name),
+                ));
+            }
+        }
+    }
+    for (addr, group) in groups.iter().filter(|(_, group)| group.len() > 1) {
+        let without: Vec<usize> = group
+            .iter()
+            .copied()
+            .filter(|&i| routes[i].sni.is_empty())
+            .collect();
+        if !without.is_empty() {
+            let names = |which: &[usize]| {
+                let names: Vec<&str> = which.iter().map(|&i| routes[i].name.as_str()).collect();
+                match names.split_last() {
+                    Some((last, [])) => format!("route {last}"),
+                    Some((last, rest)) => format!("routes {} and {last}", rest.join(", ")),
+                    None => String::new(),
+                }
+            };
+            let (all, lacking) = (names(group), names(&without));
+            let verb = if without.len() == 1 { "has" } else { "have" };
+            // Said once, at the last route without names: it is the one
+            // that claims an address already taken.
+            let at = without[without.len() - 1];
+            problems.push((
+                key(at, "listen"),
+                format!(
+                    "{addr} is claimed by {all}; routes share a listen address only when each has sni names (TLS server names) to be chosen by, and {lacking} {verb} none"
+                ),
+            ));
+            continue;
+        }
+        let mut claimed: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+        for &i in group {
+            for name in &routes[i].sni {
+                if let Some(other) = claimed.insert(name, &routes[i].name) {
+                    if other != routes[i].name {
+                        problems.push((
+                            key(i, "sni"),
+                            format!(
+                                "{name} on {addr} is claimed by routes {other} and {}; a server name chooses one route, so keep it in one",
+                                routes[i].name
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    problems
+}
+
 impl common::config::ProgramSettings for Settings {
     /// With routes, the quick form's keys are not used; without, `routes`.
     fn unused(&self, key: &str) -> bool {
         match key {
-            "listen" | "target" | "host" | "port" => !self.routes.is_empty(),
+            "listen" | "target" | "host" | "port" | "tls_cert" | "tls_key" | "tls_client_ca"
+            | "tls_client_names" | "target_tls" | "target_ca" | "target_server_name"
+            | "target_cert" | "target_key" => !self.routes.is_empty(),
             "routes" => self.routes.is_empty(),
             _ => false,
         }
+    }
+
+    /// `target_tls` is on when another `target_*` TLS setting is given.
+    fn effective(&self, key: &str) -> Option<(String, String)> {
+        let implied_by = self.target_tls_implied_by();
+        (key == "target_tls" && !self.target_tls && !implied_by.is_empty()).then(|| {
+            (
+                "true".to_string(),
+                format!("implied by {}", implied_by.join(", ")),
+            )
+        })
     }
 }
 
@@ -566,4 +849,273 @@ pub fn overlaps(a: ListenAddr, b: ListenAddr) -> bool {
         wide.ip().is_unspecified() && (wide.is_ipv6() || other.ip().to_canonical().is_ipv4())
     };
     a.ip().to_canonical() == b.ip().to_canonical() || covers(a, b) || covers(b, a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::config::ProgramSettings;
+    use common::tls::{ClientFiles, ServerFiles};
+
+    fn settings(yaml: &str) -> Settings {
+        common::yaml::from_str(yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+    }
+
+    /// The problems `yaml` has, as `key: message` lines.
+    fn problems(yaml: &str) -> Vec<String> {
+        match settings(yaml).routes() {
+            Ok(routes) => panic!("no problem found; routes: {routes:?}"),
+            Err(errors) => errors
+                .into_iter()
+                .map(|e| format!("{}: {}", e.key, e.message))
+                .collect(),
+        }
+    }
+
+    fn has(problems: &[String], key: &str, says: &str) {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with(&format!("{key}: ")) && p.contains(says)),
+            "no {key}: ...{says}... in\n{}",
+            problems.join("\n")
+        );
+    }
+
+    #[test]
+    fn the_quick_form_serves_and_speaks_tls() {
+        let s = settings(
+            "target: gateway:6432\ntls_cert: gw.pem\ntls_key: gw.key\ntls_client_ca: ca.pem\ntls_client_names: 'a.example.com, *.b.example.com'\ntarget_ca: ca.pem\ntarget_cert: me.pem\ntarget_key: me.key\n",
+        );
+        let route = &s.routes().unwrap()[0];
+        assert_eq!(
+            route.tls,
+            Some(ServerFiles {
+                cert: "gw.pem".into(),
+                key: "gw.key".into(),
+                client_ca: Some("ca.pem".into()),
+                client_names: vec!["a.example.com".into(), "*.b.example.com".into()],
+            })
+        );
+        // target_ca and the client certificate imply target_tls.
+        assert_eq!(
+            route.target_tls,
+            Some(ClientFiles {
+                ca: Some("ca.pem".into()),
+                cert: Some("me.pem".into()),
+                key: Some("me.key".into()),
+                server_name: None,
+            })
+        );
+        assert!(route.sni.is_empty() && !route.passthrough());
+        let (value, why) = s.effective("target_tls").unwrap();
+        assert_eq!(value, "true");
+        assert!(why.contains("target_ca, target_cert, target_key"), "{why}");
+
+        // target_tls alone: the system's roots, the target's own name.
+        let route = &settings("target: db:5432\ntarget_tls: true\n")
+            .routes()
+            .unwrap()[0];
+        assert_eq!(route.target_tls, Some(ClientFiles::default()));
+        assert_eq!(route.tls, None);
+        // Without any: plain TCP both ways.
+        let s = settings("target: db:5432\n");
+        let route = &s.routes().unwrap()[0];
+        assert_eq!((&route.tls, &route.target_tls), (&None, &None));
+        assert_eq!(s.effective("target_tls"), None);
+    }
+
+    #[test]
+    fn routes_on_one_address_are_chosen_by_server_name() {
+        let s = settings(
+            "routes:
+  - name: web
+    listen: 0.0.0.0:443
+    sni: [WWW.example.com, '*.example.com']
+    target: 10.0.0.5:443
+  - name: api
+    listen: 0.0.0.0:443
+    sni: api.example.com
+    tls: {cert: api.pem, key: api.key}
+    target: 10.0.0.6:8080
+    target_tls: {ca: inner.pem, server_name: api.internal}
+  - name: other
+    listen: 0.0.0.0:444
+    sni: www.example.com
+    target: 10.0.0.7:443
+",
+        );
+        let routes = s.routes().unwrap();
+        assert_eq!(routes[0].sni, ["www.example.com", "*.example.com"]);
+        assert!(routes[0].passthrough());
+        assert_eq!(routes[0].target_tls, None);
+        assert!(!routes[1].passthrough());
+        assert_eq!(
+            routes[1].tls.as_ref().map(|t| &t.cert),
+            Some(&PathBuf::from("api.pem"))
+        );
+        let target = routes[1].target_tls.as_ref().unwrap();
+        assert_eq!(target.server_name.as_deref(), Some("api.internal"));
+        assert_eq!(target.ca, Some("inner.pem".into()));
+        // The same name on another address is another matter.
+        assert_eq!(routes[2].sni, ["www.example.com"]);
+    }
+
+    #[test]
+    fn a_shared_address_needs_names_on_every_route_and_each_name_once() {
+        let p = problems(
+            "routes:
+  - {name: web, listen: 0.0.0.0:443, sni: [www.example.com, a.example.com], target: 'h:1'}
+  - {name: api, listen: 0.0.0.0:443, sni: [API.example.com, WWW.example.com], target: 'h:2'}
+  - {name: dup, listen: 127.0.0.1:8443, sni: [x.example.com, X.example.com], target: 'h:3'}
+",
+        );
+        has(
+            &p,
+            "routes.1.sni",
+            "www.example.com on 0.0.0.0:443 is claimed by routes web and api",
+        );
+        has(&p, "routes.2.sni", "route dup lists x.example.com twice");
+        assert_eq!(p.len(), 2, "{p:?}");
+
+        let p = problems(
+            "routes:
+  - {name: web, listen: 0.0.0.0:443, sni: www.example.com, target: 'h:1'}
+  - {name: plain, listen: 0.0.0.0:443, target: 'h:2'}
+",
+        );
+        has(&p, "routes.1.listen", "0.0.0.0:443 is claimed by routes web and plain; routes share a listen address only when each has sni names");
+        has(&p, "routes.1.listen", "and route plain has none");
+        let p = problems(
+            "routes:
+  - {name: a, listen: 127.0.0.1:1, target: 'h:1'}
+  - {name: b, listen: 127.0.0.1:1, target: 'h:1'}
+",
+        );
+        has(&p, "routes.1.listen", "claimed by routes a and b");
+        assert_eq!(p.len(), 1, "{p:?}");
+        // A wildcard address still takes the port from a specific one.
+        let p = problems(
+            "routes:
+  - {name: a, listen: 0.0.0.0:443, sni: a.example.com, target: 'h:1'}
+  - {name: b, listen: 127.0.0.1:443, sni: b.example.com, target: 'h:1'}
+",
+        );
+        has(&p, "routes.1.listen", "overlaps 0.0.0.0:443 (route a)");
+    }
+
+    #[test]
+    fn every_half_missing_is_named_at_its_key() {
+        let p = problems(
+            "routes:
+  - {name: a, listen: 127.0.0.1:1, target: 'h:1', tls: {key: a.key}}
+  - {name: b, listen: 127.0.0.1:2, target: 'h:1', tls: {cert: b.pem}}
+  - {name: c, listen: 127.0.0.1:3, target: 'h:1', tls: {client_ca: ca.pem}}
+  - {name: d, listen: 127.0.0.1:4, target: 'h:1', tls: {cert: d.pem, key: d.key, client_names: [x.example.com]}}
+  - {name: e, listen: 127.0.0.1:5, target: 'h:1', tls: {}}
+  - {name: f, listen: 127.0.0.1:6, target: 'h:1', target_tls: {cert: me.pem}}
+  - {name: g, listen: 127.0.0.1:7, target: 'h:1', target_tls: {key: me.key}}
+  - {name: h, listen: 127.0.0.1:8, sni: h.example.com, target: 'h:1', target_tls: true}
+",
+        );
+        has(
+            &p,
+            "routes.0.tls.cert",
+            "is missing: tls.key needs its certificate chain in tls.cert",
+        );
+        has(
+            &p,
+            "routes.1.tls.key",
+            "is missing: tls.cert needs its private key in tls.key",
+        );
+        has(
+            &p,
+            "routes.2.tls.client_ca",
+            "takes TLS: set tls.cert and tls.key too",
+        );
+        has(&p, "routes.3.tls.client_names", "needs tls.client_ca");
+        has(&p, "routes.4.tls.cert", "is missing");
+        has(&p, "routes.5.target_tls.key", "is missing");
+        has(&p, "routes.6.target_tls.cert", "is missing");
+        has(&p, "routes.7.target_tls", "passes TLS through untouched");
+        assert_eq!(p.len(), 8, "{p:?}");
+
+        let p = problems("target: 'h:1'\ntls_key: k.pem\ntarget_cert: me.pem\n");
+        has(
+            &p,
+            "tls_cert",
+            "is missing: tls_key needs its certificate chain in tls_cert",
+        );
+        has(
+            &p,
+            "target_key",
+            "is missing: the client certificate in target_cert needs its private key in target_key",
+        );
+        let p = problems("target: 'h:1'\ntls_client_names: a.example.com\n");
+        has(
+            &p,
+            "tls_client_names",
+            "set tls_cert, tls_key and tls_client_ca too",
+        );
+    }
+
+    #[test]
+    fn the_quick_forms_tls_beside_routes_is_reported() {
+        let s = settings(
+            "tls_cert: a.pem\ntarget_tls: true\nroutes:\n  - {name: a, listen: 127.0.0.1:1, target: 'h:1'}\n",
+        );
+        assert!(s.unused("tls_cert") && s.unused("target_key"));
+        assert!(!s.unused("routes"));
+        let errors = s.routes().unwrap_err();
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["tls_cert", "target_tls"]);
+        assert!(errors[0].message.contains("give each route its own tls"));
+        let quick = settings("target: 'h:1'\n");
+        assert!(!quick.unused("tls_cert") && quick.unused("routes"));
+    }
+
+    #[test]
+    fn tls_settings_are_written_back_as_they_read() {
+        let s = settings(
+            "target_tls: true\ntarget_server_name: db.internal\ntls_client_names: [spiffe://example.com/a]\nroutes:
+  - name: a
+    listen: 127.0.0.1:1
+    target: 'h:1'
+    sni: [a.example.com]
+    tls: {cert: a.pem, key: a.key, client_ca: ca.pem, client_names: ['*.example.com']}
+    target_tls: {ca: ca.pem}
+  - {name: b, listen: 127.0.0.1:2, target: 'h:1', target_tls: true}
+  - {name: c, listen: 127.0.0.1:3, target: 'h:1', target_tls: false}
+",
+        );
+        let yaml = common::yaml::to_string(&s).unwrap();
+        let back = settings(&yaml);
+        assert_eq!(back.routes, s.routes, "{yaml}");
+        let quick = |s: &Settings| {
+            (
+                s.tls_client_names.clone(),
+                s.target_tls,
+                s.target_server_name.clone(),
+            )
+        };
+        assert_eq!(quick(&back), quick(&s), "{yaml}");
+    }
+
+    #[test]
+    fn bad_names_are_reported_where_written() {
+        for (yaml, says) in [
+            ("sni: ['a b']", "is not a DNS name"),
+            (
+                "sni: 'a.*.example.com'",
+                "a wildcard stands for one whole label",
+            ),
+            ("target_tls: {server_name: '*.x'}", "is not a DNS name"),
+            ("tls: {client_names: [a..b]}", "is not a DNS name"),
+        ] {
+            let text =
+                format!("routes:\n  - {{name: a, listen: 127.0.0.1:1, target: 'h:1', {yaml}}}\n");
+            let e = common::yaml::from_str::<Settings>(&text).unwrap_err();
+            assert!(e.contains(says), "{yaml}: {e}");
+        }
+    }
 }

@@ -112,6 +112,9 @@ async fn tunnel_over(
         idle_timeout: Period::from_secs(60),
         keepalive: Keepalive::Default,
         max_connections: 1000,
+        tls: None,
+        target_tls: None,
+        sni: Vec::new(),
     };
     tunnel
         .apply(vec![route], HashMap::from([(ListenAddr(addr), listener)]))

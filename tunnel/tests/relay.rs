@@ -29,6 +29,9 @@ fn route(name: &str, listen: SocketAddr, target: SocketAddr) -> Route {
         idle_timeout: Period::from_secs(60),
         keepalive: Keepalive::Default,
         max_connections: 1000,
+        tls: None,
+        target_tls: None,
+        sni: Vec::new(),
     }
 }
 

@@ -44,6 +44,9 @@ async fn tunnel_to(target: SocketAddr) -> (Tunnel, SocketAddr, tempfile::NamedTe
         idle_timeout: Period::from_secs(60),
         keepalive: Keepalive::Default,
         max_connections: 100,
+        tls: None,
+        target_tls: None,
+        sni: Vec::new(),
     };
     tunnel
         .apply(vec![route], HashMap::from([(ListenAddr(addr), listener)]))
