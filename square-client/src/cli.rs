@@ -2,13 +2,15 @@
 //! resolved: square the numbers given (or every line of standard input),
 //! print the squares, report failures on stderr, and choose the exit status.
 
+use std::future::Future;
 use std::io::Write;
+use std::pin::Pin;
 use std::process::ExitCode;
 
 use common::cli::{EXIT_CONFIG, EXIT_FAILED, EXIT_UNAVAILABLE};
 
 use crate::settings::Settings;
-use crate::{Client, Reply, SquareError, StreamOptions};
+use crate::{Client, Reply, SquareError, StreamOptions, Summary};
 
 /// The program's name: configuration prefix `SQUARE_CLIENT_`.
 pub const PROGRAM: &str = "square-client";
@@ -25,8 +27,9 @@ pub enum Format {
 
 /// Squares `numbers`, or each line of standard input when there are none,
 /// and returns the exit status: 0 when every number was squared, 1 when
-/// any was refused, 64 for a usage error, 69 when the server is unreachable
-/// or leaves requests unanswered for the reply timeout.
+/// any was refused, 64 for a usage or configuration error, 69 when the
+/// server is unreachable, fails the TLS handshake, or leaves requests
+/// unanswered for the reply timeout.
 pub async fn run(settings: &Settings, numbers: Vec<String>, format: Format) -> ExitCode {
     let (input, options): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, _) = if numbers.is_empty()
     {
@@ -49,8 +52,32 @@ pub async fn run(settings: &Settings, numbers: Vec<String>, format: Format) -> E
     };
 
     let server = settings.server.to_string();
-    let client = match Client::connect_timeout(&server, settings.connect_timeout.0).await {
-        Ok(client) => client.with_reply_timeout(settings.reply_timeout.0),
+    // Checked at start already; read again here, so a file changed since
+    // is caught too.
+    let connector = match settings.connector() {
+        Ok(connector) => connector,
+        Err(e) => {
+            common::telemetry::say(format_args!("{PROGRAM}: invalid configuration: {e}"));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let timeout = settings.connect_timeout.0;
+    let connected = match &connector {
+        None => Client::connect_timeout(&server, timeout)
+            .await
+            .map(|client| converse(client, settings, input, options, format)),
+        Some(connector) => Client::connect_tls(&server, timeout, connector)
+            .await
+            .map(|client| converse(client, settings, input, options, format)),
+    };
+    let result = match connected {
+        // Boxed: the two kinds of connection make two futures.
+        Ok(conversation) => conversation.await,
+        Err(e @ SquareError::Handshake { .. }) => {
+            let hint = tls_hint(&e).map_or(String::new(), |hint| format!(" ({hint})"));
+            common::telemetry::say(format_args!("{PROGRAM}: {e}{hint}"));
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
         Err(e) => {
             common::telemetry::say(format_args!(
                 "{PROGRAM}: {e}; start square-server there, or give another address with --server or SQUARE_CLIENT_SERVER"
@@ -58,12 +85,6 @@ pub async fn run(settings: &Settings, numbers: Vec<String>, format: Format) -> E
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    let mut stdout = tokio::io::stdout();
-    let result = client
-        .stream(input, &mut stdout, options, |reply, out| {
-            print_reply(format, reply, out)
-        })
-        .await;
     match result {
         Ok(summary) if summary.rejected == 0 => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(EXIT_FAILED),
@@ -72,7 +93,8 @@ pub async fn run(settings: &Settings, numbers: Vec<String>, format: Format) -> E
             ExitCode::from(EXIT_FAILED)
         }
         Err(e @ SquareError::Connection(_)) => {
-            common::telemetry::say(format_args!("{PROGRAM}: {e} (at {server})"));
+            let hint = tls_hint(&e).map_or(String::new(), |hint| format!("; {hint}"));
+            common::telemetry::say(format_args!("{PROGRAM}: {e} (at {server}{hint})"));
             ExitCode::from(EXIT_UNAVAILABLE)
         }
         Err(SquareError::NoAnswer { waited }) => {
@@ -89,6 +111,47 @@ pub async fn run(settings: &Settings, numbers: Vec<String>, format: Format) -> E
             ExitCode::from(EXIT_FAILED)
         }
     }
+}
+
+/// Streams `input` through `client`, printing the answers.
+fn converse<S>(
+    client: Client<S>,
+    settings: &Settings,
+    input: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+    options: StreamOptions,
+    format: Format,
+) -> Pin<Box<dyn Future<Output = Result<Summary, SquareError>> + '_>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let client = client.with_reply_timeout(settings.reply_timeout.0);
+    Box::pin(async move {
+        let mut stdout = tokio::io::stdout();
+        client
+            .stream(input, &mut stdout, options, |reply, out| {
+                print_reply(format, reply, out)
+            })
+            .await
+    })
+}
+
+/// What to do when TLS is why the connection failed (an untrusted
+/// server certificate, or a server that refused the client's certificate,
+/// or its absence), with the flags that may fix it.
+fn tls_hint(e: &SquareError) -> Option<String> {
+    let (SquareError::Connection(e) | SquareError::Handshake { source: e, .. }) = e else {
+        return None;
+    };
+    let hint = common::tls::client::hint(e)?;
+    let flags: Vec<String> = hint
+        .settings()
+        .iter()
+        .map(|s| common::config::flag_name(s))
+        .collect();
+    Some(match flags.as_slice() {
+        [] => hint.to_string(),
+        flags => format!("{hint}, with {}", flags.join(" and ")),
+    })
 }
 
 /// Appends one answer to `out` (stdout), or reports a refusal on stderr.

@@ -7,7 +7,11 @@
 //! batches while the caller's task reads the answers, so throughput is not
 //! limited by round trips and memory stays constant however long the input.
 //!
-//! Every wait on the server is bounded: connecting by the connect timeout,
+//! [`Client::connect_tls`] talks TLS, with a [`Connector`] made from the
+//! TLS settings.
+//!
+//! Every wait on the server is bounded: connecting (and the TLS handshake)
+//! by the connect timeout,
 //! and, while any request is unanswered, each wait for more of the answers
 //! by the reply timeout ([`Client::with_reply_timeout`]); a server that
 //! accepts and never answers is [`SquareError::NoAnswer`]. Only waiting for
@@ -26,6 +30,10 @@ use tokio::io::{AsyncBufReadExt, ReadHalf, WriteHalf};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+
+use common::settings::HostPort;
+pub use common::tls::client::Connector;
+use common::tls::client::TlsStream;
 
 /// How long [`Client::connect`] waits for the server to accept.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,6 +59,15 @@ pub enum SquareError {
         /// The address as given.
         addr: String,
         /// What went wrong.
+        source: io::Error,
+    },
+    /// The server was reached, but the TLS handshake with it failed (its
+    /// certificate is not trusted, or is for another name).
+    Handshake {
+        /// The address as given.
+        addr: String,
+        /// What went wrong, with whom: a
+        /// [`HandshakeError`](common::tls::client::HandshakeError) inside.
         source: io::Error,
     },
     /// The server answered `ERR`: the input is not a number it accepts.
@@ -87,6 +104,12 @@ impl fmt::Display for SquareError {
             SquareError::Unreachable { addr, source } => {
                 write!(f, "cannot reach the square server at {addr}: {source}")
             }
+            SquareError::Handshake { addr, source } => {
+                write!(
+                    f,
+                    "cannot talk TLS to the square server at {addr}: {source}"
+                )
+            }
             SquareError::Rejected { reason, .. } => f.write_str(reason),
             SquareError::InvalidRequest { input } => write!(
                 f,
@@ -110,6 +133,7 @@ impl std::error::Error for SquareError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             SquareError::Unreachable { source: e, .. }
+            | SquareError::Handshake { source: e, .. }
             | SquareError::Connection(e)
             | SquareError::Input(e)
             | SquareError::Output(e) => Some(e),
@@ -136,24 +160,79 @@ impl Client<TcpStream> {
     /// Connects to `addr` (`HOST:PORT`; every address a host name resolves
     /// to is tried), waiting at most `timeout` in all.
     pub async fn connect_timeout(addr: &str, timeout: Duration) -> Result<Self, SquareError> {
-        let unreachable = |source| SquareError::Unreachable {
+        within(addr, timeout, tcp(addr)).await.map(Client::new)
+    }
+}
+
+impl Client<TlsStream<TcpStream>> {
+    /// Connects to `addr` (`HOST:PORT`) and completes the TLS handshake
+    /// with `connector`, which checks the server's certificate against
+    /// the host of `addr` unless it has a server name of its own; waits
+    /// at most `timeout` for both.
+    pub async fn connect_tls(
+        addr: &str,
+        timeout: Duration,
+        connector: &Connector,
+    ) -> Result<Self, SquareError> {
+        let host = addr
+            .parse::<HostPort>()
+            .map_err(|e| SquareError::Unreachable {
+                addr: addr.to_string(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, e),
+            })?
+            .host;
+        let start = tokio::time::Instant::now();
+        let stream = within(addr, timeout, tcp(addr)).await?;
+        let handshake = connector.connect(stream, &host);
+        let left = timeout.saturating_sub(start.elapsed());
+        let source = match tokio::time::timeout(left, handshake).await {
+            Ok(Ok(stream)) => return Ok(Client::new(stream)),
+            Ok(Err(e)) => e,
+            Err(_) => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the TLS handshake took more than {}; is it serving TLS?",
+                    humantime::format_duration(timeout)
+                ),
+            ),
+        };
+        Err(SquareError::Handshake {
             addr: addr.to_string(),
             source,
-        };
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(unreachable(e)),
-            Err(_) => {
-                return Err(unreachable(io::Error::new(
+        })
+    }
+}
+
+/// A TCP connection to `addr`, for requests.
+async fn tcp(addr: &str) -> Result<TcpStream, SquareError> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|source| SquareError::Unreachable {
+            addr: addr.to_string(),
+            source,
+        })?;
+    // Requests are small and answered at once; Nagle would hold them.
+    stream.set_nodelay(true).map_err(SquareError::Connection)?;
+    Ok(stream)
+}
+
+/// `connect`, given at most `timeout`.
+async fn within<T>(
+    addr: &str,
+    timeout: Duration,
+    connect: impl std::future::Future<Output = Result<T, SquareError>>,
+) -> Result<T, SquareError> {
+    tokio::time::timeout(timeout, connect)
+        .await
+        .unwrap_or_else(|_| {
+            Err(SquareError::Unreachable {
+                addr: addr.to_string(),
+                source: io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("no answer within {}", humantime::format_duration(timeout)),
-                )))
-            }
-        };
-        // Requests are small and answered at once; Nagle would hold them.
-        stream.set_nodelay(true).map_err(SquareError::Connection)?;
-        Ok(Client::new(stream))
-    }
+                ),
+            })
+        })
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {

@@ -1,6 +1,7 @@
 //! `square-client`: parses arguments and configuration and runs
 //! [`square_client::cli::run`].
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,8 +15,8 @@ use square_client::settings::Settings;
 ///
 /// Prints each square on its own line. With no NUMBER, squares every line of
 /// standard input, pipelined. Exit status: 0 all squared, 1 a number was
-/// refused, 64 usage or configuration error, 69 the server is unreachable
-/// or sends no answer within the reply timeout.
+/// refused, 64 usage or configuration error, 69 the server is unreachable,
+/// fails the TLS handshake or sends no answer within the reply timeout.
 #[derive(Debug, Parser, Serialize)]
 #[command(name = "square-client", version)]
 struct Args {
@@ -33,6 +34,31 @@ struct Args {
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     reply_timeout: Option<String>,
+
+    /// Talk TLS to the server (on by itself with --ca, --cert, --key or --server-name) (also SQUARE_CLIENT_TLS)
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    tls: bool,
+
+    /// Trust the server's certificate only if this CA signed it (PEM bundle) [default: the system's trusted CAs] (also SQUARE_CLIENT_CA)
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca: Option<PathBuf>,
+
+    /// Client certificate chain for a server that asks for one: mutual TLS (PEM; with --key) (also SQUARE_CLIENT_CERT)
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cert: Option<PathBuf>,
+
+    /// The private key of --cert (PEM) (also SQUARE_CLIENT_KEY)
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<PathBuf>,
+
+    /// The name the server's certificate must carry [default: the host of --server] (also SQUARE_CLIENT_SERVER_NAME)
+    #[arg(long, value_name = "NAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_name: Option<String>,
 
     /// Print one JSON object per line: {"input":"12","square":"144"} or {"input":"x","error":"..."}
     #[arg(long)]

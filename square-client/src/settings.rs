@@ -1,8 +1,13 @@
-//! square-client's settings: which server to ask and how long to wait for
-//! it, resolved like every program's (defaults < `--config` file <
-//! `SQUARE_CLIENT_*` environment < flags).
+//! square-client's settings: which server to ask, how long to wait for
+//! it and whether to talk TLS to it, resolved like every program's
+//! (defaults < `--config` file < `SQUARE_CLIENT_*` environment < flags).
 
+use std::path::PathBuf;
+
+use common::config::{ConfigError, Origin};
 use common::settings::{LogSettings, Period};
+use common::tls::client::Connector;
+use common::tls::ClientFiles;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -23,6 +28,20 @@ pub struct Settings {
     /// unanswered (more than 0).
     #[serde(deserialize_with = "some_time")]
     pub reply_timeout: Period,
+    /// Talk TLS (1.2 or 1.3) to the server. Also on when any of `ca`,
+    /// `cert`, `key` or `server_name` is set, which are only for TLS.
+    pub tls: bool,
+    /// The CAs that may sign the server's certificate (PEM bundle); the
+    /// system's trusted CAs when unset.
+    pub ca: Option<PathBuf>,
+    /// A client certificate chain for servers that ask for one (mutual
+    /// TLS; PEM, with `key`).
+    pub cert: Option<PathBuf>,
+    /// The private key of `cert` (PEM).
+    pub key: Option<PathBuf>,
+    /// The name the server's certificate must carry (and the SNI sent);
+    /// the host of `server` when unset.
+    pub server_name: Option<String>,
     /// Log level and format.
     #[serde(flatten)]
     pub log: LogSettings,
@@ -34,6 +53,11 @@ impl Default for Settings {
             server: "127.0.0.1:2345".parse().expect("a valid default"),
             connect_timeout: Period::from_secs(5),
             reply_timeout: Period::from_secs(30),
+            tls: false,
+            ca: None,
+            cert: None,
+            key: None,
+            server_name: None,
             log: LogSettings::default(),
         }
     }
@@ -51,4 +75,116 @@ fn some_time<'de, D: Deserializer<'de>>(d: D) -> Result<Period, D::Error> {
     Ok(timeout)
 }
 
-impl common::config::ProgramSettings for Settings {}
+/// The settings that are only for TLS, by name.
+const TLS_ONLY: [&str; 4] = ["ca", "cert", "key", "server_name"];
+
+impl Settings {
+    /// The TLS-only settings that are set.
+    fn tls_settings(&self) -> Vec<&'static str> {
+        let set = [
+            self.ca.is_some(),
+            self.cert.is_some(),
+            self.key.is_some(),
+            self.server_name.is_some(),
+        ];
+        TLS_ONLY
+            .into_iter()
+            .zip(set)
+            .filter_map(|(name, set)| set.then_some(name))
+            .collect()
+    }
+
+    /// Whether to talk TLS: `tls`, or any TLS-only setting given.
+    pub fn uses_tls(&self) -> bool {
+        self.tls || !self.tls_settings().is_empty()
+    }
+
+    /// The TLS connector the settings ask for, its files read: `None` for
+    /// plain TCP. A file that cannot be used or a bad server name is a
+    /// problem at the key that names it; a client certificate without its
+    /// key (or the other way round), at the one that is set.
+    pub fn connector(&self) -> Result<Option<Connector>, Box<ConfigError>> {
+        if !self.uses_tls() {
+            return Ok(None);
+        }
+        let problem = |key: &str, message: String| {
+            Box::new(ConfigError {
+                key: key.to_string(),
+                value: None,
+                origin: None,
+                message,
+            })
+        };
+        // At the one that is set, whose origin helps most; naming the other.
+        match (&self.cert, &self.key) {
+            (Some(_), None) => return Err(problem(
+                "cert",
+                "is set, but key is not: a client certificate needs its private key; set key too"
+                    .into(),
+            )),
+            (None, Some(_)) => return Err(problem(
+                "key",
+                "is set, but cert is not: a private key needs its client certificate; set cert too"
+                    .into(),
+            )),
+            _ => {}
+        }
+        Connector::new(&ClientFiles {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            server_name: self.server_name.clone(),
+        })
+        .map(Some)
+        .map_err(|e| {
+            let message = if e.setting == "ca" && self.ca.is_none() {
+                // The system's CAs, not a file.
+                format!(
+                    "is not set, and {} with {} or {}",
+                    e.problem,
+                    common::config::flag_name("ca"),
+                    common::config::env_var(crate::cli::PROGRAM, "ca")
+                )
+            } else {
+                format!("{}: {}", e.file.display(), e.problem)
+            };
+            problem(&e.setting, message)
+        })
+    }
+}
+
+impl common::config::ProgramSettings for Settings {
+    fn problems(&self, origin: &dyn Fn(&str) -> Option<Origin>) -> Vec<ConfigError> {
+        let given = self.tls_settings();
+        let said_no = !self.tls && !matches!(origin("tls"), None | Some(Origin::Default));
+        if said_no && !given.is_empty() {
+            let (names, are) = listed(&given);
+            return vec![ConfigError {
+                key: "tls".to_string(),
+                value: Some("false".to_string()),
+                origin: None,
+                message: format!(
+                    "turns TLS off, but {names} {are} set, which only TLS uses: set tls to true, \
+                     or leave out {names}"
+                ),
+            }];
+        }
+        self.connector().err().map(|e| *e).into_iter().collect()
+    }
+
+    fn effective(&self, key: &str) -> Option<(String, String)> {
+        let given = self.tls_settings();
+        (key == "tls" && !self.tls && !given.is_empty()).then(|| {
+            let (names, are) = listed(&given);
+            ("true".to_string(), format!("on, as {names} {are} set"))
+        })
+    }
+}
+
+/// `a`, `a and b` or `a, b and c`, and the verb that goes with it.
+fn listed(names: &[&str]) -> (String, &'static str) {
+    match names {
+        [rest @ .., last] if !rest.is_empty() => (format!("{} and {last}", rest.join(", ")), "are"),
+        _ => (names.join(""), "is"),
+    }
+}
