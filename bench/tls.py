@@ -53,21 +53,22 @@ cannot be started and stopped together with others. The clients here are
 Python's ssl module, which is OpenSSL: a 256 KiB write is one call into
 OpenSSL, so the interpreter's share is small beside the AES-GCM work that any
 TLS client must do for the bytes the proxy decrypts (they spend about half
-the proxy's CPU per GiB uploading, two thirds downloading, where each call
-returns one 16 KiB record). For handshakes the Python loop costs its clients
+the proxy's CPU per GiB uploading, two thirds to nine tenths of it
+downloading, where each call returns one 16 KiB record). For handshakes the Python loop costs its clients
 less CPU per handshake than four `openssl s_time -new` processes did here
 (0.7-0.8 ms against 0.9-1.1 ms, measured side by side), and it can run TLS
-1.2 and 1.3 alike. The clients are separate processes (no shared interpreter
-lock); they wait until all are connected, then run the same seconds, and
-report their own CPU time. On this
-2-core machine the clients, the proxy and the backend share the cores, so a
-Gbit/s or handshakes/s figure is the proxy's throughput when it shares the
-machine with its load. The figure that holds however the cores are shared is
-the proxy's own CPU per GiB or per handshake: utime+stime from
+1.2 and 1.3 alike. The clients are separate processes (no shared
+interpreter lock); they wait until all are connected, then run the same
+seconds, and report their own CPU time.
+
+On this 2-core machine the clients, the proxy and the backend share the
+cores, so a Gbit/s or handshakes/s figure is the proxy's throughput when it
+shares the machine with its load. The figure that holds however the cores are
+shared is the proxy's own CPU per GiB or per handshake: utime+stime from
 /proc/PID/stat of every process in the proxy's session, read just before the
 clients start and just after they report. The per-round lines also show the
-clients' CPU per GiB and how busy the machine was, so a generator that
-saturates its core shows.
+clients' CPU, the backend's share of a core and how busy the machine was, so
+a generator or backend that saturates its core shows.
 
 The table: the median of each figure over the rounds per proxy, and "tunnel /
 best", the median over rounds of the tunnel's figure divided by the better of
@@ -289,6 +290,10 @@ elif mode == "idle":
             with lock:
                 conns.append(t)
 
+    # Ready before connecting: this process's libraries are mapped when the
+    # proxy's memory is first read, so the shares of pages it has in common
+    # with the proxy (libssl, libcrypto) are the same at both reads.
+    go()
     # A few at a time: the handshakes overlap, the connections stay the same.
     threads = [threading.Thread(target=open_some, args=(count // 4 + (i < count % 4),)) for i in range(4)]
     for th in threads:
@@ -297,7 +302,6 @@ elif mode == "idle":
         th.join()
     if len(conns) != count:
         sys.exit(f"opened {len(conns)} of {count} idle connections")
-    go()
     print(json.dumps({"open": len(conns)}), flush=True)
     sys.stdin.readline()  # "close", or the end of the input
     for t in conns:
@@ -686,7 +690,8 @@ class Bench:
         finally:
             for k in kids:
                 k.stop()
-        busy = f"backend {(back1 - back0) / (t1 - t0):.0%} of a core, machine {(busy1 - busy0) / max(total1 - total0, 1):.0%} busy"
+        machine = (busy1 - busy0) / max(total1 - total0, 1)
+        busy = f"backend {(back1 - back0) / (t1 - t0):.0%} of a core, machine {machine:.0%} busy"
         return results, cpu1 - cpu0, busy
 
     def bulk(self, proxy, direction):
@@ -698,8 +703,9 @@ class Bench:
         gib = nbytes / 2**30
         client_cpu = sum(r["cpu"] for r in results)
         secs = max(r["secs"] for r in results)
+        each = client_cpu / secs / len(results)
         note = (f"{direction} {gbps:.2f} Gbit/s, proxy {cpu / gib:.3f} CPU s/GiB ({cpu / secs:.0%} of a core), "
-                f"clients {client_cpu / gib:.3f} CPU s/GiB ({client_cpu / secs / len(results):.0%} of a core each), "
+                f"clients {client_cpu / gib:.3f} CPU s/GiB ({each:.0%} of a core each), "
                 f"{busy}")
         return {"gbps": gbps, "cpu_s_per_gib": cpu / gib}, note
 
@@ -730,14 +736,14 @@ class Bench:
         warm.line(30)
         warm.stop()
         wait_for(lambda: proxy.fds() <= base, 5)
-        time.sleep(0.5)
-        fds0 = proxy.fds()
-        rss0, pss0 = proxy.memory()
         n = self.a.idle
         kid = self.clients(proxy, "idle", 1, 120 + n // 20, n)[0]
         try:
+            time.sleep(0.5)
+            fds0 = proxy.fds()
+            rss0, pss0 = proxy.memory()
             kid.send("go\n")
-            kid.line(30)
+            kid.line(60 + n // 20)
             # Every connection relayed: a descriptor for the client and one
             # for the backend.
             relayed = wait_for(lambda: proxy.fds() >= fds0 + 2 * n, 30)
@@ -835,7 +841,7 @@ def one_round(bench, kinds, serial, maxconn, binary):
             log(f"  {LABELS[k]:9} FAILED: {e}")
     workloads = []
     if a.idle:
-        workloads.append(("idle", lambda p: bench.idle(p), {"rss_kib": "idle_rss_kib", "pss_kib": "idle_pss_kib"}))
+        workloads.append(("idle", bench.idle, {"rss_kib": "idle_rss_kib", "pss_kib": "idle_pss_kib"}))
     for direction in ("upload", "download"):
         short = direction[:2] if direction == "upload" else "down"
         workloads.append((direction, lambda p, d=direction: bench.bulk(p, d),
@@ -908,6 +914,11 @@ def table(runs, kinds, missing, ratios):
     return "\n".join(lines), medians
 
 
+def load_average():
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
 TMP_PREFIX = "tls-bench-"
 
 
@@ -924,20 +935,26 @@ def remove_stale_directories():
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog="See the top of this file for what is measured and how.")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    ap.add_argument("--seconds", type=float, default=5, help="seconds per workload and proxy (default 5)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 3)")
+    ap.add_argument("--seconds", type=float, help="seconds per workload and proxy (default 5)")
     ap.add_argument("--tunnel", help="the tunnel binary (default: target/release/tunnel, built if missing)")
     ap.add_argument("--tunnel-args", default="", help="extra tunnel flags, e.g. '--log-level warn'")
-    ap.add_argument("--streams", type=int, default=2, help="parallel TLS streams for upload and download (default 2)")
+    ap.add_argument("--streams", type=int, default=2,
+                    help="parallel TLS streams for upload and download (default 2)")
     ap.add_argument("--clients", type=int, default=4, help="concurrent handshake clients (default 4)")
-    ap.add_argument("--idle", type=int, default=2000, help="idle TLS connections for the memory figure (default 2000; 0 skips it)")
-    ap.add_argument("--proxies", default=",".join(PROXIES), help="which to run (default stunnel4,haproxy,tunnel)")
-    ap.add_argument("--quick", action="store_true", help="a smoke test: 1 round, 1 s per workload, 200 idle connections")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (configurations and logs)")
+    ap.add_argument("--idle", type=int,
+                    help="idle TLS connections for the memory figure (default 2000; 0 skips it)")
+    ap.add_argument("--proxies", default=",".join(PROXIES),
+                    help="which to run (default stunnel4,haproxy,tunnel)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke test: the defaults become 1 round, 1 s per workload, 200 idle connections")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the temporary directory (configurations and logs)")
     ap.add_argument("--json", help="also write the JSON result to this file")
     a = ap.parse_args()
-    if a.quick:
-        a.rounds, a.seconds, a.idle = 1, 1, min(a.idle, 200)
+    for name, usual, quick in (("rounds", 3, 1), ("seconds", 5, 1), ("idle", 2000, 200)):
+        if getattr(a, name) is None:
+            setattr(a, name, quick if a.quick else usual)
     a.proxies = [p.strip() for p in a.proxies.split(",") if p.strip()]
     unknown = [p for p in a.proxies if p not in PROXIES]
     if unknown:
@@ -955,14 +972,13 @@ def main():
     if not shutil.which("openssl"):
         sys.exit("tls.py: openssl is needed to make the certificate and check the handshakes "
                  "(Debian: apt-get install -y openssl)")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the proxies and clients
     if 2 * a.idle + 200 > hard:
         sys.exit(f"tls.py: --idle {a.idle} needs {2 * a.idle + 200} descriptors in a proxy; "
                  f"the open-files limit is {hard}: use --idle {(hard - 200) // 2} or less")
     maxconn = max(1000, min(20000, (hard - 200) // 2))  # HAProxy wants 2 descriptors per connection
-    with open("/proc/loadavg") as f:
-        load = float(f.read().split()[0])
+    load = load_average()
     with open("/proc/sys/net/ipv4/tcp_tw_reuse") as f:
         if f.read().strip() == "0":
             log("note: net.ipv4.tcp_tw_reuse is 0, so the handshake clients may run out of local ports "
@@ -974,13 +990,14 @@ def main():
     remove_stale_directories()
     tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
     failed = interrupted = keep = False
+
     def stopped(signum, _frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    # Also when started with SIGINT ignored (a background job of a script).
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, stopped)
     try:
+        # Also when started with SIGINT ignored (a background job of a script).
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, stopped)
         files = make_certificate(tmp)
         backend_child = Child(tmp, "backend", [sys.executable, "-c", BACKEND], pipes=True)
         backend = int(backend_child.line(15))
@@ -1003,9 +1020,11 @@ def main():
         text, medians = table(runs, usable, missing, ratios)
         print(f"\nMedians over {a.rounds} round(s) of {a.seconds:g} s per workload "
               f"({a.streams} TLS streams, {a.clients} handshake clients, {a.idle:,} idle connections; "
-              f"{time.monotonic() - started:.0f} s). tunnel / best: the median over rounds of the tunnel's "
-              "figure divided by the better of stunnel4's and HAProxy's in the same round; above 1 is "
-              "better for Gbit/s and handshakes/s, below 1 for CPU and KiB.\n")
+              f"{time.monotonic() - started:.0f} s; load average {load:.1f} at the start, "
+              f"{load_average():.1f} at the end on {os.cpu_count()} cores). tunnel / best: the median "
+              "over rounds of the tunnel's figure divided by the better of stunnel4's and HAProxy's "
+              "in the same round; above 1 is better for Gbit/s and handshakes/s, below 1 for CPU "
+              "and KiB.\n")
         print(text)
         for k, why in missing.items():
             print(f"\n{LABELS[k]}: not available: {why}")
@@ -1014,8 +1033,8 @@ def main():
             for e in errs:
                 print(f"\n{LABELS[k]} FAILED, {e}")
         out = {"rounds": a.rounds, "seconds": a.seconds, "streams": a.streams, "clients": a.clients,
-               "idle": a.idle, "median": medians, "tunnel_vs_best": ratios,
-               "not_available": missing, "errors": errors, "runs": runs}
+               "idle": a.idle, "load_average": [load, load_average()], "median": medians,
+               "tunnel_vs_best": ratios, "not_available": missing, "errors": errors, "runs": runs}
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(out, f, indent=1)
