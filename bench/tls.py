@@ -33,8 +33,8 @@ back, so drift of the machine hits all three alike):
             proxy's RSS and PSS (/proc/PID/smaps_rollup) divided by their
             number, on a proxy started fresh for the round (after a warm-up
             of a few connections, so one-time setup is not counted).
-  upload    Gbit/s of TLS streams (--streams, default 2, each a process of
-            its own) writing into the proxy, which decrypts and forwards them
+  upload    Gbit/s of TLS 1.3 streams (--streams, default 2, each a process
+            of its own) writing into the proxy, which decrypts and forwards them
             to a sink; and the proxy's CPU seconds per GiB.
   download  the same, the backend sending and the proxy encrypting.
   hs13      TLS 1.3 full handshakes per second from --clients concurrent
