@@ -3,9 +3,10 @@
 //!
 //! Kubernetes: per role a ConfigMap with its settings, a Deployment
 //! (replicas = instances, TCP probes on the endpoint, resource requests,
-//! the restricted pod security profile) and a Service (LoadBalancer for a
-//! public endpoint, ClusterIP for an internal one). Every image is built
-//! from the one `Dockerfile` at the root of the repository.
+//! the restricted pod security profile, the Secrets the role mounts as
+//! read-only volumes) and a Service (LoadBalancer for a public endpoint,
+//! ClusterIP for an internal one). Every image is built from the one
+//! `Dockerfile` at the root of the repository.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -111,6 +112,16 @@ fn with_annotations(mut metadata: Value) -> Value {
     metadata
 }
 
+/// The mode of a mounted Secret's files: readable by the owner and the
+/// pod's group (`fsGroup`), octal 0440.
+const SECRET_MODE: u32 = 0o440;
+
+/// The name of a role's `index`th Secret volume (a Secret's name may be
+/// longer than a volume name can be).
+fn secret_volume(index: usize) -> String {
+    format!("secret-{index}")
+}
+
 /// The Kubernetes documents of one role: ConfigMap, Deployment, Service.
 /// `definition` is the one for Kubernetes
 /// ([`Definition::in_environment`]).
@@ -155,6 +166,14 @@ pub fn kubernetes_role(definition: &Definition, role: &Role) -> Vec<Value> {
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     });
+    if !role.secrets.is_empty() {
+        container["volumeMounts"] = json!(role
+            .secrets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| json!({"name": secret_volume(i), "mountPath": s.dir(), "readOnly": true}))
+            .collect::<Vec<_>>());
+    }
     if admin.is_some() {
         // Ready when a target answers; alive while the process serves.
         container["readinessProbe"] = json!({
@@ -179,6 +198,34 @@ pub fn kubernetes_role(definition: &Definition, role: &Role) -> Vec<Value> {
         container["readinessProbe"] = probe(1, 5);
         container["livenessProbe"] = probe(5, 10);
     }
+    let mut pod = json!({
+        "automountServiceAccountToken": false,
+        // The programs take no Service-link variables; they would only
+        // crowd the environment.
+        "enableServiceLinks": false,
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationGracePeriodSeconds": 30,
+        "containers": [container],
+    });
+    if !role.secrets.is_empty() {
+        // Each Secret's files are the pod group's to read (0440), no one
+        // else's; the user runs in that group.
+        pod["securityContext"]["fsGroup"] = json!(65532);
+        pod["volumes"] = json!(role
+            .secrets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| json!({
+                "name": secret_volume(i),
+                "secret": {"secretName": s.name, "defaultMode": SECRET_MODE},
+            }))
+            .collect::<Vec<_>>());
+    }
     docs.push(json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -188,20 +235,7 @@ pub fn kubernetes_role(definition: &Definition, role: &Role) -> Vec<Value> {
             "selector": {"matchLabels": {"app.kubernetes.io/name": role.name}},
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {
-                    "automountServiceAccountToken": false,
-                    // The programs take no Service-link variables; they
-                    // would only crowd the environment.
-                    "enableServiceLinks": false,
-                    "securityContext": {
-                        "runAsNonRoot": true,
-                        "runAsUser": 65532,
-                        "runAsGroup": 65532,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "terminationGracePeriodSeconds": 30,
-                    "containers": [container],
-                },
+                "spec": pod,
             },
         },
     }));
@@ -546,5 +580,41 @@ mod tests {
         }
         assert!(!dir.path().join("escape.yaml").exists());
         assert!(!out.exists(), "nothing is created for a refused write");
+    }
+
+    #[test]
+    fn mounted_secrets_are_read_only_volumes_the_pods_group_reads() {
+        let text = "name: demo\nroles:\n  - name: sq\n    program: square-server\n    endpoints: [{name: SquareEndpoint, visibility: public, port: 2345}]\n  - name: echo\n    program: echo-server\n    endpoints: [{name: EchoEndpoint, visibility: public, port: 1234}]\nenvironments:\n  kubernetes:\n    roles:\n      sq:\n        secrets: {sq-tls: /etc/tls/sq/, clients.example.com: /etc/tls/clients}\n        settings: {tls_cert: /etc/tls/sq/tls.crt, tls_key: /etc/tls/sq/tls.key, tls_client_ca: /etc/tls/clients/ca.crt}\n";
+        let d = Definition::parse(text, Path::new("s.yaml"))
+            .unwrap()
+            .in_environment(crate::definition::Environment::Kubernetes);
+        let docs = kubernetes_role(&d, &d.roles[0]);
+        assert_eq!(
+            docs[0]["data"]["SQUARE_SERVER_TLS_CERT"],
+            "/etc/tls/sq/tls.crt"
+        );
+        let pod = &docs[1]["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+        assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+        assert_eq!(
+            pod["volumes"],
+            json!([
+                {"name": "secret-0", "secret": {"secretName": "sq-tls", "defaultMode": 0o440}},
+                {"name": "secret-1", "secret": {"secretName": "clients.example.com", "defaultMode": 0o440}},
+            ])
+        );
+        assert_eq!(
+            pod["containers"][0]["volumeMounts"],
+            json!([
+                {"name": "secret-0", "mountPath": "/etc/tls/sq", "readOnly": true},
+                {"name": "secret-1", "mountPath": "/etc/tls/clients", "readOnly": true},
+            ])
+        );
+        // A role without Secrets has no volumes and no group for them.
+        let plain = kubernetes_role(&d, &d.roles[1]);
+        let pod = &plain[1]["spec"]["template"]["spec"];
+        assert!(pod.get("volumes").is_none(), "{pod}");
+        assert!(pod["securityContext"].get("fsGroup").is_none(), "{pod}");
+        assert!(pod["containers"][0].get("volumeMounts").is_none(), "{pod}");
     }
 }

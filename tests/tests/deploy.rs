@@ -1155,3 +1155,321 @@ fn names_kubernetes_cannot_take_are_refused() {
     assert!(!out.exists(), "nothing is rendered");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Makes, with the real openssl, a CA (`ca.pem`) and a server
+/// (`server.pem`, `server.key`, for server.test) and a client
+/// (`client.pem`, `client.key`) certificate it signed, in `dir`.
+fn make_certificates(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new(require("openssl"))
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=ca",
+    ]);
+    openssl(&ca);
+    for name in ["server", "client"] {
+        let (key, csr, pem, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        let subject = format!("/CN={name}.test");
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
+        openssl(&req);
+        std::fs::write(dir.join(&ext), format!("subjectAltName=DNS:{name}.test\n")).unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+    }
+}
+
+/// A square-server role serving mutual TLS: from files beside the
+/// definition on this machine, from two Secrets in Kubernetes.
+const SQUARE_TLS: &str = "name: tls-demo
+roles:
+  - name: square-server
+    program: square-server
+    instances: 2
+    endpoints:
+      - {name: SquareEndpoint, visibility: public, port: 2345}
+    settings:
+      tls_cert: certs/server.pem
+      tls_key: certs/server.key
+      tls_client_ca: certs/ca.pem
+environments:
+  kubernetes:
+    roles:
+      square-server:
+        secrets:
+          square-tls: /etc/tls/square
+          square-clients: /etc/tls/clients
+        settings:
+          tls_cert: /etc/tls/square/tls.crt
+          tls_key: /etc/tls/square/tls.key
+          tls_client_ca: /etc/tls/clients/ca.crt
+  compose:
+    roles:
+      square-server:
+        settings: {tls_cert: ~, tls_key: ~, tls_client_ca: ~}
+";
+
+/// TLS files are looked for beside the definition (deploy runs elsewhere
+/// here), and one that is not there is an error at its setting's place.
+#[test]
+fn tls_files_are_checked_beside_the_definition() {
+    let dir = temp_dir("tls-check");
+    make_certificates(&dir.join("certs"));
+    let definition = dir.join("service.yaml");
+    std::fs::write(&definition, SQUARE_TLS).unwrap();
+    let shown = definition.display().to_string();
+    let out = deploy(&["check", &shown]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.is_empty(), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "tls-demo: 1 roles, 2 instances: ok\n"
+    );
+
+    std::fs::remove_file(dir.join("certs/server.key")).unwrap();
+    let out = deploy(&["check", &shown]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    let missing = dir.join("certs/server.key");
+    assert!(
+        err.contains(&format!(
+            "{shown}:10:7: local: role square-server: tls_key {} does not exist",
+            missing.display()
+        )),
+        "{err}"
+    );
+    // `deploy render kubernetes` does not need this machine's files.
+    let out_dir = dir.join("kubernetes");
+    deploy_ok(&[
+        "render",
+        "kubernetes",
+        &shown,
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The Secrets a role mounts become read-only volumes, and the rendering
+/// still passes the validators and the policy checker.
+#[test]
+fn mounted_secrets_pass_the_real_validators() {
+    let dir = temp_dir("tls-render");
+    let definition = dir.join("service.yaml");
+    std::fs::write(&definition, SQUARE_TLS).unwrap();
+    let out = dir.join("kubernetes");
+    let err = deploy_ok(&[
+        "render",
+        "kubernetes",
+        definition.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(err.is_empty(), "{err}");
+    let manifest = out.join("square-server.yaml");
+    let report = run_ok(
+        require("kubernetes-validate"),
+        &[
+            "--strict",
+            "--kubernetes-version",
+            "1.37.0",
+            out.join("namespace.yaml").to_str().unwrap(),
+            manifest.to_str().unwrap(),
+        ],
+        "kubernetes-validate --strict",
+    );
+    assert_eq!(report.matches("passed for resource").count(), 5, "{report}");
+    let rendered = run_ok(
+        require("kubectl"),
+        &["kustomize", out.to_str().unwrap()],
+        "kubectl kustomize",
+    );
+    for expected in [
+        "SQUARE_SERVER_TLS_CERT: /etc/tls/square/tls.crt\n",
+        "SQUARE_SERVER_TLS_KEY: /etc/tls/square/tls.key\n",
+        "SQUARE_SERVER_TLS_CLIENT_CA: /etc/tls/clients/ca.crt\n",
+        "      volumes:\n      - name: secret-0\n        secret:\n          defaultMode: 288\n          secretName: square-tls\n",
+        "      - name: secret-1\n        secret:\n          defaultMode: 288\n          secretName: square-clients\n",
+        "        volumeMounts:\n        - mountPath: /etc/tls/square\n          name: secret-0\n          readOnly: true\n",
+        "        - mountPath: /etc/tls/clients\n          name: secret-1\n          readOnly: true\n",
+        "        fsGroup: 65532\n",
+    ] {
+        assert!(rendered.contains(expected), "{expected}\nin\n{rendered}");
+    }
+    let manifests = dir.join("rendered.yaml");
+    std::fs::write(&manifests, &rendered).unwrap();
+    let checked = Command::new(require("checkov"))
+        .env("BC_SKIP_MAPPING", "TRUE")
+        .env("CKV_SKIP_PACKAGE_UPDATE_CHECK", "true")
+        .args(["--skip-download", "--quiet", "--compact", "-o", "json"])
+        .args(["--framework", "kubernetes", "-f"])
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.status.success(),
+        "checkov failed:\n{text}\n{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&text).expect("checkov's JSON report");
+    let summary = &report["summary"];
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(summary["parsing_errors"], 0, "{summary}");
+    assert_eq!(summary["resource_count"], 6, "{summary}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// What `openssl s_client` prints after sending `input` to `addr`,
+/// trusting the test CA in `certs`, with `extra` arguments; read until the
+/// server closes or `until` has come.
+fn s_client(certs: &Path, addr: SocketAddr, input: &str, until: &str, extra: &[&str]) -> String {
+    let mut child = Command::new(require("openssl"))
+        .args(["s_client", "-quiet", "-verify_return_error"])
+        .args(["-connect", &addr.to_string(), "-servername", "server.test"])
+        .arg("-CAfile")
+        .arg(certs.join("ca.pem"))
+        .args(extra)
+        .current_dir(certs)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // -quiet keeps the connection after the end of its input, until the
+    // server closes it: the input stays open until then.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    let (tx, rx) = mpsc::channel();
+    for mut pipe in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        });
+    }
+    drop(tx);
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut seen = String::new();
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(text) => seen.push_str(&text),
+            Err(_) => break,
+        }
+        if seen.contains(until) {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    seen
+}
+
+/// The fabric balances TLS connections by passing them through: the
+/// handshake, the client's certificate included, is the instance's. The
+/// instances' files are found beside the definition, and the readiness
+/// and health checks (TCP connects) work on TLS endpoints.
+#[test]
+fn the_fabric_passes_mutual_tls_through_to_its_instances() {
+    let port = free_port();
+    let dir = temp_dir("fabric-tls");
+    let certs = dir.join("certs");
+    make_certificates(&certs);
+    let definition = echo_definition(
+        &dir,
+        port,
+        2,
+        "tls_cert: certs/server.pem\ntls_key: certs/server.key\ntls_client_ca: certs/ca.pem",
+    );
+    let mut fabric = Fabric::start(&definition, 2);
+    fabric.table_where(|t| t.values().all(|(state, _, _)| state == "running"));
+    fabric.wait_line("2 instances (2 live)");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = ["-cert", "client.pem", "-key", "client.key"];
+    let mut served = HashSet::new();
+    for _ in 0..4 {
+        let text = s_client(&certs, addr, "9\r\n", "Goodbye", &client);
+        assert!(text.contains("verify return:1"), "{text}");
+        let id = text
+            .split("instance ")
+            .nth(1)
+            .and_then(|rest| rest.split('.').next())
+            .unwrap_or_else(|| panic!("no greeting over TLS: {text}"));
+        served.insert(id.to_string());
+    }
+    assert_eq!(served.len(), 2, "both instances serve: {served:?}");
+    // Without a client certificate the instance refuses the handshake.
+    let refused = s_client(&certs, addr, "9\r\n", "Goodbye", &[]);
+    assert!(!refused.contains("Welcome"), "{refused}");
+    // Plain TCP gets no menu either.
+    let mut plain = TcpStream::connect(addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = plain.write_all(b"1\r\n");
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    assert!(
+        !String::from_utf8_lossy(&got).contains("Welcome"),
+        "a plain client got the menu: {got:?}"
+    );
+    // Health checks went on meanwhile; the balancer kept both instances
+    // in rotation all along.
+    fabric.lines_for(Duration::from_millis(1500));
+    assert!(
+        !fabric
+            .seen
+            .iter()
+            .any(|l| l.contains("ejected") || l.contains("crashed")),
+        "{:#?}",
+        fabric.seen
+    );
+    drop(fabric);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -3,7 +3,8 @@
 //! settings; the images they run from; and a layer of settings per
 //! environment (the local fabric, Kubernetes, compose), so one definition
 //! points the local tunnel at `127.0.0.1:5432` and the cluster's at the
-//! real database.
+//! real database. The Kubernetes layer can also mount Secrets into a
+//! role's pods, for the files TLS settings name there.
 //!
 //! [`Definition::load`] reads and checks one, reporting every problem at
 //! once with its line and column, schema mistakes included; then
@@ -19,11 +20,14 @@ use serde_json::Value;
 
 use crate::programs::{Allowed, Program};
 
+mod files;
 mod names;
 mod read;
 
+pub use files::{file_settings, FileSetting};
 pub use names::{
-    is_loopback, name_problem, port_name_problem, registry_problem, tag_problem, NameUse,
+    is_loopback, mount_path_problem, name_problem, port_name_problem, registry_problem,
+    secret_name_problem, tag_problem, NameUse,
 };
 
 /// Who can reach an endpoint.
@@ -63,9 +67,24 @@ pub struct Role {
     pub endpoints: Vec<Endpoint>,
     /// Settings, handed to each instance as `<PREFIX>_<KEY>`.
     pub settings: BTreeMap<String, Value>,
+    /// Secrets mounted into its pods: only in Kubernetes, from that
+    /// environment's layer.
+    pub secrets: Vec<SecretMount>,
     /// Where the role and its parts are written: `""` for the role,
     /// `name`, `program`, `instances`, `settings` and `settings.<key>`.
     pub places: BTreeMap<String, Pos>,
+}
+
+/// A Kubernetes Secret mounted read-only into a role's pods, so settings
+/// can name the files it holds (`tls_cert: /etc/tls/square/tls.crt`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretMount {
+    /// The Secret's name, in the service's namespace.
+    pub name: String,
+    /// The directory it is mounted at; each of its keys is a file there.
+    pub path: String,
+    /// Where it is written.
+    pub pos: Pos,
 }
 
 /// Where a definition runs; each can have its own layer of settings.
@@ -120,6 +139,29 @@ pub struct RoleLayer {
     pub instances: Option<(i64, Pos)>,
     /// Settings there, over the role's, key by key; `null` removes one.
     pub settings: BTreeMap<String, (Value, Pos)>,
+    /// Secrets mounted there (Kubernetes only), by name.
+    pub secrets: Vec<SecretMount>,
+}
+
+impl RoleLayer {
+    /// Lays this layer over `role`.
+    fn apply(&self, role: &mut Role) {
+        if let Some((instances, pos)) = self.instances {
+            role.instances = instances;
+            role.places.insert("instances".into(), pos);
+        }
+        for (key, (value, pos)) in &self.settings {
+            if value.is_null() {
+                role.settings.remove(key);
+            } else {
+                role.settings.insert(key.clone(), value.clone());
+            }
+            role.places.insert(format!("settings.{key}"), *pos);
+        }
+        if !self.secrets.is_empty() {
+            role.secrets = self.secrets.clone();
+        }
+    }
 }
 
 /// Where the images come from: `<registry>/<program>:<tag>`.
@@ -262,28 +304,22 @@ impl Definition {
     }
 
     /// The definition as it runs in `environment`: that environment's
-    /// instances and settings in place of the roles' own.
+    /// instances, settings and Secrets in place of the roles' own. On this
+    /// machine, a relative file path in the settings is taken from the
+    /// definition's directory.
     pub fn in_environment(&self, environment: Environment) -> Definition {
         let mut applied = self.clone();
         applied.applied = Some(environment);
-        let Some(layers) = self.environments.get(&environment) else {
-            return applied;
-        };
+        let layers = self.environments.get(&environment);
         for role in &mut applied.roles {
-            let Some(layer) = layers.get(&role.name) else {
-                continue;
-            };
-            if let Some((instances, pos)) = layer.instances {
-                role.instances = instances;
-                role.places.insert("instances".into(), pos);
+            if let Some(layer) = layers.and_then(|l| l.get(&role.name)) {
+                layer.apply(role);
             }
-            for (key, (value, pos)) in &layer.settings {
-                if value.is_null() {
-                    role.settings.remove(key);
-                } else {
-                    role.settings.insert(key.clone(), value.clone());
-                }
-                role.places.insert(format!("settings.{key}"), *pos);
+            if environment == Environment::Local {
+                files::resolve(
+                    &mut role.settings,
+                    self.file.parent().unwrap_or(Path::new("")),
+                );
             }
         }
         applied
@@ -352,6 +388,7 @@ impl Definition {
                     }
                 }
             }
+            found.extend(files::findings(role, environment));
             if program.name == "tunnel" {
                 for endpoint in &role.endpoints {
                     if endpoint.visibility == Visibility::Public
@@ -792,5 +829,114 @@ mod tests {
         assert!(port_name_problem("Admin")
             .unwrap()
             .contains("admin endpoint"));
+    }
+
+    const SQUARE_TLS: &str = "name: demo\nroles:\n  - name: sq\n    program: square-server\n    endpoints: [{name: SquareEndpoint, visibility: public, port: 2345}]\n    settings:\n      tls_cert: certs/sq.pem\n      tls_key: certs/sq.key\nenvironments:\n  kubernetes:\n    roles:\n      sq:\n        secrets:\n          sq-tls: /etc/tls/sq\n        settings: {tls_cert: /etc/tls/sq/tls.crt, tls_key: /etc/tls/sq/tls.key}\n  compose:\n    roles:\n      sq:\n        settings: {tls_cert: ~, tls_key: ~}\n";
+
+    #[test]
+    fn tls_files_are_taken_from_the_definitions_directory_and_must_be_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("service.yaml");
+        let d = Definition::parse(SQUARE_TLS, &file).unwrap();
+        let local = d.in_environment(Environment::Local);
+        let cert = dir.path().join("certs/sq.pem");
+        assert_eq!(local.roles[0].settings["tls_cert"], cert.to_str().unwrap());
+        let cluster = d.in_environment(Environment::Kubernetes);
+        assert_eq!(cluster.roles[0].settings["tls_cert"], "/etc/tls/sq/tls.crt");
+        assert_eq!(cluster.roles[0].secrets[0].name, "sq-tls");
+        assert!(local.roles[0].secrets.is_empty());
+
+        let shown: Vec<String> = d.all_findings().iter().map(ToString::to_string).collect();
+        let at = file.display();
+        assert_eq!(shown.len(), 2, "{shown:#?}");
+        assert!(
+            shown[0].starts_with(&format!(
+                "{at}:7:7: local: role sq: tls_cert {} does not exist",
+                cert.display()
+            )),
+            "{shown:#?}"
+        );
+        assert!(shown[1].starts_with(&format!("{at}:8:7: local: role sq: tls_key ")));
+        assert!(d.findings(Environment::Local)[0].severity == Severity::Error);
+
+        std::fs::create_dir(dir.path().join("certs")).unwrap();
+        std::fs::write(&cert, "").unwrap();
+        std::fs::create_dir(dir.path().join("certs/sq.key")).unwrap();
+        let shown: Vec<String> = d.all_findings().iter().map(ToString::to_string).collect();
+        assert_eq!(shown.len(), 1, "{shown:#?}");
+        assert!(shown[0].contains("tls_key") && shown[0].contains("is a directory"));
+    }
+
+    #[test]
+    fn tls_files_in_a_cluster_must_be_in_a_mounted_secret() {
+        let text = SQUARE_TLS.replace("tls_key: /etc/tls/sq/tls.key", "tls_key: /etc/tls/sq");
+        let text = text.replace("tls_cert: /etc/tls/sq/tls.crt", "tls_cert: /etc/sq.pem");
+        let d = Definition::parse(&text, Path::new("s.yaml")).unwrap();
+        let found = d.findings(Environment::Kubernetes);
+        let shown: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_starts(
+            &shown,
+            &[
+                "s.yaml:15:20: warning: kubernetes: role sq: tls_cert /etc/sq.pem is not in a mounted Secret (the role mounts sq-tls at /etc/tls/sq)",
+                "s.yaml:15:43: warning: kubernetes: role sq: tls_key /etc/tls/sq is the directory Secret sq-tls is mounted at; point it at a file in it, such as /etc/tls/sq/tls.key",
+            ],
+        );
+        // Without the compose layer, compose has the local paths, and
+        // mounts nothing.
+        let text = SQUARE_TLS.split("  compose:").next().unwrap();
+        let d = Definition::parse(text, Path::new("s.yaml")).unwrap();
+        let compose: Vec<String> = d
+            .findings(Environment::Compose)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_starts(
+            &compose,
+            &["s.yaml:7:7: warning: compose: role sq: tls_cert, tls_key name files, and the compose rendering mounts none"],
+        );
+    }
+
+    #[test]
+    fn secrets_are_checked_where_they_are_written() {
+        let text = SQUARE_TLS
+            .replace(
+                "          sq-tls: /etc/tls/sq\n",
+                "          sq-tls: /etc/tls/sq\n          Sq_CA: /etc/ca\n          sq-ca: etc/ca\n          sq-inner: /etc/tls/sq/inner\n          sq-bin: /usr/local\n",
+            )
+            .replace(
+                "  compose:\n    roles:\n      sq:\n",
+                "  compose:\n    roles:\n      sq:\n        secrets: {sq-tls: /etc/tls/sq}\n",
+            );
+        let shown = shown(&text);
+        assert_starts(
+            &shown,
+            &[
+                "s.yaml:15:11: environments.kubernetes.roles.sq.secrets: Secret name \"Sq_CA\" contains 'S'",
+                "s.yaml:16:18: environments.kubernetes.roles.sq.secrets.sq-ca: \"etc/ca\" is not an absolute path",
+                "s.yaml:17:21: environments.kubernetes.roles.sq.secrets.sq-inner: /etc/tls/sq/inner overlaps /etc/tls/sq where Secret sq-tls is mounted",
+                "s.yaml:18:19: environments.kubernetes.roles.sq.secrets.sq-bin: \"/usr/local\" holds the program in the image",
+                "s.yaml:23:9: environments.compose.roles.sq: secrets are mounted only by the Kubernetes rendering",
+            ],
+        );
+        for good in ["square-tls", "tls.example.com", "a", &"a".repeat(63)] {
+            assert_eq!(secret_name_problem(good), None, "{good}");
+        }
+        for bad in ["", "a..b", "-a", "a-", ".a", "A", "a_b", &"a".repeat(64)] {
+            assert!(secret_name_problem(bad).is_some(), "{bad}");
+        }
+        for good in ["/etc/tls/square", "/etc/tls/square/", "/run/secrets/x"] {
+            assert_eq!(mount_path_problem(good), None, "{good}");
+        }
+        for bad in [
+            "/",
+            "//",
+            "relative",
+            "/etc/../x",
+            "/etc//x",
+            "/a:b",
+            "/usr/local/bin",
+        ] {
+            assert!(mount_path_problem(bad).is_some(), "{bad}");
+        }
     }
 }

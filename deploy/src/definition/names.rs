@@ -150,3 +150,56 @@ fn suggest_name(name: &str) -> String {
     out.truncate(63);
     out.trim_end_matches('-').to_string()
 }
+
+/// Why `name` cannot name a Kubernetes Secret, or `None`: a DNS-1123
+/// subdomain, at most 253 characters of dot-separated labels of lower-case
+/// letters, digits and '-', each starting and ending with a letter or digit.
+pub fn secret_name_problem(name: &str) -> Option<String> {
+    let rule = "a Secret's name is a DNS name: at most 253 lower-case letters, digits, '-' and '.', each part between dots starting and ending with a letter or digit (such as square-tls)";
+    let what = if name.is_empty() {
+        "is empty".to_string()
+    } else if name.len() > 253 {
+        format!("is {} characters long", name.len())
+    } else if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.')))
+    {
+        format!("contains {bad:?}")
+    } else if name.split('.').any(|label| {
+        label.is_empty() || label.len() > 63 || label.starts_with('-') || label.ends_with('-')
+    }) {
+        "is not a DNS name".to_string()
+    } else {
+        return None;
+    };
+    Some(format!("{what}; {rule}"))
+}
+
+/// Where the Dockerfile installs the program in every image.
+const IMAGE_PROGRAM: &str = "/usr/local/bin/program";
+
+/// Why `path` cannot be where a Secret is mounted, or `None`: an absolute
+/// path, without `.` or `..` parts, below `/`.
+pub fn mount_path_problem(path: &str) -> Option<String> {
+    let rule = "mount it at an absolute directory of its own, such as /etc/tls/square";
+    let what = if !path.starts_with('/') {
+        "is not an absolute path"
+    } else if path.trim_end_matches('/').is_empty() {
+        "is the root directory, which would hide the whole image"
+    } else if path
+        .strip_suffix('/')
+        .unwrap_or(path)
+        .split('/')
+        .skip(1)
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        "has empty, '.' or '..' parts"
+    } else if path.contains(':') {
+        "contains ':'"
+    } else if IMAGE_PROGRAM.starts_with(&format!("{}/", path.trim_end_matches('/'))) {
+        "holds the program in the image, which the Secret would hide"
+    } else {
+        return None;
+    };
+    Some(format!("{what}; {rule}"))
+}

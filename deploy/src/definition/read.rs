@@ -8,10 +8,13 @@ use std::path::Path;
 use common::yaml::{self, Node, Pos};
 use serde_json::Value;
 
-use super::names::{name_problem, port_name_problem, registry_problem, tag_problem, NameUse};
+use super::names::{
+    mount_path_problem, name_problem, port_name_problem, registry_problem, secret_name_problem,
+    tag_problem, NameUse,
+};
 use super::{
-    Definition, Endpoint, Environment, Image, Problem, Problems, Role, RoleLayer, Severity,
-    Visibility, MAX_INSTANCES,
+    Definition, Endpoint, Environment, Image, Problem, Problems, Role, RoleLayer, SecretMount,
+    Severity, Visibility, MAX_INSTANCES,
 };
 use crate::programs::Program;
 
@@ -213,7 +216,7 @@ const TOP_KEYS: [&str; 4] = ["name", "image", "roles", "environments"];
 const ROLE_KEYS: [&str; 5] = ["name", "program", "instances", "endpoints", "settings"];
 const ENDPOINT_KEYS: [&str; 3] = ["name", "visibility", "port"];
 const IMAGE_KEYS: [&str; 2] = ["registry", "tag"];
-const LAYER_KEYS: [&str; 2] = ["instances", "settings"];
+const LAYER_KEYS: [&str; 3] = ["instances", "settings", "secrets"];
 
 fn read_image(r: &mut Reader<'_>, node: Option<&Node>, service: &str) -> Image {
     let mut image = Image {
@@ -315,6 +318,7 @@ fn read_role(r: &mut Reader<'_>, node: &Node) -> Option<Role> {
         instances: instances.unwrap_or(1),
         endpoints,
         settings,
+        secrets: Vec::new(),
         places,
     })
 }
@@ -561,6 +565,19 @@ fn read_environments(
                         layer.settings = settings;
                     }
                 }
+                if let Some((k, n)) = get(layer_entries, "secrets") {
+                    if environment == Environment::Kubernetes {
+                        layer.secrets = read_secrets(r, n, &format!("{what}.secrets"));
+                    } else {
+                        r.error(
+                            Some(k.pos),
+                            format!(
+                                "{what}: secrets are mounted only by the Kubernetes rendering; move them to environments.kubernetes.roles.{}.secrets",
+                                role.name
+                            ),
+                        );
+                    }
+                }
                 if let Some(program) = Program::named(&role.program) {
                     let set: BTreeMap<String, Value> = layer
                         .settings
@@ -581,4 +598,65 @@ fn read_environments(
         environments.insert(environment, layers);
     }
     environments
+}
+
+/// A layer's Secrets: a mapping of each Secret's name to the directory it
+/// is mounted at, one directory per Secret.
+fn read_secrets(r: &mut Reader<'_>, node: &Node, what: &str) -> Vec<SecretMount> {
+    let mut secrets: Vec<SecretMount> = Vec::new();
+    if node.value == yaml::Value::Null {
+        return secrets;
+    }
+    let Some(entries) = node.entries() else {
+        r.error(
+            Some(node.pos),
+            format!(
+                "{what} should map each Secret's name to the directory it is mounted at (square-tls: /etc/tls/square), not {}",
+                node.kind()
+            ),
+        );
+        return secrets;
+    };
+    for (key, value) in entries {
+        if let Some(why) = secret_name_problem(&key.name) {
+            r.error(
+                Some(key.pos),
+                format!("{what}: Secret name {:?} {why}", key.name),
+            );
+            continue;
+        }
+        let Some(path) = r.string(value, &format!("{what}.{}", key.name)) else {
+            continue;
+        };
+        if let Some(why) = mount_path_problem(&path) {
+            r.error(
+                Some(value.pos),
+                format!("{what}.{}: {path:?} {why}", key.name),
+            );
+            continue;
+        }
+        let mount = SecretMount {
+            name: key.name.clone(),
+            path,
+            pos: key.pos,
+        };
+        let nested = |a: &SecretMount, b: &SecretMount| {
+            a.dir() == b.dir() || a.dir().starts_with(&format!("{}/", b.dir()))
+        };
+        if let Some(other) = secrets
+            .iter()
+            .find(|o| nested(&mount, o) || nested(o, &mount))
+        {
+            r.error(
+                Some(value.pos),
+                format!(
+                    "{what}.{}: {} overlaps {} where Secret {} is mounted; give each Secret a directory of its own",
+                    mount.name, mount.path, other.path, other.name
+                ),
+            );
+            continue;
+        }
+        secrets.push(mount);
+    }
+    secrets
 }
