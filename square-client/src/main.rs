@@ -25,7 +25,7 @@ struct Args {
     #[serde(skip_serializing_if = "Option::is_none")]
     server: Option<String>,
 
-    /// How long to wait for the server to accept, such as 5s or 500ms [default: 5s] (also SQUARE_CLIENT_CONNECT_TIMEOUT)
+    /// How long to wait for the server to accept (and the TLS handshake), such as 5s or 500ms [default: 5s] (also SQUARE_CLIENT_CONNECT_TIMEOUT)
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     connect_timeout: Option<String>,

@@ -20,8 +20,8 @@ pub use common::settings::HostPort as ServerAddr;
 pub struct Settings {
     /// The square server, `HOST:PORT`.
     pub server: ServerAddr,
-    /// How long to wait for the server to accept the connection (more
-    /// than 0).
+    /// How long to wait for the server to accept the connection, and for
+    /// the TLS handshake with TLS (more than 0).
     #[serde(deserialize_with = "some_time")]
     pub connect_timeout: Period,
     /// How long to wait for the server's next answer while requests are
