@@ -8,6 +8,7 @@
 
 pub mod kubelet;
 pub mod netns;
+pub mod pki;
 pub mod postgres;
 
 use std::io::{BufRead, BufReader, Read};

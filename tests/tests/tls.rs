@@ -3,118 +3,13 @@
 //! bad certificate file refused at start with its name, and mutual TLS.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tests::pki::Pki;
 use tests::{binary, require, Running};
-
-/// Runs `openssl` with `args` in `dir`; it must succeed.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new(require("openssl"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, and a server and a client certificate it signed, made with the
-/// real openssl as the README shows; plus a second CA's client.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ];
-        for ca in ["ca", "other-ca"] {
-            let mut args = vec!["req", "-x509"];
-            args.extend(ec);
-            let (key, cert, subj) = (
-                format!("{ca}.key"),
-                format!("{ca}.pem"),
-                format!("/CN={ca}"),
-            );
-            args.extend(["-keyout", &key, "-out", &cert, "-days", "2", "-subj", &subj]);
-            openssl(d, &args);
-        }
-        for (name, ca) in [
-            ("server", "ca"),
-            ("server2", "ca"),
-            ("client", "ca"),
-            ("other", "ca"),
-            ("stranger", "other-ca"),
-        ] {
-            let mut args = vec!["req"];
-            args.extend(ec);
-            let key = format!("{name}.key");
-            let csr = format!("{name}.csr");
-            let subj = format!("/CN={name}.test");
-            args.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
-            openssl(d, &args);
-            let ext = d.join(format!("{name}.ext"));
-            std::fs::write(&ext, format!("subjectAltName=DNS:{name}.test\n")).unwrap();
-            openssl(
-                d,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    &format!("{ca}.pem"),
-                    "-CAkey",
-                    &format!("{ca}.key"),
-                    "-CAcreateserial",
-                    "-out",
-                    &format!("{name}.pem"),
-                    "-days",
-                    "2",
-                    "-extfile",
-                    ext.to_str().unwrap(),
-                ],
-            );
-        }
-        // An expired client of the CA (openssl 3.0 cannot back-date one).
-        let ca_key =
-            rcgen::KeyPair::from_pem(&std::fs::read_to_string(d.join("ca.key")).unwrap()).unwrap();
-        let issuer = rcgen::Issuer::from_ca_cert_pem(
-            &std::fs::read_to_string(d.join("ca.pem")).unwrap(),
-            ca_key,
-        )
-        .unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["client.test".to_string()]).unwrap();
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2020, 1, 2);
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        std::fs::write(d.join("expired.pem"), cert.pem()).unwrap();
-        std::fs::write(d.join("expired.key"), key.serialize_pem()).unwrap();
-        Pki { dir }
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-
-    fn arg(&self, file: &str) -> String {
-        self.path(file).to_str().unwrap().to_string()
-    }
-}
 
 /// Starts `program` serving TLS with the server certificate, and `extra`.
 fn tls_server(pki: &Pki, program: &str, field: &str, extra: &[&str]) -> Running {
@@ -128,8 +23,8 @@ fn tls_server(pki: &Pki, program: &str, field: &str, extra: &[&str]) -> Running 
 }
 
 /// What `openssl s_client` prints after sending `input` over TLS to
-/// `running` (trusting the test CA, with `extra` arguments), read until
-/// the server closes or `until` has come; and whether it succeeded.
+/// `running` as `server.test`, trusting the test CA (see
+/// [`tests::pki::s_client`]).
 fn s_client(
     pki: &Pki,
     running: &Running,
@@ -137,61 +32,14 @@ fn s_client(
     until: &str,
     extra: &[&str],
 ) -> (bool, String) {
-    let mut child = Command::new(require("openssl"))
-        .args(["s_client", "-quiet", "-verify_return_error"])
-        .args(["-connect", &running.addr.to_string()])
-        .args(["-servername", "server.test", "-CAfile", &pki.arg("ca.pem")])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // -quiet keeps the connection after the end of its input, until the
-    // server closes it.
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let seen = Arc::new(Mutex::new(String::new()));
-    let readers: Vec<_> = [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ]
-    .into_iter()
-    .map(|mut pipe| {
-        let seen = seen.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                seen.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        })
-    })
-    .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if seen.lock().unwrap().contains(until) || Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    for reader in readers {
-        let _ = reader.join();
-    }
-    let text = seen.lock().unwrap().clone();
-    // Stopped once `until` came, or the server closed after a good session.
-    let ok = status.is_none_or(|s| s.success()) && text.contains(until);
-    (ok, text)
+    tests::pki::s_client(
+        running.addr,
+        &pki.path("ca.pem"),
+        "server.test",
+        extra,
+        input,
+        until,
+    )
 }
 
 #[test]

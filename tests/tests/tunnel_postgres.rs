@@ -159,3 +159,93 @@ fn pgbench_runs_through_the_tunnel() {
 
     setup.finish();
 }
+
+/// The secure pair of the README: on the client's machine (a namespace) a
+/// tunnel that originates mutual TLS; on the gateway (the host) a tunnel
+/// that terminates it in front of a database only the gateway can reach.
+#[test]
+fn psql_and_pgbench_cross_a_secure_tunnel_pair() {
+    require("ip");
+    require("psql");
+    let pki = tests::pki::Pki::new();
+    pki.issue("gateway", "ca");
+    let db = Postgres::start();
+    db.pgbench_init(1);
+    let ns = Netns::create("pair");
+    let mut command = Command::new(binary("tunnel"));
+    command
+        .args(["--listen", &format!("{}:0", ns.host_addr)])
+        .args(["--target", &format!("127.0.0.1:{}", db.port)])
+        .args(["--tls-cert", &pki.arg("gateway.pem")])
+        .args(["--tls-key", &pki.arg("gateway.key")])
+        .args(["--tls-client-ca", &pki.arg("ca.pem")])
+        .args(["--tls-client-names", "client.test"])
+        .env("RUST_LOG", "info,access=warn");
+    let gateway = Running::start_reporting(command, "listen");
+    let near = |who: &str| {
+        let mut command = ns.exec(
+            binary("tunnel"),
+            [
+                "--listen".to_string(),
+                "127.0.0.1:0".to_string(),
+                "--target".to_string(),
+                gateway.addr.to_string(),
+                "--target-ca".to_string(),
+                pki.arg("ca.pem"),
+                "--target-cert".to_string(),
+                pki.arg(&format!("{who}.pem")),
+                "--target-key".to_string(),
+                pki.arg(&format!("{who}.key")),
+                "--target-server-name".to_string(),
+                "gateway.test".to_string(),
+            ],
+        );
+        command.env("RUST_LOG", "info,access=warn");
+        Running::start_reporting(command, "listen")
+    };
+    let mine = near("client");
+    let through = Client::new("127.0.0.1", mine.addr.port()).within(ns.prefix());
+    assert_eq!(through.psql("select 42").unwrap(), "42");
+    let big = "select string_agg(md5(i::text), ',' order by i) from generate_series(1, 100000) i";
+    assert!(through.psql(big).unwrap() == db.client().psql(big).unwrap());
+    let report = through
+        .pgbench(&["-c", "2", "-j", "2", "-T", "2"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        report.processed > 0 && report.failed == 0,
+        "{}",
+        report.output
+    );
+    let report = through
+        .pgbench(&["-C", "-c", "2", "-j", "2", "-T", "2"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        report.processed > 0 && report.failed == 0,
+        "{}",
+        report.output
+    );
+
+    // Without the pair: plain to the gateway (psql's own TLS is not the
+    // tunnel's mutual TLS), or straight at the database, nothing works.
+    for direct in [
+        Client::new(ns.host_addr, gateway.addr.port()).within(ns.prefix()),
+        Client::new(ns.host_addr, db.port).within(ns.prefix()),
+    ] {
+        direct
+            .psql("select 42")
+            .expect_err("the database answered without the pair");
+    }
+    // A near tunnel whose certificate is another CA's gets nowhere.
+    let stranger = near("stranger");
+    Client::new("127.0.0.1", stranger.addr.port())
+        .within(ns.prefix())
+        .psql("select 42")
+        .expect_err("a stranger's certificate crossed the gateway");
+    let (code, log) = gateway.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("UnknownIssuer"), "{log}");
+    for near in [mine, stranger] {
+        let (code, log) = near.stop();
+        assert_eq!(code, Some(0), "{log}");
+    }
+}

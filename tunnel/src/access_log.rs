@@ -28,6 +28,11 @@ pub enum End {
     Refused,
     /// No target could be reached: `target unreachable`.
     Unreachable,
+    /// The client's TLS handshake failed: `TLS handshake failed`.
+    Handshake,
+    /// No route of an address shared by server name took the client:
+    /// `no route for the server name`.
+    NoRoute,
     /// Relayed to a target, and ended so (`closed by client`, `idle
     /// timeout`, ...).
     Relayed(relay::End),
@@ -39,6 +44,8 @@ impl End {
         match self {
             End::Refused => "refused by access list",
             End::Unreachable => "target unreachable",
+            End::Handshake => "TLS handshake failed",
+            End::NoRoute => "no route for the server name",
             End::Relayed(end) => end.as_str(),
         }
     }

@@ -72,13 +72,24 @@ pub struct TargetConnection {
     /// The address connected to.
     pub addr: SocketAddr,
     /// The backend it belongs to; its `active` count includes this
-    /// connection until [`TargetConnection`] is dropped.
-    pub backend: Arc<Backend>,
+    /// connection until [`Active`] is dropped.
+    pub backend: Active,
 }
 
-impl Drop for TargetConnection {
+/// A backend with one more connection open, until dropped.
+#[derive(Debug)]
+pub struct Active(Arc<Backend>);
+
+impl std::ops::Deref for Active {
+    type Target = Backend;
+    fn deref(&self) -> &Backend {
+        &self.0
+    }
+}
+
+impl Drop for Active {
     fn drop(&mut self) {
-        self.backend.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -198,7 +209,7 @@ impl Balancer {
                     return Ok(TargetConnection {
                         stream,
                         addr,
-                        backend,
+                        backend: Active(backend),
                     });
                 }
                 Err(Unreachable(why)) => {

@@ -21,6 +21,7 @@ pub mod ready;
 pub mod relay;
 pub mod rinetd;
 pub mod settings;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,6 +32,9 @@ use common::serve::{
     accept_until, Accepted, ConnectionCap, Handler, LiveConnections, ServeOptions,
 };
 use common::settings::{AccessRules, ListenAddr};
+use common::tls::hello::Prefixed;
+use common::tls::ServerTls;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -44,13 +48,36 @@ use crate::metrics::{Metrics, RouteStats};
 use crate::ready::{Probe, Readiness, RouteState, Source, Watched};
 pub use crate::settings::{overlaps, Route, Settings, Target};
 
-/// Serves one route's connections: connect to a target, relay, log.
-#[derive(Debug)]
+/// Serves one route's connections: terminate TLS if the route does,
+/// connect to a target (over TLS if the route originates it), relay, log.
 pub struct RouteHandler {
     route: Route,
     balancer: Arc<Balancer>,
     stats: Arc<RouteStats>,
     log: Arc<AccessLog>,
+    tls: tls::RouteTls,
+}
+
+/// A client's connection as it reaches a route.
+pub enum Client {
+    /// The socket, nothing read yet.
+    Plain(TcpStream),
+    /// The socket and the TLS hello read from it to choose the route,
+    /// to replay first.
+    Replay(Prefixed<TcpStream>),
+}
+
+/// The client's side once its TLS (if any) is settled.
+enum ClientSide {
+    Plain(TcpStream),
+    Replay(Prefixed<TcpStream>),
+    Tls(Box<tokio_rustls::server::TlsStream<Prefixed<TcpStream>>>),
+}
+
+/// The target's side.
+enum TargetSide {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl RouteHandler {
@@ -58,14 +85,58 @@ impl RouteHandler {
         let all: Vec<String> = self.route.targets.iter().map(ToString::to_string).collect();
         all.join(",")
     }
-}
 
-impl Handler for RouteHandler {
-    async fn handle(self: Arc<Self>, mut client: TcpStream, conn: Accepted) -> anyhow::Result<()> {
-        let started = Instant::now();
+    fn unreachable(&self, conn: &Accepted, started: Instant, end: End, why: String) {
+        self.log.record(&Entry {
+            route: &self.route.name,
+            client: conn.peer,
+            target: self.targets(),
+            sent: 0,
+            received: 0,
+            duration: started.elapsed(),
+            end,
+            detail: Some(why),
+        });
+    }
+
+    /// Serves `client` (accepted at `started`).
+    pub async fn serve(
+        self: Arc<Self>,
+        client: Client,
+        conn: Accepted,
+        started: Instant,
+    ) -> anyhow::Result<()> {
         let route = &self.route;
         let keepalive = route.keepalive.time();
-        connect::tune(&client, keepalive);
+        let client = match client {
+            Client::Plain(s) => {
+                connect::tune(&s, keepalive);
+                match &self.tls.server {
+                    None => ClientSide::Plain(s),
+                    Some(tls) => match Box::pin(self.terminate(
+                        tls,
+                        Prefixed::new(Vec::new(), s),
+                        &conn,
+                        started,
+                    ))
+                    .await
+                    {
+                        Some(c) => c,
+                        None => return Ok(()),
+                    },
+                }
+            }
+            Client::Replay(s) => {
+                connect::tune(s.get_ref(), keepalive);
+                match &self.tls.server {
+                    None => ClientSide::Replay(s),
+                    Some(tls) => match Box::pin(self.terminate(tls, s, &conn, started)).await {
+                        Some(c) => c,
+                        None => return Ok(()),
+                    },
+                }
+            }
+        };
         // Boxed: the connect phase is large and short; an idle connection
         // should not carry its space.
         let connecting = Box::pin(async {
@@ -76,33 +147,84 @@ impl Handler for RouteHandler {
             }
         })
         .await;
-        let mut connected = match connecting {
+        let connected = match connecting {
             Ok(connected) => connected,
             Err(connect::Unreachable(why)) => {
                 self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(route = %route.name, error = %why, "no target reachable");
-                self.log.record(&Entry {
-                    route: &route.name,
-                    client: conn.peer,
-                    target: self.targets(),
-                    sent: 0,
-                    received: 0,
-                    duration: started.elapsed(),
-                    end: End::Unreachable,
-                    detail: Some(why),
-                });
+                self.unreachable(&conn, started, End::Unreachable, why);
                 return Ok(());
             }
         };
-        connect::tune(&connected.stream, keepalive);
-        let outcome = relay::relay_tcp(
-            &mut client,
-            &mut connected.stream,
-            route.idle_timeout.0,
-            &conn.closing,
-        )
-        .await;
-        let stats = &connected.backend.stats;
+        let balance::TargetConnection {
+            stream,
+            addr,
+            backend,
+        } = connected;
+        connect::tune(&stream, keepalive);
+        let target = match &self.tls.client {
+            None => TargetSide::Plain(stream),
+            Some(connector) => {
+                let host = backend.target.host.clone();
+                let handshake = Box::pin(async {
+                    tokio::select! {
+                        biased;
+                        t = tokio::time::timeout(route.connect_timeout.0, connector.connect(stream, &host)) => match t {
+                            Ok(Ok(t)) => Ok(t),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err(format!("no TLS handshake with {host} within {:?}", route.connect_timeout.0)),
+                        },
+                        _ = conn.closing.cancelled() => Err("shutdown while connecting".into()),
+                    }
+                })
+                .await;
+                match handshake {
+                    Ok(t) => TargetSide::Tls(Box::new(t)),
+                    Err(why) => {
+                        backend
+                            .stats
+                            .connect_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(route = %route.name, target = %addr, error = %why, "TLS to the target failed");
+                        self.unreachable(&conn, started, End::Unreachable, why);
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let (idle, closing) = (route.idle_timeout.0, &conn.closing);
+        let outcome = match (client, target) {
+            (ClientSide::Plain(mut c), TargetSide::Plain(mut t)) => {
+                relay::relay_tcp(&mut c, &mut t, idle, closing).await
+            }
+            (ClientSide::Replay(c), TargetSide::Plain(mut t)) => {
+                // Passthrough: the hello goes first, then the kernel moves
+                // the rest.
+                let (hello, mut c) = c.into_parts();
+                if let Err(e) = t.write_all(&hello).await {
+                    relay::abort(&c);
+                    self.unreachable(&conn, started, End::Unreachable, format!("{addr}: {e}"));
+                    return Ok(());
+                }
+                let mut outcome = relay::relay_tcp(&mut c, &mut t, idle, closing).await;
+                outcome.sent += hello.len() as u64;
+                outcome
+            }
+            (ClientSide::Plain(mut c), TargetSide::Tls(mut t)) => {
+                relay::relay_over_tcp(&mut c, &mut *t, idle, closing).await
+            }
+            (ClientSide::Replay(mut c), TargetSide::Tls(mut t)) => {
+                relay::relay_over_tcp(&mut c, &mut *t, idle, closing).await
+            }
+            (ClientSide::Tls(mut c), TargetSide::Plain(mut t)) => {
+                relay::relay_over_tcp(&mut *c, &mut t, idle, closing).await
+            }
+            (ClientSide::Tls(mut c), TargetSide::Tls(mut t)) => {
+                relay::relay_over_tcp(&mut *c, &mut *t, idle, closing).await
+            }
+        };
+        let stats = &backend.stats;
         stats.sent.fetch_add(outcome.sent, Ordering::Relaxed);
         stats
             .received
@@ -110,7 +232,7 @@ impl Handler for RouteHandler {
         self.log.record(&Entry {
             route: &route.name,
             client: conn.peer,
-            target: connected.addr.to_string(),
+            target: addr.to_string(),
             sent: outcome.sent,
             received: outcome.received,
             duration: started.elapsed(),
@@ -118,6 +240,43 @@ impl Handler for RouteHandler {
             detail: outcome.error.map(|e| e.to_string()),
         });
         Ok(())
+    }
+
+    /// The server side of the client's handshake; a failure is logged
+    /// (by [`common::tls::accept`], with the reason) and recorded, and the
+    /// target never sees the client.
+    async fn terminate(
+        &self,
+        tls: &ServerTls,
+        stream: Prefixed<TcpStream>,
+        conn: &Accepted,
+        started: Instant,
+    ) -> Option<ClientSide> {
+        match common::tls::accept(tls, stream, conn.peer).await {
+            Ok(s) => Some(ClientSide::Tls(Box::new(s))),
+            // A probe that connected and went carried no byte: like any
+            // empty connection, no access-log line.
+            Err(common::tls::Failure::Closed) => None,
+            Err(why) => {
+                self.unreachable(conn, started, End::Handshake, why.as_str().to_string());
+                None
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for RouteHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteHandler")
+            .field("route", &self.route.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Handler for RouteHandler {
+    async fn handle(self: Arc<Self>, client: TcpStream, conn: Accepted) -> anyhow::Result<()> {
+        self.serve(Client::Plain(client), conn, Instant::now())
+            .await
     }
 
     fn refused(&self, _id: u64, peer: std::net::SocketAddr) {
@@ -149,6 +308,8 @@ struct Running {
     listeners: Vec<(ListenAddr, Arc<TcpListener>)>,
     stop: CancellationToken,
     loops: Vec<JoinHandle<()>>,
+    handler: Arc<RouteHandler>,
+    options: ServeOptions,
 }
 
 impl Running {
@@ -264,10 +425,24 @@ impl Tunnel {
         let all_held: Vec<ListenAddr> = held.keys().copied().collect();
         let mut planned = Vec::new();
         let mut errors = Vec::new();
+        // Routes chosen by server name share their listeners.
+        let mut taken: HashMap<ListenAddr, Arc<TcpListener>> = HashMap::new();
         for route in routes {
+            // Read now, so a file that cannot be used leaves everything
+            // as it was; a SIGHUP is how the files are re-read.
+            let stats = self.metrics.route(&route.name);
+            let tls = match tls::RouteTls::load(&route, &stats.handshakes) {
+                Ok(tls) => tls,
+                Err(e) => {
+                    errors.push(format!("route {}: {e}", route.name));
+                    tls::RouteTls::default()
+                }
+            };
             let mut listeners = Vec::new();
             for addr in &route.listen {
-                let listener = if let Some(l) = held.remove(addr) {
+                let listener = if let Some(l) = taken.get(addr) {
+                    l.clone()
+                } else if let Some(l) = held.remove(addr) {
                     l
                 } else if let Some(l) = bound.remove(addr) {
                     Arc::new(l)
@@ -280,9 +455,10 @@ impl Tunnel {
                         }
                     }
                 };
+                taken.insert(*addr, listener.clone());
                 listeners.push((*addr, listener));
             }
-            planned.push((route, listeners));
+            planned.push((route, listeners, tls));
         }
         if !errors.is_empty() {
             return Err(ApplyError(errors));
@@ -299,8 +475,8 @@ impl Tunnel {
             }
             let successor = planned
                 .iter()
-                .find(|(r, _)| r.name == old.route.name)
-                .map(|(r, _)| r);
+                .find(|(r, _, _)| r.name == old.route.name)
+                .map(|(r, _, _)| r);
             let keep = successor.map(|r| old.same_targets(r));
             let probe = successor
                 .filter(|r| old.probe.probes(&r.targets, r.connect_timeout.0))
@@ -327,7 +503,7 @@ impl Tunnel {
         }
         let configured: Vec<(String, Vec<String>)> = planned
             .iter()
-            .map(|(r, _)| {
+            .map(|(r, _, _)| {
                 (
                     r.name.clone(),
                     r.targets.iter().map(ToString::to_string).collect(),
@@ -335,7 +511,7 @@ impl Tunnel {
             })
             .collect();
         self.metrics.retain(&configured);
-        for (route, listeners) in planned {
+        for (route, listeners, tls) in planned {
             let carried = match carried.remove(&route.name) {
                 Some(carried) => {
                     carried.cap.resize(route.max_connections);
@@ -347,8 +523,9 @@ impl Tunnel {
                     probe: None,
                 },
             };
-            running.push(self.start(route, listeners, carried));
+            running.push(self.start(route, listeners, carried, tls));
         }
+        self.start_shared(&mut running);
         *self.watched.lock().expect("readiness lock") =
             running.iter().map(Running::watched).collect();
         Ok(())
@@ -359,6 +536,7 @@ impl Tunnel {
         route: Route,
         listeners: Vec<(ListenAddr, Arc<TcpListener>)>,
         carried: Carried,
+        tls: tls::RouteTls,
     ) -> Running {
         let Carried {
             cap,
@@ -384,13 +562,28 @@ impl Tunnel {
                 &stats,
             )
         });
+        if let Some(server) = &tls.server {
+            tokio::spawn(
+                server
+                    .clone()
+                    .watch(route.name.clone(), stop.clone().cancelled_owned()),
+            );
+        }
         let handler = Arc::new(RouteHandler {
             route: route.clone(),
             balancer: balancer.clone(),
             stats,
             log: self.log.clone(),
+            tls,
         });
-        let loops = listeners
+        // A route chosen by server name is served by its address's shared
+        // loop (see `start_shared`).
+        let own = if route.sni.is_empty() {
+            &listeners[..]
+        } else {
+            &[]
+        };
+        let loops = own
             .iter()
             .map(|(addr, listener)| {
                 tracing::info!(route = %route.name, listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| addr.to_string()), targets = %handler.targets(), balance = %route.balance, "route ready");
@@ -409,6 +602,64 @@ impl Tunnel {
             listeners,
             stop,
             loops,
+            handler,
+            options,
+        }
+    }
+
+    /// Starts one accept loop per address shared by server name, which
+    /// hands each client to the route its hello names. The loop belongs to
+    /// the first route on the address: it stops with it, and every route
+    /// stops together on a reload.
+    fn start_shared(&self, running: &mut [Running]) {
+        let mut shared: Vec<(ListenAddr, Arc<TcpListener>, usize, Vec<tls::Named>)> = Vec::new();
+        for (i, r) in running.iter().enumerate() {
+            if r.route.sni.is_empty() {
+                continue;
+            }
+            for (addr, listener) in &r.listeners {
+                let named = tls::Named {
+                    names: r.route.sni.clone(),
+                    handler: r.handler.clone(),
+                    options: r.options.clone(),
+                };
+                match shared.iter_mut().find(|(a, ..)| a == addr) {
+                    Some((.., routes)) => routes.push(named),
+                    None => shared.push((*addr, listener.clone(), i, vec![named])),
+                }
+            }
+        }
+        for (addr, listener, owner, routes) in shared {
+            let listen = listener
+                .local_addr()
+                .map_or_else(|_| addr.to_string(), |a| a.to_string());
+            let names: Vec<String> = routes
+                .iter()
+                .map(|r| format!("{}={}", r.handler.route.name, r.names.join("|")))
+                .collect();
+            tracing::info!(listen = %listen, routes = %names.join(" "), "routes chosen by TLS server name ready");
+            let options = ServeOptions {
+                // Each route's own cap applies once its name is known.
+                cap: ConnectionCap::new(
+                    routes
+                        .iter()
+                        .map(|r| r.handler.route.max_connections)
+                        .fold(0usize, usize::saturating_add),
+                ),
+                access: AccessRules(Vec::new()),
+                idle_timeout: tls::HELLO_TIMEOUT,
+                grace: Duration::ZERO,
+            };
+            let router = Arc::new(tls::SniRouter {
+                listen,
+                routes,
+                metrics: self.metrics.clone(),
+                log: self.log.clone(),
+            });
+            let (connections, stop) = (self.connections.clone(), running[owner].stop.clone());
+            running[owner].loops.push(tokio::spawn(async move {
+                accept_until(&listener, &options, &router, &connections, stop.cancelled()).await;
+            }));
         }
     }
 

@@ -66,11 +66,6 @@ struct Args {
     #[serde(skip_serializing_if = "Option::is_none")]
     connect_timeout: Option<String>,
 
-    /// With --tls-client-ca: let in only client certificates with one of these names (comma-separated; *.example.com for one label, or a URI)
-    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    tls_client_names: Vec<String>,
-
     /// Speak TLS to the target (implied by the other --target-* TLS flags)
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
@@ -165,7 +160,23 @@ fn routes_of(resolved: &Resolved<Settings>) -> Result<Vec<Route>, ConfigErrors> 
         });
     }
     match resolved.settings.routes() {
-        Ok(routes) if errors.is_empty() => Ok(routes),
+        Ok(routes) if errors.is_empty() => {
+            // The TLS files, read: one that cannot be used stops the start
+            // (and a reload) here, named with where it was set.
+            let quick = resolved.settings.routes.is_empty();
+            let problems: Vec<ConfigError> = tunnel::tls::problems(&routes, quick)
+                .into_iter()
+                .map(|mut e| {
+                    e.origin = resolved.origin(&e.key);
+                    e
+                })
+                .collect();
+            if problems.is_empty() {
+                Ok(routes)
+            } else {
+                Err(ConfigErrors(problems))
+            }
+        }
         Ok(_) => Err(ConfigErrors(errors)),
         Err(found) => {
             // A missing port while TUNNEL_PORT holds Kubernetes' Service

@@ -54,6 +54,10 @@ pub fn bind(settings: &Settings, routes: &[Route]) -> anyhow::Result<Bound> {
     let mut errors = Vec::new();
     for route in routes {
         for addr in &route.listen {
+            if listeners.contains_key(addr) {
+                // Shared by server name with an earlier route.
+                continue;
+            }
             match bind_listener(*addr) {
                 Ok(listener) => {
                     listeners.insert(*addr, listener);

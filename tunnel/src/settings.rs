@@ -1110,7 +1110,7 @@ mod tests {
                 "a wildcard stands for one whole label",
             ),
             ("target_tls: {server_name: '*.x'}", "is not a DNS name"),
-            ("tls: {client_names: [a..b]}", "is not a DNS name"),
+            ("tls: {client_names: [a..b]}", "\"a..b\" is not a name"),
         ] {
             let text =
                 format!("routes:\n  - {{name: a, listen: 127.0.0.1:1, target: 'h:1', {yaml}}}\n");

@@ -4,6 +4,7 @@
 //! what is wrong with it, so a bad file is a configuration error at start.
 
 pub mod client;
+pub mod hello;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -229,7 +230,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Failure {
     /// No complete handshake within [`HANDSHAKE_TIMEOUT`].
     Timeout,
-    /// The client went away (or reset) during the handshake.
+    /// The client went away (or reset) during the handshake; most often
+    /// a port probe or a health check that never meant to speak TLS.
+    /// Logged at debug level and not counted.
     Closed,
     /// Mutual TLS, and the client sent no certificate.
     NoClientCertificate,
@@ -249,9 +252,10 @@ pub enum Failure {
 
 impl Failure {
     /// Every reason, in the order metrics list them.
-    pub const ALL: [Failure; 9] = [
+    /// [`Failure::Closed`] is not among them: a client that connects and
+    /// goes (a port probe, a balancer's health check) is no failure.
+    pub const ALL: [Failure; 8] = [
         Failure::Timeout,
-        Failure::Closed,
         Failure::NoClientCertificate,
         Failure::UnknownCa,
         Failure::Expired,
@@ -335,8 +339,9 @@ impl HandshakeStats {
 
     /// Counts a handshake that failed.
     pub fn failed(&self, why: Failure) {
-        let i = Failure::ALL.iter().position(|f| *f == why).unwrap_or(0);
-        self.failed[i].fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = Failure::ALL.iter().position(|f| *f == why) {
+            self.failed[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// When the certificate in force expires, in Unix seconds; 0 when the
@@ -586,6 +591,10 @@ where
                 format!("no handshake within {HANDSHAKE_TIMEOUT:?}"),
             ),
         };
+    if failure == Failure::Closed {
+        tracing::debug!(%peer, %reason, "TLS handshake not begun or not finished");
+        return Err(failure);
+    }
     tls.stats.failed(failure);
     tracing::info!(%peer, %reason, "TLS handshake failed");
     Err(failure)

@@ -212,6 +212,11 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
         };
     }
     let name = pattern.strip_prefix("*.").unwrap_or(pattern);
+    if name.contains('*') {
+        return Err(format!(
+            "{pattern:?} is not a name: a wildcard stands for one whole label, first (*.example.com)"
+        ));
+    }
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63

@@ -201,40 +201,9 @@ impl fmt::Display for ServerName {
     }
 }
 
-/// A name a client certificate may carry to get in: a DNS name, `*.` and
-/// a DNS name for one label, or a URI (`spiffe://example.com/client`),
-/// matched against the certificate's DNS and URI subject alternative
-/// names and its common name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ClientName(pub String);
-
-impl FromStr for ClientName {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let name = s.trim();
-        if name.contains("://") {
-            return Ok(ClientName(name.to_string()));
-        }
-        let rest = name.strip_prefix("*.").unwrap_or(name);
-        if rest.contains('*') {
-            return Err(format!(
-                "{name:?} is not a client name: a wildcard stands for one whole label, first (*.example.com)"
-            ));
-        }
-        if let Some(problem) = dns_problem(rest) {
-            return Err(format!(
-                "{name:?} {problem}; write a client name such as client.example.com, *.example.com for one label, or a URI (spiffe://example.com/client)"
-            ));
-        }
-        Ok(ClientName(name.to_string()))
-    }
-}
-
-impl fmt::Display for ClientName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+/// A name a client certificate may carry to get in (the same as every
+/// server's `tls_client_names`).
+pub use common::tls::names::NamePattern as ClientName;
 
 macro_rules! text_setting {
     ($($ty:ty: $expecting:literal),+ $(,)?) => {$(
@@ -259,7 +228,6 @@ macro_rules! text_setting {
 text_setting!(
     SniName: "a server name: db.example.com, or *.example.com for one label",
     ServerName: "a server name: a DNS name or an IP address",
-    ClientName: "a client name: client.example.com, *.example.com or a URI",
 );
 
 /// Where a group of TLS settings is written, for messages: `full` before
