@@ -3,6 +3,8 @@
 //! files into a rustls configuration. Every problem names its file and
 //! what is wrong with it, so a bad file is a configuration error at start.
 
+pub mod hello;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
