@@ -41,6 +41,7 @@ fi
 max_len() {
     case $1 in
     admin) echo 10000 ;;  # the request head bound is 8192 bytes
+    client_hello) echo 17000 ;;  # the hello bound is 16389 bytes (plus 2 of split)
     *) echo 4096 ;;
     esac
 }

@@ -16,6 +16,7 @@ use std::path::Path;
 use common::cli::CommonArgs;
 use common::config::{resolve_yaml, ConfigErrors, Origin, Sources};
 use common::settings::AddressPattern;
+use common::tls::hello::{self, HelloParser, Peek, MAX_HELLO};
 use echo_server::telnet::{Input, LineReader, IAC, SUBNEGOTIATION_LIMIT};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -522,5 +523,63 @@ pub fn admin(data: &[u8]) {
             assert_eq!(admin::parse_head(&data[..end]), head);
             assert_eq!(admin::parse_head(&data[..end - 1]), Head::Incomplete);
         }
+    }
+}
+
+/// The ClientHello peek that SNI routing reads a connection's first bytes
+/// with (rustls's own hello parser behind a byte and memory bound).
+///
+/// Input: bytes 0 and 1 (little-endian) choose where the rest is split;
+/// the rest is the connection's first bytes. Checks that the rest fed at
+/// once and fed in two reads split there give the same answer (an answer
+/// given after the first read is the whole input's answer too; refusals
+/// may word their reason differently, having seen fewer bytes); that the
+/// parser asks for more only below [`MAX_HELLO`] bytes and refuses as too
+/// large only at or above it; that a server name is non-empty, lowercase
+/// ASCII without a trailing dot; and that a refusal has a reason.
+pub fn client_hello(data: &[u8]) {
+    let Some((&split, rest)) = data.split_first_chunk::<2>() else {
+        return;
+    };
+    let split = usize::from(u16::from_le_bytes(split)) % (rest.len() + 1);
+    let whole = hello::peek(rest);
+    match &whole {
+        Peek::NeedMore => assert!(rest.len() < MAX_HELLO, "more than {MAX_HELLO} bytes"),
+        Peek::TooLarge => assert!(rest.len() >= MAX_HELLO, "too large at {}", rest.len()),
+        Peek::NotTls(reason) => assert!(!reason.is_empty(), "a refusal without a reason"),
+        Peek::Hello {
+            server_name: Some(name),
+        } => {
+            assert!(!name.is_empty(), "an empty server name");
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_graphic() && !b.is_ascii_uppercase()),
+                "server name {name:?}"
+            );
+            assert!(!name.ends_with('.'), "server name {name:?}");
+        }
+        Peek::Hello { server_name: None } => {}
+    }
+
+    let (first, second) = rest.split_at(split);
+    let mut parser = HelloParser::new();
+    let early = parser.feed(first);
+    let split_answer = if early.is_final() {
+        early
+    } else {
+        parser.feed(second)
+    };
+    assert_eq!(
+        without_reason(split_answer),
+        without_reason(whole),
+        "the rest whole against split at {split}"
+    );
+}
+
+/// `peek` with the reason of a refusal left out.
+fn without_reason(peek: Peek) -> Peek {
+    match peek {
+        Peek::NotTls(_) => Peek::NotTls(String::new()),
+        other => other,
     }
 }

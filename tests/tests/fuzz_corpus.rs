@@ -15,13 +15,14 @@ mod fuzz;
 type Check = fn(&[u8]);
 
 /// Every fuzz target and the check it runs.
-const TARGETS: [(&str, Check); 6] = [
+const TARGETS: [(&str, Check); 7] = [
     ("square", fuzz::square),
     ("telnet", fuzz::telnet),
     ("rinetd", fuzz::rinetd),
     ("config", fuzz::config),
     ("definition", fuzz::definition),
     ("admin", fuzz::admin),
+    ("client_hello", fuzz::client_hello),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -100,6 +101,11 @@ fn service_definition_corpus() {
 #[test]
 fn admin_request_head_corpus() {
     replay("admin");
+}
+
+#[test]
+fn tls_client_hello_corpus() {
+    replay("client_hello");
 }
 
 #[test]

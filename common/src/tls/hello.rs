@@ -138,7 +138,7 @@ impl HelloParser {
                 Ok(None) => {}
                 Ok(Some(accepted)) => {
                     return Peek::Hello {
-                        server_name: accepted.client_hello().server_name().map(str::to_string),
+                        server_name: accepted.client_hello().server_name().and_then(normalize),
                     }
                 }
                 Err((e, _alert)) => return Peek::NotTls(format!("not a TLS ClientHello: {e}")),
@@ -150,6 +150,15 @@ impl HelloParser {
             Peek::NeedMore
         }
     }
+}
+
+/// A server name as routes compare it: rustls gives it lowercase, but
+/// with the trailing dot of a fully qualified name if the client sent one
+/// (RFC 6066 says not to; some clients do), which is dropped here so that
+/// `a.example.` reaches the route for `a.example`.
+fn normalize(name: &str) -> Option<String> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    (!name.is_empty()).then(|| name.to_string())
 }
 
 /// Why a connection's first bytes, starting with a byte other than a
@@ -440,6 +449,16 @@ mod tests {
         assert_eq!(peek(&hello), named("a.example"));
         // Names are compared lowercase.
         assert_eq!(peek(&client_hello("A.Example")), named("a.example"));
+    }
+
+    #[test]
+    fn a_trailing_dot_is_dropped_from_the_server_name() {
+        // rustls clients drop it themselves; put one back in place of a
+        // letter, so no length changes.
+        let mut hello = client_hello("aa.example");
+        let at = hello.windows(10).position(|w| w == b"aa.example").unwrap();
+        hello[at..at + 10].copy_from_slice(b"a.example.");
+        assert_eq!(peek(&hello), named("a.example"));
     }
 
     #[test]
