@@ -213,3 +213,21 @@ pub fn s_client(
     let ok = status.is_none_or(|s| s.success()) && text.contains(until);
     (ok, text)
 }
+
+/// The subject of the certificate a new TLS session to `addr` gets
+/// (`CN = server.test`), verified against `ca`.
+pub fn served_subject(addr: SocketAddr, ca: &Path) -> String {
+    let out = Command::new(require("openssl"))
+        .args(["s_client", "-connect", &addr.to_string()])
+        .arg("-CAfile")
+        .arg(ca)
+        .arg("-verify_return_error")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("subject="))
+        .unwrap_or_else(|| panic!("no subject in {text}"))
+        .to_string()
+}

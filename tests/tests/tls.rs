@@ -265,17 +265,7 @@ fn an_expired_certificate_or_names_without_a_ca_stop_the_start() {
 
 /// The subject of the certificate a new session to `running` gets.
 fn served_subject(pki: &Pki, running: &Running) -> String {
-    let out = Command::new(require("openssl"))
-        .args(["s_client", "-connect", &running.addr.to_string()])
-        .args(["-CAfile", &pki.arg("ca.pem"), "-verify_return_error"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix("subject="))
-        .unwrap_or_else(|| panic!("no subject in {text}"))
-        .to_string()
+    tests::pki::served_subject(running.addr, &pki.path("ca.pem"))
 }
 
 /// An interactive `openssl s_client` session: what it prints is kept.

@@ -233,3 +233,91 @@ fn routes_share_a_port_by_server_name_passed_through_or_terminated() {
         "{log}"
     );
 }
+
+/// GETs `path` from the admin endpoint; the body.
+fn admin_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_route_serves_its_renewed_certificate_and_counts_its_handshakes() {
+    let pki = Pki::new();
+    let (cert, key) = (pki.path("live.pem"), pki.path("live.key"));
+    let install = |from: &str| {
+        for (ext, to) in [("pem", &cert), ("key", &key)] {
+            let next = pki.path(&format!("next.{ext}"));
+            std::fs::copy(pki.path(&format!("{from}.{ext}")), &next).unwrap();
+            std::fs::rename(&next, to).unwrap();
+        }
+    };
+    install("server");
+    let backend = tests::echo_server();
+    let mut command = Command::new(binary("tunnel"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--target", &backend.to_string()])
+        .args(["--tls-cert", cert.to_str().unwrap()])
+        .args(["--tls-key", key.to_str().unwrap()])
+        .args(["--admin", "127.0.0.1:0"]);
+    let mut t = Running::start_reporting(command, "listen");
+    let admin = t.reported("", "admin");
+    let ca = pki.path("ca.pem");
+    assert!(tests::pki::served_subject(t.addr, &ca).contains("server.test"));
+    install("server2");
+    t.wait_line("TLS certificate re-read (the files changed)");
+    assert!(tests::pki::served_subject(t.addr, &ca).contains("server2.test"));
+    // A client that is not TLS at all: a protocol failure.
+    let got = plain_exchange(t.addr, "GET / HTTP/1.1\r\n\r\n", "HTTP");
+    assert!(!got.contains("HTTP/1.1 200"), "{got}");
+
+    let body = admin_get(admin, "/metrics");
+    let value = |series: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+    };
+    assert!(value("tunnel_tls_handshakes_total{route=\"default\"}") >= 2.0);
+    assert_eq!(
+        value("tunnel_tls_handshake_failures_total{route=\"default\",reason=\"protocol\"}"),
+        1.0
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let expiry = value("tunnel_tls_certificate_expiry_seconds{route=\"default\"}");
+    assert!(expiry > now + 20.0 * 86_400.0, "{expiry}");
+    let mut check = Command::new(tests::require("promtool"))
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}\n{body}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let (code, log) = t.stop();
+    assert_eq!(code, Some(0), "{log}");
+}

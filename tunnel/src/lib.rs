@@ -164,7 +164,8 @@ impl RouteHandler {
         connect::tune(&stream, keepalive);
         let target = match &self.tls.client {
             None => TargetSide::Plain(stream),
-            Some(connector) => {
+            Some(client) => {
+                let connector = client.connector();
                 let host = backend.target.host.clone();
                 let handshake = Box::pin(async {
                     tokio::select! {
@@ -565,6 +566,13 @@ impl Tunnel {
         if let Some(server) = &tls.server {
             tokio::spawn(
                 server
+                    .clone()
+                    .watch(route.name.clone(), stop.clone().cancelled_owned()),
+            );
+        }
+        if let Some(client) = &tls.client {
+            tokio::spawn(
+                client
                     .clone()
                     .watch(route.name.clone(), stop.clone().cancelled_owned()),
             );

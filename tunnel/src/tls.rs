@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::config::ConfigError;
 use common::serve::{Accepted, Handler, ServeOptions};
-use common::tls::client::Connector;
+use common::tls::client::ClientTls;
 use common::tls::hello::{read_client_hello, HelloError, Prefixed, UNRECOGNIZED_NAME_ALERT};
 use common::tls::{HandshakeStats, ServerTls, TlsError};
 use tokio::io::AsyncWriteExt;
@@ -29,7 +29,7 @@ pub struct RouteTls {
     /// The listening side's certificate, when the route terminates TLS.
     pub server: Option<Arc<ServerTls>>,
     /// The connector towards the targets, when the route originates TLS.
-    pub client: Option<Connector>,
+    pub client: Option<Arc<ClientTls>>,
 }
 
 impl RouteTls {
@@ -46,7 +46,9 @@ impl RouteTls {
             }
         };
         let client = match &route.target_tls {
-            Some(files) => Some(Connector::new(files).map_err(|e| e.prefixed("target_tls."))?),
+            Some(files) => Some(Arc::new(
+                ClientTls::load(files.clone()).map_err(|e| e.prefixed("target_tls."))?,
+            )),
             None => None,
         };
         Ok(RouteTls { server, client })

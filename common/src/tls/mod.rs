@@ -375,7 +375,7 @@ impl HandshakeStats {
 
 /// The modification stamp of a file, to see that it changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp(Option<(SystemTime, u64, u64)>);
+pub(crate) struct Stamp(Option<(SystemTime, u64, u64)>);
 
 impl Stamp {
     fn of(file: &Path) -> Stamp {
@@ -490,25 +490,15 @@ impl ServerTls {
         self.current.read().expect("tls lock").stamps != ServerTls::stamps_of(&self.files)
     }
 
-    /// Re-reads the files whenever they change (looked at every
-    /// [`WATCH_EVERY`]) until `stop`, logging each change under `what`
-    /// (the endpoint's name). A change that does not load is reported
-    /// once; the old configuration stays until the files change again.
+    /// Re-reads the files whenever they change, until `stop` (see
+    /// [`watch`]).
     pub async fn watch(self: Arc<Self>, what: String, stop: impl std::future::Future<Output = ()>) {
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                _ = &mut stop => return,
-                _ = tokio::time::sleep(WATCH_EVERY) => {}
-            }
-            if !self.changed() {
-                continue;
-            }
-            // A renewal writes the certificate and the key one after the
-            // other: give the second write a moment.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            self.reload_logged(&what, "the files changed");
-        }
+        watch(
+            || self.changed(),
+            |why| self.reload_logged(&what, why),
+            stop,
+        )
+        .await
     }
 
     /// [`ServerTls::reload`], with its outcome logged under `what`.
@@ -527,6 +517,36 @@ impl ServerTls {
             ),
         }
     }
+}
+
+/// Calls `reload` whenever `changed` says the files changed (looked at
+/// every [`WATCH_EVERY`]) until `stop`. A change that does not load is
+/// reported once by `reload`; the old configuration stays until the files
+/// change again.
+pub async fn watch(
+    changed: impl Fn() -> bool,
+    reload: impl Fn(&str),
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(WATCH_EVERY) => {}
+        }
+        if !changed() {
+            continue;
+        }
+        // A renewal writes the certificate and the key one after the
+        // other: give the second write a moment.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        reload("the files changed");
+    }
+}
+
+/// The stamps of `files`, to see later whether one changed.
+pub(crate) fn stamps(files: &[&PathBuf]) -> Vec<Stamp> {
+    files.iter().map(|f| Stamp::of(f)).collect()
 }
 
 /// Warns when the certificate in force expires within 14 days (said once
