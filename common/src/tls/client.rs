@@ -329,6 +329,74 @@ pub fn hint(e: &io::Error) -> Option<Hint> {
     }
 }
 
+/// A connector whose files are re-read when asked ([`ClientTls::reload`],
+/// on SIGHUP) and when they change ([`ClientTls::watch`]); a set that does
+/// not load is reported and the connector in force stays. Connections
+/// made before keep the configuration they were made with.
+pub struct ClientTls {
+    files: ClientFiles,
+    current: std::sync::RwLock<(Connector, Vec<super::Stamp>)>,
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Reads `files` (see [`Connector::new`]).
+    pub fn load(files: ClientFiles) -> Result<ClientTls, TlsError> {
+        let stamps = ClientTls::stamps_of(&files);
+        let connector = Connector::new(&files)?;
+        Ok(ClientTls {
+            files,
+            current: std::sync::RwLock::new((connector, stamps)),
+        })
+    }
+
+    fn stamps_of(files: &ClientFiles) -> Vec<super::Stamp> {
+        let all: Vec<&PathBuf> = [&files.ca, &files.cert, &files.key]
+            .into_iter()
+            .flatten()
+            .collect();
+        super::stamps(&all)
+    }
+
+    /// The connector new connections use.
+    pub fn connector(&self) -> Connector {
+        self.current.read().expect("tls lock").0.clone()
+    }
+
+    /// Reads the files again; on failure the connector in force stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let stamps = ClientTls::stamps_of(&self.files);
+        let loaded = Connector::new(&self.files);
+        let mut current = self.current.write().expect("tls lock");
+        current.1 = stamps;
+        current.0 = loaded?;
+        Ok(())
+    }
+
+    /// Re-reads the files whenever they change, until `stop`, logging
+    /// each change under `what`.
+    pub async fn watch(self: Arc<Self>, what: String, stop: impl std::future::Future<Output = ()>) {
+        let changed =
+            || self.current.read().expect("tls lock").1 != ClientTls::stamps_of(&self.files);
+        let reload = |why: &str| match self.reload() {
+            Ok(()) => {
+                tracing::info!(endpoint = %what, "TLS client files re-read ({why}); new connections use them")
+            }
+            Err(e) => {
+                tracing::error!(endpoint = %what, error = %e, "TLS client files not re-read ({why}); the ones in force stay")
+            }
+        };
+        super::watch(changed, reload, stop).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,73 +746,5 @@ mod tests {
         ));
         assert!(server_name("a b").is_none());
         assert!(server_name("").is_none());
-    }
-}
-
-/// A connector whose files are re-read when asked ([`ClientTls::reload`],
-/// on SIGHUP) and when they change ([`ClientTls::watch`]); a set that does
-/// not load is reported and the connector in force stays. Connections
-/// made before keep the configuration they were made with.
-pub struct ClientTls {
-    files: ClientFiles,
-    current: std::sync::RwLock<(Connector, Vec<super::Stamp>)>,
-}
-
-impl fmt::Debug for ClientTls {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientTls")
-            .field("files", &self.files)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ClientTls {
-    /// Reads `files` (see [`Connector::new`]).
-    pub fn load(files: ClientFiles) -> Result<ClientTls, TlsError> {
-        let stamps = ClientTls::stamps_of(&files);
-        let connector = Connector::new(&files)?;
-        Ok(ClientTls {
-            files,
-            current: std::sync::RwLock::new((connector, stamps)),
-        })
-    }
-
-    fn stamps_of(files: &ClientFiles) -> Vec<super::Stamp> {
-        let all: Vec<&PathBuf> = [&files.ca, &files.cert, &files.key]
-            .into_iter()
-            .flatten()
-            .collect();
-        super::stamps(&all)
-    }
-
-    /// The connector new connections use.
-    pub fn connector(&self) -> Connector {
-        self.current.read().expect("tls lock").0.clone()
-    }
-
-    /// Reads the files again; on failure the connector in force stays.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        let stamps = ClientTls::stamps_of(&self.files);
-        let loaded = Connector::new(&self.files);
-        let mut current = self.current.write().expect("tls lock");
-        current.1 = stamps;
-        current.0 = loaded?;
-        Ok(())
-    }
-
-    /// Re-reads the files whenever they change, until `stop`, logging
-    /// each change under `what`.
-    pub async fn watch(self: Arc<Self>, what: String, stop: impl std::future::Future<Output = ()>) {
-        let changed =
-            || self.current.read().expect("tls lock").1 != ClientTls::stamps_of(&self.files);
-        let reload = |why: &str| match self.reload() {
-            Ok(()) => {
-                tracing::info!(endpoint = %what, "TLS client files re-read ({why}); new connections use them")
-            }
-            Err(e) => {
-                tracing::error!(endpoint = %what, error = %e, "TLS client files not re-read ({why}); the ones in force stay")
-            }
-        };
-        super::watch(changed, reload, stop).await
     }
 }
