@@ -11,7 +11,7 @@ pub mod netns;
 pub mod pki;
 pub mod postgres;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Stdio};
@@ -466,4 +466,29 @@ pub fn require(program: &str) -> PathBuf {
     found.unwrap_or_else(|| {
         panic!("{program} is not installed; the test script installs it (see README: running the tests)")
     })
+}
+
+/// Checks a Prometheus text exposition with the real `promtool check
+/// metrics`; fails the test with promtool's words and the exposition.
+pub fn promtool_check(body: &str) {
+    let mut check = Command::new(require("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics failed:\n{}{}\n{body}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
 }

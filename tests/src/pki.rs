@@ -138,6 +138,24 @@ impl Pki {
         self.dir.path().join(file)
     }
 
+    /// `openssl s_client`'s arguments to present `NAME.pem` and its key.
+    pub fn presenting(&self, name: &str) -> Vec<String> {
+        vec![
+            "-cert".to_string(),
+            self.arg(&format!("{name}.pem")),
+            "-key".to_string(),
+            self.arg(&format!("{name}.key")),
+        ]
+    }
+
+    /// Copies `files` of the authority into `dir` (made if missing).
+    pub fn copy_to(&self, dir: &Path, files: &[&str]) {
+        std::fs::create_dir_all(dir).unwrap();
+        for file in files {
+            std::fs::copy(self.path(file), dir.join(file)).unwrap();
+        }
+    }
+
     /// [`Pki::path`] as a command-line argument.
     pub fn arg(&self, file: &str) -> String {
         self.path(file).to_str().unwrap().to_string()

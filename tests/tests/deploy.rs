@@ -1156,67 +1156,20 @@ fn names_kubernetes_cannot_take_are_refused() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// Makes, with the real openssl, a CA (`ca.pem`) and a server
-/// (`server.pem`, `server.key`, for server.test) and a client
-/// (`client.pem`, `client.key`) certificate it signed, in `dir`.
+/// A CA (`ca.pem`) and a server (`server.pem`, `server.key`, for
+/// server.test) and a client (`client.pem`, `client.key`) certificate it
+/// signed, made with the real openssl, in `dir`.
 fn make_certificates(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let openssl = |args: &[&str]| {
-        let out = Command::new(require("openssl"))
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=ca",
-    ]);
-    openssl(&ca);
-    for name in ["server", "client"] {
-        let (key, csr, pem, ext) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
-        let subject = format!("/CN={name}.test");
-        let mut req = vec!["req"];
-        req.extend(ec);
-        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subject]);
-        openssl(&req);
-        std::fs::write(dir.join(&ext), format!("subjectAltName=DNS:{name}.test\n")).unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
+    tests::pki::Pki::new().copy_to(
+        dir,
+        &[
             "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-        ]);
-    }
+            "server.pem",
+            "server.key",
+            "client.pem",
+            "client.key",
+        ],
+    );
 }
 
 /// A square-server role serving mutual TLS: from files beside the

@@ -94,23 +94,13 @@ fn mutual_tls_lets_in_only_clients_of_the_ca() {
         &echo,
         "9\r\n",
         "Goodbye",
-        &[
-            "-cert",
-            &pki.arg("client.pem"),
-            "-key",
-            &pki.arg("client.key"),
-        ],
+        &pki.presenting("client")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
     );
     assert!(ok && text.contains("Welcome"), "{text}");
-    for extra in [
-        vec![],
-        vec![
-            "-cert".to_string(),
-            pki.arg("stranger.pem"),
-            "-key".to_string(),
-            pki.arg("stranger.key"),
-        ],
-    ] {
+    for extra in [vec![], pki.presenting("stranger")] {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let (_, text) = s_client(&pki, &echo, "9\r\n", "Goodbye", &extra);
         assert!(!text.contains("Welcome"), "{extra:?} got in: {text}");
@@ -186,14 +176,7 @@ fn client_names_and_expired_certificates_are_refused_with_the_reason() {
             "*.example.org,client.test",
         ],
     );
-    let with = |name: &str| {
-        vec![
-            "-cert".to_string(),
-            pki.arg(&format!("{name}.pem")),
-            "-key".to_string(),
-            pki.arg(&format!("{name}.key")),
-        ]
-    };
+    let with = |name: &str| pki.presenting(name);
     let args = with("client");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (ok, text) = s_client(&pki, &echo, "9\r\n", "Goodbye", &args);

@@ -357,7 +357,6 @@ fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 
 #[test]
 fn metrics_pass_promtool_and_count_what_happened() {
-    let promtool = tests::require("promtool");
     let live = echo_server();
     // A target that refuses: bound and dropped.
     let dead = TcpListener::bind("127.0.0.1:0")
@@ -410,26 +409,7 @@ fn metrics_pass_promtool_and_count_what_happened() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/plain; version=0.0.4"), "{head}");
 
-    let mut check = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    check
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let checked = check.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool check metrics failed:\n{}{}\n{body}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    tests::promtool_check(&body);
     let value = |series: &str| -> f64 {
         body.lines()
             .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))

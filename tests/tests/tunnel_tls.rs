@@ -66,13 +66,7 @@ fn the_tunnel_terminates_tls_with_mutual_tls_and_refusals_never_reach_the_target
         "client.test",
     ]);
     let ca = pki.path("ca.pem");
-    let me = [
-        "-cert",
-        &pki.arg("client.pem"),
-        "-key",
-        &pki.arg("client.key"),
-    ]
-    .map(String::from);
+    let me = pki.presenting("client");
     let me: Vec<&str> = me.iter().map(String::as_str).collect();
     let (ok, text) = s_client(
         gateway.addr,
@@ -85,12 +79,7 @@ fn the_tunnel_terminates_tls_with_mutual_tls_and_refusals_never_reach_the_target
     assert!(ok, "{text}");
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     for name in ["other", "stranger", "expired"] {
-        let args = [
-            "-cert".to_string(),
-            pki.arg(&format!("{name}.pem")),
-            "-key".to_string(),
-            pki.arg(&format!("{name}.key")),
-        ];
+        let args = pki.presenting(name);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (ok, text) = s_client(gateway.addr, &ca, "server.test", &args, "x\n", "x\n");
         assert!(!ok, "{name} got through: {text}");
@@ -298,26 +287,7 @@ fn a_route_serves_its_renewed_certificate_and_counts_its_handshakes() {
         .as_secs_f64();
     let expiry = value("tunnel_tls_certificate_expiry_seconds{route=\"default\"}");
     assert!(expiry > now + 20.0 * 86_400.0, "{expiry}");
-    let mut check = Command::new(tests::require("promtool"))
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    check
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let checked = check.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool: {}{}\n{body}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    tests::promtool_check(&body);
     let (code, log) = t.stop();
     assert_eq!(code, Some(0), "{log}");
 }
