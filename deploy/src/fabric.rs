@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use common::endpoint::{bind_error, bind_listener};
-use common::settings::{AccessList, ListenAddr, Period};
+use common::settings::{ListenAddr, Period};
 pub use common::signal::Shutdown;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
@@ -39,7 +39,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tunnel::access_log::AccessLog;
-use tunnel::settings::{HealthCheck, Keepalive, Policy};
+use tunnel::settings::{HealthCheck, Policy};
 use tunnel::{Route, Tunnel};
 
 use crate::definition::{Definition, Role, Visibility};
@@ -485,9 +485,6 @@ fn balancer_route(
     targets: Vec<tunnel::Target>,
 ) -> Route {
     Route {
-        name: format!("{}/{endpoint}", role.name),
-        listen: vec![listen],
-        targets,
         balance: Policy::RoundRobin,
         // Instances are local: check every second and act on the first
         // failure (a refused connect ejects at once, between checks too).
@@ -498,14 +495,10 @@ fn balancer_route(
             fall: 1,
         },
         checks: true,
-        access: vec![AccessList::default()],
         connect_timeout: Period::from_secs(2),
         idle_timeout: Period::from_secs(3600),
-        keepalive: Keepalive::Default,
         max_connections: 10_000,
-        tls: None,
-        target_tls: None,
-        sni: Vec::new(),
+        ..Route::new(&format!("{}/{endpoint}", role.name), vec![listen], targets)
     }
 }
 

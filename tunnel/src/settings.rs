@@ -425,6 +425,30 @@ pub struct Route {
 }
 
 impl Route {
+    /// A route from `listen` to `targets` with the global defaults for
+    /// everything else (as a configuration that says nothing more gets);
+    /// change fields with struct update syntax.
+    pub fn new(name: &str, listen: Vec<ListenAddr>, targets: Vec<Target>) -> Route {
+        let defaults = Settings::default();
+        let (health, checks) = defaults.health(None, targets.len());
+        Route {
+            name: name.to_string(),
+            listen,
+            targets,
+            balance: defaults.balance,
+            health,
+            checks,
+            access: vec![AccessList::default()],
+            connect_timeout: defaults.connect_timeout,
+            idle_timeout: defaults.idle_timeout,
+            keepalive: defaults.keepalive,
+            max_connections: defaults.max_connections,
+            tls: None,
+            target_tls: None,
+            sni: Vec::new(),
+        }
+    }
+
     /// Whether the route passes TLS through untouched: it is chosen by
     /// server name but holds no certificate of its own.
     pub fn passthrough(&self) -> bool {

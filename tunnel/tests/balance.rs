@@ -8,12 +8,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::settings::{AccessList, ListenAddr, Period};
+use common::settings::{ListenAddr, Period};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tunnel::access_log::AccessLog;
-use tunnel::settings::{HealthCheck, Keepalive, Policy};
+use tunnel::settings::{HealthCheck, Policy};
 use tunnel::{Route, Tunnel};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -98,23 +98,20 @@ async fn tunnel_over(
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let route = Route {
-        name: "pool".into(),
-        listen: vec![ListenAddr(addr)],
-        targets: targets
-            .iter()
-            .map(|t| t.to_string().parse().unwrap())
-            .collect(),
         balance: policy,
         health: checks.unwrap_or_default(),
         checks: checks.is_some(),
-        access: vec![AccessList::default()],
         connect_timeout: Period::from_secs(2),
         idle_timeout: Period::from_secs(60),
-        keepalive: Keepalive::Default,
         max_connections: 1000,
-        tls: None,
-        target_tls: None,
-        sni: Vec::new(),
+        ..Route::new(
+            "pool",
+            vec![ListenAddr(addr)],
+            targets
+                .iter()
+                .map(|t| t.to_string().parse().unwrap())
+                .collect(),
+        )
     };
     tunnel
         .apply(vec![route], HashMap::from([(ListenAddr(addr), listener)]))

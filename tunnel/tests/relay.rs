@@ -11,27 +11,20 @@ use common::settings::{AccessList, ListenAddr, Period};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tunnel::access_log::AccessLog;
-use tunnel::settings::{HealthCheck, Keepalive, Policy};
 use tunnel::{Route, Tunnel};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 fn route(name: &str, listen: SocketAddr, target: SocketAddr) -> Route {
     Route {
-        name: name.into(),
-        listen: vec![ListenAddr(listen)],
-        targets: vec![target.to_string().parse().unwrap()],
-        balance: Policy::RoundRobin,
-        health: HealthCheck::default(),
-        checks: false,
-        access: vec![AccessList::default()],
         connect_timeout: Period::from_secs(2),
         idle_timeout: Period::from_secs(60),
-        keepalive: Keepalive::Default,
         max_connections: 1000,
-        tls: None,
-        target_tls: None,
-        sni: Vec::new(),
+        ..Route::new(
+            name,
+            vec![ListenAddr(listen)],
+            vec![target.to_string().parse().unwrap()],
+        )
     }
 }
 

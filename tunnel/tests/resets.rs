@@ -10,12 +10,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::settings::{AccessList, ListenAddr, Period};
+use common::settings::{ListenAddr, Period};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tunnel::access_log::AccessLog;
-use tunnel::settings::{HealthCheck, Keepalive, Policy};
 use tunnel::{Route, Tunnel};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -33,20 +32,13 @@ async fn tunnel_to(target: SocketAddr) -> (Tunnel, SocketAddr, tempfile::NamedTe
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let route = Route {
-        name: "test".into(),
-        listen: vec![ListenAddr(addr)],
-        targets: vec![target.to_string().parse().unwrap()],
-        balance: Policy::RoundRobin,
-        health: HealthCheck::default(),
-        checks: false,
-        access: vec![AccessList::default()],
-        connect_timeout: Period::from_secs(5),
         idle_timeout: Period::from_secs(60),
-        keepalive: Keepalive::Default,
         max_connections: 100,
-        tls: None,
-        target_tls: None,
-        sni: Vec::new(),
+        ..Route::new(
+            "test",
+            vec![ListenAddr(addr)],
+            vec![target.to_string().parse().unwrap()],
+        )
     };
     tunnel
         .apply(vec![route], HashMap::from([(ListenAddr(addr), listener)]))
