@@ -123,6 +123,11 @@ pub struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
 
+    /// Balancers whose connections start with a PROXY protocol header naming the client (comma-separated networks)
+    #[arg(long, value_name = "CIDRS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub accept_proxy: Vec<String>,
+
     /// On SIGINT/SIGTERM, how long open connections may take to finish
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]

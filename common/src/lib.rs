@@ -10,6 +10,8 @@
 //!   per connection and graceful shutdown;
 //! - [`runtime`]: the tokio runtimes the programs and their threads run on;
 //! - [`yaml`]: YAML read into a tree that knows where every node is;
+//! - [`proxy`]: the PROXY protocol, read from balancers and written to
+//!   targets, so servers see their real clients;
 //! - [`tls`]: TLS configurations read from PEM files, every bad file named;
 //! - [`telemetry`], [`signal`], [`cli`]: logging, shutdown signals, and the
 //!   flags every program has.
@@ -17,6 +19,7 @@
 pub mod cli;
 pub mod config;
 pub mod endpoint;
+pub mod proxy;
 pub mod runtime;
 pub mod serve;
 pub mod settings;

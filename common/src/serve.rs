@@ -8,7 +8,17 @@
 //! retry instead of ending the server. Each connection runs in its own task
 //! inside a span with its id and peer (debug level; info events carry both
 //! as fields); the access list is checked right after
-//! accept. On shutdown the listener closes at once, handlers are told to
+//! accept.
+//!
+//! A listener with `accept_proxy` sources reads the PROXY protocol header
+//! those connections start with in the connection's own task (a slow
+//! sender never holds up the accept loop), within the header timeout, and
+//! checks the access list against the client the header names; what is
+//! not a header closes the connection with a log line before the service
+//! sees a byte. A connection from any other source that starts with a
+//! header is refused too (see [`crate::proxy::sends_header`]). Listeners
+//! without `accept_proxy` are served as before, the access list checked
+//! in the accept loop. On shutdown the listener closes at once, handlers are told to
 //! finish (`Accepted::draining`), and whatever is still running when the grace
 //! period ends is closed.
 
@@ -28,7 +38,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::settings::{AccessRules, ServeSettings};
+use crate::proxy::{Carried, HeaderError};
+use crate::settings::{AccessRules, CidrList, ServeSettings};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -42,10 +53,15 @@ pub fn next_connection_id() -> u64 {
 pub struct Accepted {
     /// Process-wide connection id, also in the log span.
     pub id: u64,
-    /// The client's address.
+    /// The client's address: the one its PROXY header named, when it came
+    /// through a balancer in `accept_proxy`.
     pub peer: SocketAddr,
-    /// The local address the client reached.
+    /// The local address the client reached (the one the header named,
+    /// when it came through a balancer).
     pub local: SocketAddr,
+    /// The balancer a PROXY header came from (the connection's own peer),
+    /// when the client came through one.
+    pub via: Option<SocketAddr>,
     /// Cancelled when the server begins shutting down: finish soon.
     pub draining: CancellationToken,
     /// Cancelled when the grace period is over: the connection is dropped
@@ -78,6 +94,26 @@ pub trait Handler<S = TcpStream>: Send + Sync + 'static {
     fn refused(&self, id: u64, peer: SocketAddr) {
         info!(conn = id, %peer, "refused by access list");
     }
+
+    /// Called for a client the access list refused once the PROXY header
+    /// from `via` named it, after the connection is dropped. The default
+    /// logs it.
+    fn refused_via(&self, id: u64, peer: SocketAddr, via: SocketAddr) {
+        info!(conn = id, %peer, %via, "refused by access list");
+    }
+
+    /// Called for a connection closed for its PROXY header (malformed,
+    /// incomplete, missing within the timeout, or sent by a source not in
+    /// `accept_proxy`), after it is dropped; `peer` is the connection's
+    /// own. The default logs it (at debug level when the client sent
+    /// nothing and went, as probes do).
+    fn header_refused(&self, id: u64, peer: SocketAddr, why: &HeaderError) {
+        if why.is_silent() {
+            debug!(conn = id, %peer, reason = %why, "closed before its PROXY header");
+        } else {
+            info!(conn = id, %peer, reason = %why, "refused: PROXY header");
+        }
+    }
 }
 
 /// How the accept loop runs.
@@ -92,6 +128,11 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// How long live connections may take to finish after shutdown begins.
     pub grace: Duration,
+    /// Sources whose connections start with a PROXY protocol header (none:
+    /// no header is read, or looked for).
+    pub accept_proxy: CidrList,
+    /// How long such a connection may take to send its header.
+    pub header_timeout: Duration,
 }
 
 impl From<&ServeSettings> for ServeOptions {
@@ -101,6 +142,8 @@ impl From<&ServeSettings> for ServeOptions {
             access: s.access().into(),
             idle_timeout: s.idle_timeout.0,
             grace: s.shutdown_grace.0,
+            accept_proxy: s.accept_proxy.clone(),
+            header_timeout: crate::tls::HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -211,6 +254,7 @@ pub async fn accept_until<H: Handler<TcpStream>>(
     stop: impl Future<Output = ()>,
 ) {
     let mut backoff = Duration::from_millis(5);
+    let gate = ProxyGate::new(options);
     tokio::pin!(stop);
     loop {
         let (stream, accepted_from) = tokio::select! {
@@ -241,7 +285,9 @@ pub async fn accept_until<H: Handler<TcpStream>>(
         // everything after this point (access lists, logs, handlers) sees
         // the IPv4 address it is.
         let peer = SocketAddr::new(accepted_from.ip().to_canonical(), accepted_from.port());
-        if !options.access.permits(peer.ip()) {
+        // A balancer's clients are checked once its header names them.
+        let trusted = gate.as_ref().is_some_and(|g| g.from.contains(peer.ip()));
+        if !trusted && !options.access.permits(peer.ip()) {
             drop(stream);
             handler.refused(id, peer);
             continue;
@@ -265,6 +311,7 @@ pub async fn accept_until<H: Handler<TcpStream>>(
             id,
             peer,
             local,
+            via: None,
             draining: connections.draining.clone(),
             closing: connections.closing.clone(),
             idle_timeout: options.idle_timeout,
@@ -272,43 +319,172 @@ pub async fn accept_until<H: Handler<TcpStream>>(
         // A debug-level span: at the default level an idle connection then
         // costs no span memory; events a handler logs at info name the
         // connection's id and peer themselves.
-        let span = tracing::debug_span!("conn", id, %peer);
+        let span = if trusted {
+            // The client is known once the header is read.
+            tracing::debug_span!("conn", id, peer = tracing::field::Empty, via = %peer)
+        } else {
+            tracing::debug_span!("conn", id, %peer)
+        };
         span.in_scope(|| debug!("accepted"));
-        let closing = connections.closing.clone().cancelled_owned();
-        let workers = &connections.workers.handles;
-        if workers.is_empty() {
-            let task = Connection {
-                handler: handler.clone().handle(stream, conn),
-                closing,
-                _permit: permit,
-                id,
-                peer,
-            };
-            connections.tracker.spawn(task.instrument(span));
-            continue;
-        }
-        let worker =
-            &workers[connections.workers.next.fetch_add(1, Ordering::Relaxed) % workers.len()];
-        // The socket moves to the worker's own event loop.
-        let Ok(stream) = stream.into_std() else {
-            continue;
-        };
         let handler = handler.clone();
-        let task = async move {
-            let Ok(stream) = TcpStream::from_std(stream) else {
-                return;
-            };
-            Connection {
-                handler: handler.handle(stream, conn),
-                closing,
-                _permit: permit,
-                id,
-                peer,
-            }
-            .await
+        let task = Task {
+            permit,
+            id,
+            peer,
+            span,
         };
-        connections.tracker.spawn_on(task.instrument(span), worker);
+        match &gate {
+            None => launch(connections, stream, task, move |s| handler.handle(s, conn)),
+            Some(gate) => {
+                let gate = gate.clone();
+                launch(connections, stream, task, move |s| {
+                    gated(handler, s, conn, gate, trusted)
+                })
+            }
+        }
     }
+}
+
+/// What the accept loop hands a connection's task besides its stream.
+struct Task {
+    permit: CapPermit,
+    id: u64,
+    peer: SocketAddr,
+    span: tracing::Span,
+}
+
+/// Runs the future `serve` makes of `stream` as a connection of
+/// `connections`: on the accept loop's runtime, or moved to the next
+/// worker's.
+fn launch<F, Fut>(connections: &LiveConnections, stream: TcpStream, task: Task, serve: F)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let Task {
+        permit,
+        id,
+        peer,
+        span,
+    } = task;
+    let closing = connections.closing.clone().cancelled_owned();
+    let workers = &connections.workers.handles;
+    if workers.is_empty() {
+        let task = Connection {
+            handler: serve(stream),
+            closing,
+            _permit: permit,
+            id,
+            peer,
+        };
+        connections.tracker.spawn(task.instrument(span));
+        return;
+    }
+    let worker = &workers[connections.workers.next.fetch_add(1, Ordering::Relaxed) % workers.len()];
+    // The socket moves to the worker's own event loop.
+    let Ok(stream) = stream.into_std() else {
+        return;
+    };
+    let task = async move {
+        let Ok(stream) = TcpStream::from_std(stream) else {
+            return;
+        };
+        Connection {
+            handler: serve(stream),
+            closing,
+            _permit: permit,
+            id,
+            peer,
+        }
+        .await
+    };
+    connections.tracker.spawn_on(task.instrument(span), worker);
+}
+
+/// What a listener with `accept_proxy` sources needs in each connection's
+/// task, shared by all of them.
+#[derive(Debug)]
+struct ProxyGate {
+    from: CidrList,
+    access: AccessRules,
+    timeout: Duration,
+}
+
+impl ProxyGate {
+    fn new(options: &ServeOptions) -> Option<Arc<ProxyGate>> {
+        (!options.accept_proxy.0.is_empty()).then(|| {
+            Arc::new(ProxyGate {
+                from: options.accept_proxy.clone(),
+                access: options.access.clone(),
+                timeout: options.header_timeout,
+            })
+        })
+    }
+}
+
+/// Serves a connection of a listener with `accept_proxy` sources: from a
+/// `trusted` one, reads its header and checks the client it names; from
+/// any other, refuses a header. Then the handler has it, or nothing does.
+async fn gated<H: Handler<TcpStream>>(
+    handler: Arc<H>,
+    stream: TcpStream,
+    mut conn: Accepted,
+    gate: Arc<ProxyGate>,
+    trusted: bool,
+) -> anyhow::Result<()> {
+    let hop = conn.peer;
+    if trusted {
+        let read = tokio::select! {
+            biased;
+            read = crate::proxy::read_header(&stream, gate.timeout) => read,
+            _ = conn.draining.cancelled() => return Ok(()),
+        };
+        let client = match read {
+            Ok(Carried::Tcp {
+                source,
+                destination,
+            }) => {
+                conn.peer = source;
+                conn.local = destination;
+                conn.via = Some(hop);
+                source
+            }
+            // The balancer's own connection (a health check).
+            Ok(Carried::Local) => hop,
+            Err(why) => {
+                drop(stream);
+                handler.header_refused(conn.id, hop, &why);
+                return Ok(());
+            }
+        };
+        tracing::Span::current().record("peer", tracing::field::display(client));
+        if !gate.access.permits(client.ip()) {
+            drop(stream);
+            match conn.via {
+                Some(via) => handler.refused_via(conn.id, client, via),
+                None => handler.refused(conn.id, client),
+            }
+            return Ok(());
+        }
+        debug!(peer = %conn.peer, via = ?conn.via, "PROXY header read");
+    } else {
+        let watched = tokio::select! {
+            biased;
+            seen = crate::proxy::sends_header(&stream, crate::proxy::UNTRUSTED_WATCH) => seen,
+            _ = conn.draining.cancelled() => return Ok(()),
+        };
+        match watched {
+            Ok(false) => {}
+            Ok(true) => {
+                drop(stream);
+                handler.header_refused(conn.id, hop, &HeaderError::Untrusted);
+                return Ok(());
+            }
+            // The client reset the connection before its first byte.
+            Err(_) => return Ok(()),
+        }
+    }
+    handler.handle(stream, conn).await
 }
 
 pin_project_lite::pin_project! {

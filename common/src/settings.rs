@@ -253,6 +253,7 @@ text_serde!(
     crate::tls::names::NamePattern: "a name: client.example.com, *.example.com or a URI",
     ListenAddr: "a listen address IP:PORT",
     HostPort: "HOST:PORT",
+    crate::proxy::Version: "a PROXY protocol version, v1 or v2",
 );
 
 /// How a program serves connections: the part of every program's settings
@@ -267,6 +268,11 @@ pub struct ServeSettings {
     pub allow: CidrList,
     /// Client networks refused.
     pub deny: CidrList,
+    /// Balancers trusted to send a PROXY protocol header (v1 or v2): a
+    /// connection from these networks must start with one, and the client
+    /// it names is the client for access lists and logs. From anywhere
+    /// else a header is refused.
+    pub accept_proxy: CidrList,
     /// A connection with no traffic for this long is closed.
     #[serde(deserialize_with = "nonzero_duration")]
     pub idle_timeout: Period,
@@ -291,6 +297,7 @@ impl Default for ServeSettings {
             max_connections: 10_000,
             allow: CidrList::default(),
             deny: CidrList::default(),
+            accept_proxy: CidrList::default(),
             idle_timeout: Period::from_secs(300),
             shutdown_grace: Period::from_secs(10),
             tls_cert: None,

@@ -33,6 +33,10 @@ pub enum End {
     /// No route of an address shared by server name took the client:
     /// `no route for the server name`.
     NoRoute,
+    /// The connection's PROXY protocol header was malformed, incomplete,
+    /// missing, or sent by a source not in `accept_proxy`: `PROXY header
+    /// refused`.
+    ProxyHeader,
     /// Relayed to a target, and ended so (`closed by client`, `idle
     /// timeout`, ...).
     Relayed(relay::End),
@@ -46,6 +50,7 @@ impl End {
             End::Unreachable => "target unreachable",
             End::Handshake => "TLS handshake failed",
             End::NoRoute => "no route for the server name",
+            End::ProxyHeader => "PROXY header refused",
             End::Relayed(end) => end.as_str(),
         }
     }
@@ -62,8 +67,12 @@ impl fmt::Display for End {
 pub struct Entry<'a> {
     /// The route's name.
     pub route: &'a str,
-    /// The client's address.
+    /// The client's address (the one a PROXY header named, when it came
+    /// through a balancer).
     pub client: SocketAddr,
+    /// The balancer the client came through, when a PROXY header named
+    /// it.
+    pub via: Option<SocketAddr>,
     /// The target as connected (an address), or as configured when no
     /// connection was made.
     pub target: String,
@@ -82,8 +91,9 @@ pub struct Entry<'a> {
 impl Entry<'_> {
     /// The entry as one line, without the time stamp.
     pub fn line(&self) -> String {
+        let via = self.via.map(|v| format!(" via={v}")).unwrap_or_default();
         let mut line = format!(
-            "route={} client={} target={} sent={} received={} duration={:.3}s end=\"{}\"",
+            "route={} client={}{via} target={} sent={} received={} duration={:.3}s end=\"{}\"",
             self.route,
             self.client,
             self.target,
@@ -144,6 +154,7 @@ impl AccessLog {
             target: "access",
             route = entry.route,
             client = %entry.client,
+            via = entry.via.map(tracing::field::display),
             target_addr = %entry.target,
             sent = entry.sent,
             received = entry.received,
@@ -172,6 +183,7 @@ mod tests {
         let mut entry = Entry {
             route: "postgres",
             client: "10.1.2.3:50122".parse().unwrap(),
+            via: None,
             target: "10.0.0.5:5432".into(),
             sent: 1834,
             received: 92810,
@@ -189,5 +201,10 @@ mod tests {
             "end=\"target unreachable\" detail=\"10.0.0.5:5432: connection 'refused'\""
         ));
         assert_eq!(End::Refused.to_string(), "refused by access list");
+        // A client named by a balancer's PROXY header: both are recorded.
+        entry.via = Some("10.0.0.9:40000".parse().unwrap());
+        assert!(entry
+            .line()
+            .starts_with("route=postgres client=10.1.2.3:50122 via=10.0.0.9:40000 target="));
     }
 }

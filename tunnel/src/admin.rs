@@ -59,6 +59,8 @@ impl Admin {
             }),
             idle_timeout: REQUEST_TIMEOUT,
             grace: Duration::from_secs(1),
+            accept_proxy: Default::default(),
+            header_timeout: REQUEST_TIMEOUT,
         }
     }
 }

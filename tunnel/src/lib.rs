@@ -90,12 +90,34 @@ impl RouteHandler {
         self.log.record(&Entry {
             route: &self.route.name,
             client: conn.peer,
+            via: conn.via,
             target: self.targets(),
             sent: 0,
             received: 0,
             duration: started.elapsed(),
             end,
             detail: Some(why),
+        });
+    }
+
+    /// Records a client refused before it reached a target.
+    fn refusal(
+        &self,
+        client: std::net::SocketAddr,
+        via: Option<std::net::SocketAddr>,
+        end: End,
+        detail: Option<String>,
+    ) {
+        self.log.record(&Entry {
+            route: &self.route.name,
+            client,
+            via,
+            target: self.targets(),
+            sent: 0,
+            received: 0,
+            duration: Duration::ZERO,
+            end,
+            detail,
         });
     }
 
@@ -157,11 +179,30 @@ impl RouteHandler {
             }
         };
         let balance::TargetConnection {
-            stream,
+            mut stream,
             addr,
             backend,
         } = connected;
         connect::tune(&stream, keepalive);
+        if let Some(version) = route.send_proxy {
+            // Before any other byte, TLS included: the client as this
+            // route saw it, and the address it reached.
+            let header = common::proxy::header(version, conn.peer, conn.local);
+            let written =
+                tokio::time::timeout(route.connect_timeout.0, stream.write_all(&header)).await;
+            let failed = match written {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("not taken within {:?}", route.connect_timeout.0)),
+            };
+            if let Some(why) = failed {
+                self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+                let why = format!("{addr}: writing the PROXY header: {why}");
+                tracing::warn!(route = %route.name, target = %addr, error = %why, "the target did not take the PROXY header");
+                self.unreachable(&conn, started, End::Unreachable, why);
+                return Ok(());
+            }
+        }
         let target = match &self.tls.client {
             None => TargetSide::Plain(stream),
             Some(client) => {
@@ -233,6 +274,7 @@ impl RouteHandler {
         self.log.record(&Entry {
             route: &route.name,
             client: conn.peer,
+            via: conn.via,
             target: addr.to_string(),
             sent: outcome.sent,
             received: outcome.received,
@@ -282,16 +324,27 @@ impl Handler for RouteHandler {
 
     fn refused(&self, _id: u64, peer: std::net::SocketAddr) {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
-        self.log.record(&Entry {
-            route: &self.route.name,
-            client: peer,
-            target: self.targets(),
-            sent: 0,
-            received: 0,
-            duration: Duration::ZERO,
-            end: End::Refused,
-            detail: None,
-        });
+        self.refusal(peer, None, End::Refused, None);
+    }
+
+    fn refused_via(&self, _id: u64, peer: std::net::SocketAddr, via: std::net::SocketAddr) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        self.refusal(peer, Some(via), End::Refused, None);
+    }
+
+    fn header_refused(
+        &self,
+        _id: u64,
+        peer: std::net::SocketAddr,
+        why: &common::proxy::HeaderError,
+    ) {
+        if why.is_silent() {
+            // A probe or health check that connected and went.
+            tracing::debug!(target: "access", route = %self.route.name, client = %peer, "connection closed before its PROXY header");
+            return;
+        }
+        self.stats.proxy_refused.fetch_add(1, Ordering::Relaxed);
+        self.refusal(peer, None, End::ProxyHeader, Some(why.to_string()));
     }
 }
 
@@ -551,6 +604,8 @@ impl Tunnel {
             access: AccessRules(route.access.clone()),
             idle_timeout: route.idle_timeout.0,
             grace: Duration::ZERO,
+            accept_proxy: route.accept_proxy.clone(),
+            header_timeout: route.connect_timeout.0,
         };
         let stats = self.metrics.route(&route.name);
         let balancer = balancer.unwrap_or_else(|| {
@@ -657,6 +712,21 @@ impl Tunnel {
                 access: AccessRules(Vec::new()),
                 idle_timeout: tls::HELLO_TIMEOUT,
                 grace: Duration::ZERO,
+                // The header comes before the hello that picks the route:
+                // every route's balancers are trusted on the address, and
+                // each route's access list is checked against the client
+                // the header named.
+                accept_proxy: common::settings::List(
+                    routes
+                        .iter()
+                        .flat_map(|r| r.handler.route.accept_proxy.0.iter().copied())
+                        .collect(),
+                ),
+                header_timeout: routes
+                    .iter()
+                    .map(|r| r.handler.route.connect_timeout.0)
+                    .max()
+                    .unwrap_or(tls::HELLO_TIMEOUT),
             };
             let router = Arc::new(tls::SniRouter {
                 listen,

@@ -66,6 +66,11 @@ struct Args {
     #[serde(skip_serializing_if = "Option::is_none")]
     connect_timeout: Option<String>,
 
+    /// Write a PROXY protocol header (v1 text or v2 binary) with the client's address to the target first
+    #[arg(long, value_name = "VERSION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    send_proxy: Option<String>,
+
     /// Speak TLS to the target (implied by the other --target-* TLS flags)
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]

@@ -33,6 +33,9 @@ pub struct RouteStats {
     pub refused: AtomicU64,
     /// Clients closed because no target could be reached.
     pub unavailable: AtomicU64,
+    /// Connections closed for their PROXY protocol header: malformed,
+    /// incomplete, missing, or from a source not in `accept_proxy`.
+    pub proxy_refused: AtomicU64,
     /// TLS handshakes of the listening side, and the expiry of its
     /// certificate, when the route terminates TLS (kept across reloads
     /// like every counter).
@@ -217,7 +220,7 @@ impl<S> Family<S> {
     }
 }
 
-const ROUTE_FAMILIES: [Family<RouteStats>; 2] = [
+const ROUTE_FAMILIES: [Family<RouteStats>; 3] = [
     Family {
         name: "tunnel_connections_refused_total",
         kind: "counter",
@@ -229,6 +232,12 @@ const ROUTE_FAMILIES: [Family<RouteStats>; 2] = [
         kind: "counter",
         help: "Clients closed because no target could be reached.",
         value: |s| s.unavailable.load(Ordering::Relaxed),
+    },
+    Family {
+        name: "tunnel_proxy_headers_refused_total",
+        kind: "counter",
+        help: "Connections closed for their PROXY protocol header: malformed, incomplete, missing, or from a source not in accept_proxy.",
+        value: |s| s.proxy_refused.load(Ordering::Relaxed),
     },
 ];
 

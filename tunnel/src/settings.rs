@@ -14,9 +14,10 @@ use std::fmt;
 use std::path::PathBuf;
 
 use common::config::ConfigError;
+use common::proxy::Version as ProxyVersion;
 use common::settings::{
     at_least_one, at_least_one_opt, nonzero_duration, nonzero_duration_opt, AccessList,
-    AddressList, List, ListenAddr, LogSettings, Period,
+    AddressList, CidrList, List, ListenAddr, LogSettings, Period,
 };
 
 use serde::de::{self, Deserializer, Visitor};
@@ -263,6 +264,12 @@ pub struct RouteSettings {
     /// its listen addresses; without `tls`, the route passes TLS through
     /// untouched.
     pub sni: List<SniName>,
+    /// Balancers whose connections start with a PROXY protocol header
+    /// naming the client, on top of the global `accept_proxy`.
+    pub accept_proxy: CidrList,
+    /// Write a PROXY protocol header (`v1` or `v2`) with the client's
+    /// address to the target before any other byte.
+    pub send_proxy: Option<ProxyVersion>,
 }
 
 /// The tunnel's settings.
@@ -284,6 +291,12 @@ pub struct Settings {
     pub allow: AddressList,
     /// Clients refused on every route.
     pub deny: AddressList,
+    /// Balancers trusted on every route to send a PROXY protocol header
+    /// naming the client (a route's own `accept_proxy` adds to these).
+    pub accept_proxy: CidrList,
+    /// Quick form: write a PROXY protocol header (`v1` or `v2`) to the
+    /// target before any other byte.
+    pub send_proxy: Option<ProxyVersion>,
     /// Default connect timeout.
     #[serde(deserialize_with = "nonzero_duration")]
     pub connect_timeout: Period,
@@ -358,6 +371,8 @@ impl Default for Settings {
             routes: Vec::new(),
             allow: AddressList::default(),
             deny: AddressList::default(),
+            accept_proxy: CidrList::default(),
+            send_proxy: None,
             connect_timeout: Period::from_secs(5),
             idle_timeout: Period::from_secs(3600),
             keepalive: Keepalive::Default,
@@ -422,6 +437,11 @@ pub struct Route {
     /// that choose this route among the routes sharing its listen
     /// addresses. Empty: the route has its addresses to itself.
     pub sni: Vec<String>,
+    /// Sources whose connections start with a PROXY protocol header
+    /// naming the client (the global list and the route's own).
+    pub accept_proxy: CidrList,
+    /// The PROXY protocol header written to the target first, if any.
+    pub send_proxy: Option<ProxyVersion>,
 }
 
 impl Route {
@@ -446,6 +466,8 @@ impl Route {
             tls: None,
             target_tls: None,
             sni: Vec::new(),
+            accept_proxy: CidrList::default(),
+            send_proxy: None,
         }
     }
 
@@ -605,6 +627,8 @@ impl Settings {
                     tls,
                     target_tls,
                     sni: Vec::new(),
+                    accept_proxy: self.accept_proxy.clone(),
+                    send_proxy: self.send_proxy,
                 });
                 prefixes.push(String::new());
             }
@@ -614,6 +638,12 @@ impl Settings {
                     "target",
                     "both a quick-form target and routes are given; put the target in a route"
                         .into(),
+                ));
+            }
+            if self.send_proxy.is_some() {
+                errors.push(problem(
+                    "send_proxy",
+                    "is a setting of the quick form's route, and routes are configured; give each route its own send_proxy".into(),
                 ));
             }
             for key in self.quick_tls_given() {
@@ -711,6 +741,15 @@ impl Settings {
                     tls,
                     target_tls,
                     sni,
+                    accept_proxy: List(
+                        self.accept_proxy
+                            .0
+                            .iter()
+                            .chain(r.accept_proxy.0.iter())
+                            .copied()
+                            .collect(),
+                    ),
+                    send_proxy: r.send_proxy,
                 });
                 prefixes.push(key(""));
             }
@@ -843,7 +882,7 @@ impl common::config::ProgramSettings for Settings {
         match key {
             "listen" | "target" | "host" | "port" | "tls_cert" | "tls_key" | "tls_client_ca"
             | "tls_client_names" | "target_tls" | "target_ca" | "target_server_name"
-            | "target_cert" | "target_key" => !self.routes.is_empty(),
+            | "target_cert" | "target_key" | "send_proxy" => !self.routes.is_empty(),
             "routes" => self.routes.is_empty(),
             _ => false,
         }

@@ -138,6 +138,7 @@ impl SniRouter {
         self.log.record(&Entry {
             route: &self.listen,
             client: conn.peer,
+            via: conn.via,
             target: "-".into(),
             sent: 0,
             received: 0,
@@ -188,7 +189,10 @@ impl Handler for SniRouter {
         };
         if !route.options.access.permits(conn.peer.ip()) {
             drop(client);
-            route.handler.refused(conn.id, conn.peer);
+            match conn.via {
+                Some(via) => route.handler.refused_via(conn.id, conn.peer, via),
+                None => route.handler.refused(conn.id, conn.peer),
+            }
             return Ok(());
         }
         // The route's own cap: wait for a place, as its own accept loop
@@ -212,4 +216,27 @@ impl Handler for SniRouter {
     }
 
     fn refused(&self, _id: u64, _peer: std::net::SocketAddr) {}
+
+    fn header_refused(
+        &self,
+        _id: u64,
+        peer: std::net::SocketAddr,
+        why: &common::proxy::HeaderError,
+    ) {
+        if why.is_silent() {
+            return;
+        }
+        self.metrics.sni_refused(&self.listen, "proxy_header");
+        self.log.record(&Entry {
+            route: &self.listen,
+            client: peer,
+            via: None,
+            target: "-".into(),
+            sent: 0,
+            received: 0,
+            duration: Duration::ZERO,
+            end: End::ProxyHeader,
+            detail: Some(why.to_string()),
+        });
+    }
 }

@@ -631,6 +631,14 @@ impl<H: Handler<TlsStream<TcpStream>>> Handler<TcpStream> for Tls<H> {
     fn refused(&self, id: u64, peer: SocketAddr) {
         self.service.refused(id, peer);
     }
+
+    fn refused_via(&self, id: u64, peer: SocketAddr, via: SocketAddr) {
+        self.service.refused_via(id, peer, via);
+    }
+
+    fn header_refused(&self, id: u64, peer: SocketAddr, why: &crate::proxy::HeaderError) {
+        self.service.header_refused(id, peer, why);
+    }
 }
 
 /// Serves `listener` with `service` until `shutdown`, over TLS with `tls`
