@@ -152,9 +152,15 @@ impl AccessLog {
             detail = entry.detail.as_deref(),
             "connection"
         );
+        self.append(&entry.line());
+    }
+
+    /// Appends `line` (without its time stamp) to the file, if there is
+    /// one: for lines of another shape, such as a UDP session's.
+    pub fn append(&self, line: &str) {
         if let Some((file, _)) = &self.file {
             let stamp = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.3fZ");
-            let line = format!("{stamp} {}\n", entry.line());
+            let line = format!("{stamp} {line}\n");
             // One write is one queued line, whole; the writer thread
             // appends it.
             let _ = file.clone().write_all(line.as_bytes());

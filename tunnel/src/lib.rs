@@ -22,6 +22,7 @@ pub mod relay;
 pub mod rinetd;
 pub mod settings;
 pub mod tls;
+pub mod udp;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,7 +47,7 @@ use crate::access_log::{AccessLog, End, Entry};
 use crate::balance::Balancer;
 use crate::metrics::{Metrics, RouteStats};
 use crate::ready::{Probe, Readiness, RouteState, Source, Watched};
-pub use crate::settings::{overlaps, Route, Settings, Target};
+pub use crate::settings::{overlaps, Protocol, Route, Settings, Target};
 
 /// Serves one route's connections: terminate TLS if the route does,
 /// connect to a target (over TLS if the route originates it), relay, log.
@@ -348,6 +349,8 @@ pub struct Tunnel {
     connections: LiveConnections,
     log: Arc<AccessLog>,
     metrics: Arc<Metrics>,
+    /// The routes with `protocol: udp`; locked after `running`.
+    udp: Mutex<udp::UdpRoutes>,
 }
 
 /// Why a new set of routes could not be applied; the old set still runs.
@@ -386,6 +389,7 @@ impl Tunnel {
             connections,
             log: Arc::new(log),
             metrics: Arc::new(Metrics::default()),
+            udp: Mutex::new(udp::UdpRoutes::default()),
         }
     }
 
@@ -416,8 +420,23 @@ impl Tunnel {
     pub async fn apply(
         &self,
         routes: Vec<Route>,
-        mut bound: HashMap<ListenAddr, TcpListener>,
+        bound: HashMap<ListenAddr, TcpListener>,
     ) -> Result<(), ApplyError> {
+        self.apply_sockets(routes, bound, HashMap::new()).await
+    }
+
+    /// [`Tunnel::apply`], with UDP sockets bound already too (`udp`, by
+    /// the address a UDP route names). UDP routes keep the sockets of
+    /// their addresses, and the sessions on them, across the change.
+    pub async fn apply_sockets(
+        &self,
+        routes: Vec<Route>,
+        mut bound: HashMap<ListenAddr, TcpListener>,
+        mut bound_udp: HashMap<ListenAddr, tokio::net::UdpSocket>,
+    ) -> Result<(), ApplyError> {
+        let (udp_routes, routes): (Vec<Route>, Vec<Route>) = routes
+            .into_iter()
+            .partition(|r| r.protocol == Protocol::Udp);
         let mut running = self.running.lock().await;
         let mut held: HashMap<ListenAddr, Arc<TcpListener>> = running
             .iter()
@@ -461,6 +480,8 @@ impl Tunnel {
             }
             planned.push((route, listeners, tls));
         }
+        let mut udp = self.udp.lock().await;
+        let udp_plan = udp.plan(udp_routes, &mut bound_udp, &mut errors);
         if !errors.is_empty() {
             return Err(ApplyError(errors));
         }
@@ -502,7 +523,7 @@ impl Tunnel {
                 );
             }
         }
-        let configured: Vec<(String, Vec<String>)> = planned
+        let mut configured: Vec<(String, Vec<String>)> = planned
             .iter()
             .map(|(r, _, _)| {
                 (
@@ -511,6 +532,7 @@ impl Tunnel {
                 )
             })
             .collect();
+        configured.extend(udp_plan.configured());
         self.metrics.retain(&configured);
         for (route, listeners, tls) in planned {
             let carried = match carried.remove(&route.name) {
@@ -527,6 +549,7 @@ impl Tunnel {
             running.push(self.start(route, listeners, carried, tls));
         }
         self.start_shared(&mut running);
+        udp.commit(udp_plan, &self.metrics, &self.log).await;
         *self.watched.lock().expect("readiness lock") =
             running.iter().map(Running::watched).collect();
         Ok(())
@@ -679,7 +702,12 @@ impl Tunnel {
             running
                 .iter()
                 .all(|r| r.loops.iter().all(|l| !l.is_finished()))
-        })
+        }) && self.udp.try_lock().map_or(true, |udp| udp.receiving())
+    }
+
+    /// How many UDP sessions are open.
+    pub async fn udp_sessions(&self) -> usize {
+        self.udp.lock().await.sessions()
     }
 
     /// Whether every route can reach a live target, and the tunnel is
@@ -729,6 +757,7 @@ impl Tunnel {
             }
         }
         drop(running);
+        self.udp.lock().await.shutdown().await;
         self.connections.drain().await;
     }
 }

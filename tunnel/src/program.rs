@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
 use crate::admin::Admin;
-use crate::settings::{Route, Settings, PROGRAM};
+use crate::settings::{Protocol, Route, Settings, PROGRAM};
 use crate::{explain_bind, ApplyError, Tunnel};
 
 /// What the tunnel took from the system before serving.
@@ -32,6 +32,9 @@ use crate::{explain_bind, ApplyError, Tunnel};
 pub struct Bound {
     /// Each route's listeners, by the address the route names.
     pub listeners: HashMap<ListenAddr, TcpListener>,
+    /// Each UDP route's sockets, by the address the route names (a TCP
+    /// and a UDP route may name the same one).
+    pub udp: HashMap<ListenAddr, tokio::net::UdpSocket>,
     /// The admin endpoint's address and listener, when one is configured.
     pub admin: Option<(ListenAddr, TcpListener)>,
     /// Where access-log lines go.
@@ -51,8 +54,25 @@ pub fn bind(settings: &Settings, routes: &[Route]) -> anyhow::Result<Bound> {
     }
     .log_empty(settings.log_empty_connections);
     let mut listeners = HashMap::new();
+    let mut udp = HashMap::new();
     let mut errors = Vec::new();
     for route in routes {
+        if route.protocol == Protocol::Udp {
+            for addr in &route.listen {
+                match crate::udp::bind(*addr) {
+                    Ok(socket) => {
+                        udp.insert(*addr, socket);
+                    }
+                    Err(e) => errors.push(explain_bind(
+                        &format!("{} (udp)", route.name),
+                        *addr,
+                        &e,
+                        &[],
+                    )),
+                }
+            }
+            continue;
+        }
         for addr in &route.listen {
             if listeners.contains_key(addr) {
                 // Shared by server name with an earlier route.
@@ -83,6 +103,7 @@ pub fn bind(settings: &Settings, routes: &[Route]) -> anyhow::Result<Bound> {
     };
     Ok(Bound {
         listeners,
+        udp,
         admin,
         log,
     })
@@ -113,6 +134,7 @@ where
 {
     let Bound {
         listeners,
+        udp,
         admin,
         log,
     } = bound;
@@ -124,7 +146,7 @@ where
         workers,
     ));
     // Every address is bound already: nothing is left to fail.
-    tunnel.apply(routes, listeners).await?;
+    tunnel.apply_sockets(routes, listeners, udp).await?;
     let admin_stop = CancellationToken::new();
     let admin_task = admin.map(|(addr, listener)| {
         // The bound address: with port 0 the configured one says nothing.

@@ -209,6 +209,26 @@ impl<'de> Deserialize<'de> for Keepalive {
     }
 }
 
+/// What a route forwards: TCP connections (the default) or UDP datagrams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP connections, relayed as byte streams.
+    #[default]
+    Tcp,
+    /// UDP datagrams, each client a session of its own (see [`crate::udp`]).
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
 /// Most relay threads: more than this is a typo, not a machine.
 pub const MAX_WORKERS: usize = 1024;
 
@@ -263,6 +283,8 @@ pub struct RouteSettings {
     /// its listen addresses; without `tls`, the route passes TLS through
     /// untouched.
     pub sni: List<SniName>,
+    /// What the route forwards: `tcp` (the default) or `udp`.
+    pub protocol: Option<Protocol>,
 }
 
 /// The tunnel's settings.
@@ -290,6 +312,10 @@ pub struct Settings {
     /// Default idle timeout.
     #[serde(deserialize_with = "nonzero_duration")]
     pub idle_timeout: Period,
+    /// Default idle timeout of a UDP route's sessions (a route's own
+    /// `idle_timeout` overrides it).
+    #[serde(deserialize_with = "nonzero_duration")]
+    pub udp_idle_timeout: Period,
     /// Default TCP keepalive.
     pub keepalive: Keepalive,
     /// Default connection cap per route.
@@ -360,6 +386,7 @@ impl Default for Settings {
             deny: AddressList::default(),
             connect_timeout: Period::from_secs(5),
             idle_timeout: Period::from_secs(3600),
+            udp_idle_timeout: Period::from_secs(60),
             keepalive: Keepalive::Default,
             max_connections: 10_000,
             balance: Policy::default(),
@@ -422,6 +449,10 @@ pub struct Route {
     /// that choose this route among the routes sharing its listen
     /// addresses. Empty: the route has its addresses to itself.
     pub sni: Vec<String>,
+    /// TCP or UDP. A UDP route's `idle_timeout` ends each client's
+    /// session, `max_connections` caps its sessions, and `connect_timeout`
+    /// bounds resolving the target when a session starts.
+    pub protocol: Protocol,
 }
 
 impl Route {
@@ -446,6 +477,7 @@ impl Route {
             tls: None,
             target_tls: None,
             sni: Vec::new(),
+            protocol: Protocol::Tcp,
         }
     }
 
@@ -605,6 +637,7 @@ impl Settings {
                     tls,
                     target_tls,
                     sni: Vec::new(),
+                    protocol: Protocol::Tcp,
                 });
                 prefixes.push(String::new());
             }
@@ -690,6 +723,16 @@ impl Settings {
                     }
                 };
                 let (health, checks) = self.health(r.health_check, targets.len());
+                let protocol = r.protocol.unwrap_or_default();
+                // Health checks connect over TCP: a UDP route has none.
+                let checks = checks && protocol == Protocol::Tcp;
+                if protocol == Protocol::Udp {
+                    errors.extend(
+                        udp_problems(r, &name)
+                            .into_iter()
+                            .map(|(k, message)| problem(&key(k), message)),
+                    );
+                }
                 routes.push(Route {
                     name,
                     listen: r.listen.0.clone(),
@@ -705,12 +748,16 @@ impl Settings {
                         },
                     ],
                     connect_timeout: r.connect_timeout.unwrap_or(self.connect_timeout),
-                    idle_timeout: r.idle_timeout.unwrap_or(self.idle_timeout),
+                    idle_timeout: r.idle_timeout.unwrap_or(match protocol {
+                        Protocol::Tcp => self.idle_timeout,
+                        Protocol::Udp => self.udp_idle_timeout,
+                    }),
                     keepalive: r.keepalive.unwrap_or(self.keepalive),
                     max_connections: r.max_connections.unwrap_or(self.max_connections),
                     tls,
                     target_tls,
                     sni,
+                    protocol,
                 });
                 prefixes.push(key(""));
             }
@@ -731,6 +778,40 @@ impl Settings {
             Err(errors)
         }
     }
+}
+
+/// What a UDP route `r` (named `name`) sets that only TCP routes have, as
+/// (key, message).
+fn udp_problems(r: &RouteSettings, name: &str) -> Vec<(&'static str, String)> {
+    let tcp_only = [
+        ("tls", r.tls.is_some(), "TLS (UDP would need DTLS)"),
+        (
+            "target_tls",
+            matches!(r.target_tls, Some(TargetTlsSetting::On(_))),
+            "TLS to the target",
+        ),
+        (
+            "sni",
+            !r.sni.is_empty(),
+            "choosing a route by TLS server name",
+        ),
+        (
+            "health_check",
+            matches!(r.health_check, Some(HealthSetting::On(_))),
+            "active health checks (they connect over TCP)",
+        ),
+        ("keepalive", r.keepalive.is_some(), "TCP keepalive"),
+    ];
+    tcp_only
+        .into_iter()
+        .filter(|(_, set, _)| *set)
+        .map(|(key, _, what)| {
+            (
+                key,
+                format!("route {name} forwards UDP, and {key} ({what}) is for TCP routes only; remove it, or make the route protocol: tcp"),
+            )
+        })
+        .collect()
 }
 
 /// Problems with the names and listen addresses of `routes`, as (key,
@@ -767,13 +848,21 @@ fn shared_addresses(routes: &[Route], prefixes: &[String]) -> Vec<(String, Strin
                 ));
                 continue;
             }
-            match groups.iter_mut().find(|(a, _)| a == addr) {
+            // A TCP and a UDP route may share an address: they are
+            // different sockets.
+            match groups
+                .iter_mut()
+                .find(|(a, g)| a == addr && routes[g[0]].protocol == route.protocol)
+            {
                 Some((_, group)) => group.push(i),
                 None => groups.push((*addr, vec![i])),
             }
             // 0.0.0.0:P takes port P on every IPv4 address (and [::]:P
             // on every address): no other listener can have it.
             let clash = routes.iter().take(i + 1).find_map(|earlier| {
+                if earlier.protocol != route.protocol {
+                    return None;
+                }
                 earlier
                     .listen
                     .iter()
@@ -1123,6 +1212,77 @@ mod tests {
             )
         };
         assert_eq!(quick(&back), quick(&s), "{yaml}");
+    }
+
+    #[test]
+    fn udp_routes_share_addresses_with_tcp_routes_only() {
+        let s = settings(
+            "udp_idle_timeout: 30s
+routes:
+  - {name: dns, protocol: udp, listen: '127.0.0.1:53', target: '10.0.0.53:53'}
+  - {name: dns-tcp, listen: '127.0.0.1:53', target: '10.0.0.53:53'}
+  - {name: ntp, protocol: udp, listen: '0.0.0.0:123', targets: 'a:123,b:123', idle_timeout: 5s, max_connections: 100}
+",
+        );
+        let routes = s.routes().unwrap();
+        let shape: Vec<(Protocol, u64, bool)> = routes
+            .iter()
+            .map(|r| (r.protocol, r.idle_timeout.0.as_secs(), r.checks))
+            .collect();
+        // Two targets turn health checks on for TCP only.
+        assert_eq!(
+            shape,
+            [
+                (Protocol::Udp, 30, false),
+                (Protocol::Tcp, 3600, false),
+                (Protocol::Udp, 5, false)
+            ]
+        );
+        assert_eq!(routes[2].max_connections, 100);
+        assert_eq!(Settings::default().udp_idle_timeout, Period::from_secs(60));
+
+        let p = problems(
+            "routes:
+  - {name: a, protocol: udp, listen: '127.0.0.1:53', target: 'h:1'}
+  - {name: b, protocol: udp, listen: '127.0.0.1:53', target: 'h:2'}
+  - {name: c, protocol: udp, listen: '0.0.0.0:54', target: 'h:2'}
+  - {name: d, protocol: udp, listen: '127.0.0.1:54', target: 'h:2'}
+  - {name: e, listen: '127.0.0.1:54', target: 'h:2'}
+",
+        );
+        has(
+            &p,
+            "routes.1.listen",
+            "127.0.0.1:53 is claimed by routes a and b",
+        );
+        has(
+            &p,
+            "routes.3.listen",
+            "127.0.0.1:54 (route d) overlaps 0.0.0.0:54 (route c)",
+        );
+        assert_eq!(p.len(), 2, "{p:?}");
+
+        let p = problems(
+            "routes:
+  - name: u
+    protocol: udp
+    listen: '127.0.0.1:53'
+    target: 'h:1'
+    sni: a.example.com
+    tls: {cert: a.pem, key: a.key}
+    target_tls: true
+    health_check: true
+    keepalive: 30s
+",
+        );
+        for key in ["tls", "target_tls", "sni", "health_check", "keepalive"] {
+            has(&p, &format!("routes.0.{key}"), "route u forwards UDP, and");
+        }
+        let e = common::yaml::from_str::<Settings>(
+            "routes:\n  - {name: a, protocol: sctp, listen: '127.0.0.1:1', target: 'h:1'}\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("tcp") && e.contains("udp"), "{e}");
     }
 
     #[test]
