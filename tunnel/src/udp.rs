@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use common::serve::{CapPermit, ConnectionCap};
 use common::settings::{AccessRules, ListenAddr};
 use socket2::{Domain, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -495,17 +496,27 @@ impl Session {
         stats.total.fetch_add(1, Ordering::Relaxed);
         let _ = self.target.set((addr, stats));
         let socket = self.socket.get_or_init(|| socket);
-        {
-            // The datagrams held while starting go first, in order, before
-            // any that come next.
-            let mut state = self.state.lock().expect("session lock");
-            if let State::Starting(queue) = std::mem::replace(&mut *state, State::Ready) {
-                for datagram in queue {
-                    match socket.try_send(&datagram) {
-                        Ok(_) => self.count_sent(datagram.len()),
-                        Err(_) => self.route.stats.udp.dropped(Dropped::SendFailed),
+        // The datagrams held while starting go first, in order; those that
+        // come meanwhile join the queue, and once it is empty the session
+        // is ready.
+        loop {
+            let next = {
+                let mut state = self.state.lock().expect("session lock");
+                match &mut *state {
+                    State::Starting(queue) => {
+                        let next = queue.pop_front();
+                        if next.is_none() {
+                            *state = State::Ready;
+                        }
+                        next
                     }
+                    _ => None,
                 }
+            };
+            let Some(datagram) = next else { break };
+            match socket.send(&datagram).await {
+                Ok(_) => self.count_sent(datagram.len()),
+                Err(_) => self.route.stats.udp.dropped(Dropped::SendFailed),
             }
         }
         let idle = route.idle_timeout.0;
@@ -513,12 +524,29 @@ impl Session {
             let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
             let deadline = tokio::time::Instant::from_std(self.started + last + idle);
             tokio::select! {
-                ready = socket.readable() => {
-                    if let Err(e) = ready {
-                        return (End::TargetError, Some(e.to_string()));
+                // An ICMP error (the target's port unreachable) makes the
+                // socket report an error, not readable.
+                ready = socket.ready(Interest::READABLE | Interest::ERROR) => {
+                    let ready = match ready {
+                        Ok(ready) => ready,
+                        Err(e) => return (End::TargetError, Some(e.to_string())),
+                    };
+                    if ready.is_error() {
+                        match socket.take_error() {
+                            Ok(Some(e)) | Err(e) => return (ended_by(&e), Some(e.to_string())),
+                            // Gone already: forget the readiness, or it
+                            // would wake this loop again at once.
+                            Ok(None) => {
+                                let _ = socket.try_io(Interest::ERROR, || {
+                                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                                });
+                            }
+                        }
                     }
-                    if let Some(end) = self.relay_replies(socket, reply).await {
-                        return end;
+                    if ready.is_readable() {
+                        if let Some(end) = self.relay_replies(socket, reply).await {
+                            return end;
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
@@ -551,10 +579,7 @@ impl Session {
                         Err(e) => Step::NotSent(e),
                     },
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => Step::Drained,
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                        Step::Failed(End::TargetRefused, e)
-                    }
-                    Err(e) => Step::Failed(End::TargetError, e),
+                    Err(e) => Step::Failed(ended_by(&e), e),
                 }
             });
             match step {
@@ -640,6 +665,15 @@ impl Session {
             detail,
         }
         .record(&self.route.log);
+    }
+}
+
+/// How an error from the target's socket ends a session.
+fn ended_by(e: &io::Error) -> End {
+    if e.kind() == io::ErrorKind::ConnectionRefused {
+        End::TargetRefused
+    } else {
+        End::TargetError
     }
 }
 
