@@ -108,6 +108,23 @@ impl Dns {
     }
 }
 
+/// The admin endpoint's `/metrics`, by a plain HTTP/1.1 request.
+fn metrics(admin: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: tunnel\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
 /// A directory of the test's own.
 fn temp_dir(tag: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -144,11 +161,13 @@ fn dig_asks_a_real_dns_server_through_a_udp_route() {
     let tunnel = tunnel_with(
         dir.path(),
         &format!(
-            "access_log: {}\nroutes:\n  - name: dns\n    protocol: udp\n    listen: 127.0.0.1:0\n    target: 127.0.0.1:{}\n",
+            "access_log: {}\nadmin: 127.0.0.1:0\nroutes:\n  - name: dns\n    protocol: udp\n    listen: 127.0.0.1:0\n    target: 127.0.0.1:{}\n",
             log.display(),
             dns.addr.port()
         ),
     );
+    let mut tunnel = tunnel;
+    let admin = tunnel.reported("", "admin");
     let through = tunnel.addr;
     assert_ne!(through, dns.addr);
     assert_eq!(
@@ -165,6 +184,22 @@ fn dig_asks_a_real_dns_server_through_a_udp_route() {
         .unwrap()
         .status
         .success());
+
+    // The UDP families, as Prometheus reads them.
+    let metrics = metrics(admin);
+    tests::promtool_check(&metrics);
+    for series in [
+        "tunnel_udp_sessions_total{route=\"dns\"} 2",
+        "tunnel_udp_sessions_active{route=\"dns\"} 2",
+        "tunnel_udp_sent_datagrams_total{route=\"dns\"} 2",
+        "tunnel_udp_received_datagrams_total{route=\"dns\"} 2",
+        "tunnel_udp_datagrams_dropped_total{route=\"dns\",reason=\"access\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == series),
+            "no {series} in\n{metrics}"
+        );
+    }
 
     let (code, stderr) = tunnel.stop();
     assert_eq!(code, Some(0), "{stderr}");

@@ -6,7 +6,9 @@
 //! handed to the new accept loops, new addresses are bound first, and if any
 //! bind fails nothing changes. [`Tunnel::shutdown`] stops accepting and
 //! drains within the grace period. [`Tunnel::readiness`] tells whether
-//! every route can reach a live target (see [`ready`]).
+//! every route can reach a live target (see [`ready`]). Routes with
+//! `protocol: udp` forward datagrams instead, a session per client (see
+//! [`udp`]); they have no readiness probe, since UDP has no connect.
 //!
 //! [`program`] is the program around it: the relay threads, the admin
 //! endpoint, the pid file, reload on SIGHUP and the drain on stop.

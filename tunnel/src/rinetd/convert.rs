@@ -293,6 +293,13 @@ mod udp_tests {
             "the rule's own allow"
         );
 
+        // Printed as YAML, read back the same.
+        let yaml = common::yaml::to_string(&settings).unwrap();
+        assert!(yaml.contains("protocol: udp"), "{yaml}");
+        let back: crate::settings::Settings = common::yaml::from_str(&yaml).unwrap();
+        assert_eq!(back.routes, settings.routes);
+        assert_eq!(back.udp_idle_timeout, settings.udp_idle_timeout);
+
         // Without a UDP rule, nothing UDP is set.
         let tcp = parse("0.0.0.0 1 h 1\n").unwrap();
         assert_eq!(tcp.udp_idle_timeout, Period::from_secs(60));
