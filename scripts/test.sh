@@ -16,6 +16,8 @@ declare -A packages=(
     [promtool]=prometheus
     [openssl]=openssl
     [telnet-ssl]=telnet-ssl
+    [systemd-socket-activate]=systemd
+    [systemd-analyze]=systemd
 )
 
 missing=()
