@@ -56,16 +56,21 @@ impl Endpoint {
 
 /// A failed bind of `addr` in words a user can act on, the same for every
 /// listener of every program: `what` names the listener (an endpoint, a
-/// route), then what went wrong, then `fix`, what the user should change.
+/// route), then what went wrong, then `fix`, what the user should change;
+/// or, when a socket the service manager passed holds the port under
+/// another address, that.
 pub fn bind_error(what: &str, addr: ListenAddr, e: &io::Error, fix: &str) -> String {
     let passed = crate::systemd::activation::on_port(addr.0.port());
-    let problem = match e.kind() {
+    if e.kind() == io::ErrorKind::AddrInUse && !passed.is_empty() {
         // The service manager holds the port for a socket written another
         // way (`[::]:80` for a bare `80`) than the configuration has it.
-        io::ErrorKind::AddrInUse if !passed.is_empty() => format!(
-            "{addr} is already in use, by the socket the service manager passed for {} (socket activation); write the same address in the configuration and the socket unit's ListenStream=",
-            passed.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-        ),
+        let passed: Vec<String> = passed.iter().map(ToString::to_string).collect();
+        return format!(
+            "{what}: {addr} is already in use, by the socket the service manager passed for {} (socket activation); write the same address in the configuration and in the socket unit's ListenStream=",
+            passed.join(", ")
+        );
+    }
+    let problem = match e.kind() {
         io::ErrorKind::AddrInUse => format!("{addr} is already in use"),
         io::ErrorKind::PermissionDenied => format!(
             "no permission to listen on {addr} (ports below 1024 need root or CAP_NET_BIND_SERVICE)"

@@ -38,11 +38,12 @@ fn two_free() -> (SocketAddr, SocketAddr) {
     }
 }
 
-/// `systemd-socket-activate` listening on `addrs`, then running `program`
-/// with `args` on those sockets (at the first connection, as it does).
-fn socket_activate(addrs: &[SocketAddr], program: &str, args: &[&str]) -> Command {
+/// `systemd-socket-activate` listening on `listen` (addresses, or bare
+/// ports), then running `program` with `args` on those sockets (at the
+/// first connection, as it does).
+fn socket_activate(listen: &[&dyn std::fmt::Display], program: &str, args: &[&str]) -> Command {
     let mut command = Command::new(require("systemd-socket-activate"));
-    for addr in addrs {
+    for addr in listen {
         command.arg("-l").arg(addr.to_string());
     }
     command.arg(binary(program)).args(args);
@@ -55,7 +56,7 @@ fn systemd_socket_activate_starts_the_tunnel_on_the_inherited_socket() {
     // The second socket is one no route names: it is reported.
     let (used, unused) = two_free();
     let command = socket_activate(
-        &[used, unused],
+        &[&used, &unused],
         "tunnel",
         &[
             "--listen",
@@ -90,7 +91,7 @@ fn a_reload_takes_an_inherited_socket_a_new_route_names() {
     };
     std::fs::write(&config, format!("routes:\n{}", route("first", first, a))).unwrap();
     let command = socket_activate(
-        &[first, second],
+        &[&first, &second],
         "tunnel",
         &["--config", config.to_str().unwrap()],
     );
@@ -125,7 +126,7 @@ fn a_reload_takes_an_inherited_socket_a_new_route_names() {
 #[test]
 fn echo_server_takes_its_endpoint_from_socket_activation_too() {
     let addr = local(free_port());
-    let command = socket_activate(&[addr], "echo-server", &["--listen", &addr.to_string()]);
+    let command = socket_activate(&[&addr], "echo-server", &["--listen", &addr.to_string()]);
     let mut server = Running::start(command, addr);
     let mut s = connect(addr);
     let mut menu = [0u8; 64];
@@ -326,4 +327,32 @@ fn a_notify_socket_nobody_listens_on_is_said_once_and_changes_nothing() {
         .filter(|l| l.contains("NOTIFY_SOCKET"))
         .count();
     assert_eq!(said, 1, "{stderr}");
+}
+
+#[test]
+fn a_passed_socket_written_differently_is_named_in_the_bind_error() {
+    // A bare port is `[::]:PORT` to systemd, which takes IPv4 too: the
+    // route's 0.0.0.0:PORT cannot be bound beside it.
+    let port = free_port();
+    let command = socket_activate(
+        &[&port],
+        "tunnel",
+        &[
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--target",
+            "127.0.0.1:9",
+        ],
+    );
+    let mut tunnel = Running::start(command, local(port));
+    let line = tunnel.wait_line("already in use");
+    assert!(
+        line.contains(&format!(
+            "0.0.0.0:{port} is already in use, by the socket the service manager passed for [::]:{port}"
+        )),
+        "{line}"
+    );
+    assert!(line.contains("ListenStream="), "{line}");
+    let status = tunnel.child.wait().unwrap();
+    assert_eq!(status.code(), Some(64), "{}", tunnel.stderr());
 }
