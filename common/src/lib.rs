@@ -11,6 +11,7 @@
 //! - [`runtime`]: the tokio runtimes the programs and their threads run on;
 //! - [`yaml`]: YAML read into a tree that knows where every node is;
 //! - [`tls`]: TLS configurations read from PEM files, every bad file named;
+//! - [`systemd`]: socket activation and readiness notification;
 //! - [`telemetry`], [`signal`], [`cli`]: logging, shutdown signals, and the
 //!   flags every program has.
 
@@ -21,6 +22,7 @@ pub mod runtime;
 pub mod serve;
 pub mod settings;
 pub mod signal;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod yaml;

@@ -209,6 +209,8 @@ fn routes_of(resolved: &Resolved<Settings>) -> Result<Vec<Route>, ConfigErrors> 
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: it changes the environment.
+    common::systemd::take_environment();
     let args = match parse_args::<Args>() {
         Ok(args) => args,
         Err(code) => return code,
