@@ -16,14 +16,11 @@ declare -A packages=(
     [promtool]=prometheus
     [openssl]=openssl
     [telnet-ssl]=telnet-ssl
-<<<<<<< HEAD
     [dnsmasq]=dnsmasq-base
     [dig]=dnsutils
     [iperf3]=iperf3
-=======
     [systemd-socket-activate]=systemd
     [systemd-analyze]=systemd
->>>>>>> wt-systemd
 )
 # dnsmasq-base is the server alone, without the package that would start
 # it as the system's DNS service; it installs to /usr/sbin, which a
