@@ -280,6 +280,27 @@ impl Handler for RouteHandler {
             .await
     }
 
+    fn refused_per_source(
+        &self,
+        _id: u64,
+        peer: std::net::SocketAddr,
+        refusal: &common::limits::Refusal,
+    ) {
+        // Counted by the limiter; logged as sparingly as it says.
+        if refusal.log.is_some() {
+            self.log.record(&Entry {
+                route: &self.route.name,
+                client: peer,
+                target: self.targets(),
+                sent: 0,
+                received: 0,
+                duration: Duration::ZERO,
+                end: End::PerSource,
+                detail: Some(refusal.to_string()),
+            });
+        }
+    }
+
     fn refused(&self, _id: u64, peer: std::net::SocketAddr) {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
         self.log.record(&Entry {
@@ -498,6 +519,7 @@ impl Tunnel {
                         cap: old.cap.clone(),
                         balancer,
                         probe,
+                        per_source: old.options.per_source.clone(),
                     },
                 );
             }
@@ -522,6 +544,7 @@ impl Tunnel {
                     cap: ConnectionCap::new(route.max_connections),
                     balancer: None,
                     probe: None,
+                    per_source: None,
                 },
             };
             running.push(self.start(route, listeners, carried, tls));
@@ -543,7 +566,11 @@ impl Tunnel {
             cap,
             balancer,
             probe,
+            per_source,
         } = carried;
+        let stats = self.metrics.route(&route.name);
+        let per_source =
+            common::limits::PerSource::carry(per_source, &route.per_source, &stats.per_source);
         let probe = probe.unwrap_or_else(|| Probe::new(&route.targets, route.connect_timeout.0));
         let stop = CancellationToken::new();
         let options = ServeOptions {
@@ -551,8 +578,8 @@ impl Tunnel {
             access: AccessRules(route.access.clone()),
             idle_timeout: route.idle_timeout.0,
             grace: Duration::ZERO,
+            per_source,
         };
-        let stats = self.metrics.route(&route.name);
         let balancer = balancer.unwrap_or_else(|| {
             Balancer::new(
                 &route.name,
@@ -657,6 +684,8 @@ impl Tunnel {
                 access: AccessRules(Vec::new()),
                 idle_timeout: tls::HELLO_TIMEOUT,
                 grace: Duration::ZERO,
+                // Each route's own limits apply once its name is known.
+                per_source: None,
             };
             let router = Arc::new(tls::SniRouter {
                 listen,
@@ -738,6 +767,9 @@ struct Carried {
     cap: ConnectionCap,
     balancer: Option<Arc<Balancer>>,
     probe: Option<Arc<Probe>>,
+    /// Its per-source limiter, kept (with the counts of open connections)
+    /// unless the limits now group sources differently.
+    per_source: Option<Arc<common::limits::PerSource>>,
 }
 
 /// A route's listen address that cannot be bound, in words: an overlap

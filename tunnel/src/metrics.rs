@@ -37,6 +37,9 @@ pub struct RouteStats {
     /// certificate, when the route terminates TLS (kept across reloads
     /// like every counter).
     pub handshakes: Arc<common::tls::HandshakeStats>,
+    /// Refusals by the per-source limits and the sources they track (kept
+    /// across reloads like every counter).
+    pub per_source: Arc<common::limits::PerSourceStats>,
     targets: Mutex<BTreeMap<String, Arc<TargetStats>>>,
 }
 
@@ -134,6 +137,7 @@ impl Metrics {
                 }
             }
         }
+        render_per_source(&routes, &mut out);
         render_tls(&routes, &mut out);
         let sni = self.sni_refused.lock().expect("stats lock");
         let _ = writeln!(
@@ -153,6 +157,36 @@ impl Metrics {
             common::telemetry::dropped_lines()
         );
         out
+    }
+}
+
+/// The per-source families, for every route.
+fn render_per_source(routes: &BTreeMap<String, Arc<RouteStats>>, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_per_source_refused_total Clients refused by the route's per-source limits, by the limit they met.\n# TYPE tunnel_per_source_refused_total counter"
+    );
+    for (route, s) in routes.iter() {
+        let route = escape(route);
+        let s = &s.per_source;
+        let _ = writeln!(
+            out,
+            "tunnel_per_source_refused_total{{route=\"{route}\",limit=\"connections\"}} {}\ntunnel_per_source_refused_total{{route=\"{route}\",limit=\"rate\"}} {}",
+            s.refused_connections(),
+            s.refused_rate()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_per_source_sources Client addresses or prefixes the route's per-source limits remember now.\n# TYPE tunnel_per_source_sources gauge"
+    );
+    for (route, s) in routes.iter() {
+        let _ = writeln!(
+            out,
+            "tunnel_per_source_sources{{route=\"{}\"}} {}",
+            escape(route),
+            s.per_source.sources()
+        );
     }
 }
 
