@@ -8,8 +8,8 @@
 //! retry instead of ending the server. Each connection runs in its own task
 //! inside a span with its id and peer (debug level; info events carry both
 //! as fields); the access list is checked right after
-//! accept, then the per-source limits ([`crate::limits`]). On shutdown the listener closes at once, handlers are told to
-//! finish (`Accepted::draining`), and whatever is still running when the grace
+//! accept, then the per-source limits ([`crate::limits`]). On shutdown the
+//! listener closes at once, handlers are told to finish (`Accepted::draining`), and whatever is still running when the grace
 //! period ends is closed.
 
 use std::future::Future;

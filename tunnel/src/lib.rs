@@ -568,9 +568,6 @@ impl Tunnel {
             probe,
             per_source,
         } = carried;
-        let stats = self.metrics.route(&route.name);
-        let per_source =
-            common::limits::PerSource::carry(per_source, &route.per_source, &stats.per_source);
         let probe = probe.unwrap_or_else(|| Probe::new(&route.targets, route.connect_timeout.0));
         let stop = CancellationToken::new();
         let options = ServeOptions {
@@ -578,8 +575,13 @@ impl Tunnel {
             access: AccessRules(route.access.clone()),
             idle_timeout: route.idle_timeout.0,
             grace: Duration::ZERO,
-            per_source,
+            per_source: common::limits::PerSource::carry(
+                per_source,
+                &route.per_source,
+                &self.metrics.route(&route.name).per_source,
+            ),
         };
+        let stats = self.metrics.route(&route.name);
         let balancer = balancer.unwrap_or_else(|| {
             Balancer::new(
                 &route.name,
