@@ -391,8 +391,9 @@ impl fmt::Display for Refusal {
         match self.limit {
             Limit::Connections(max) => write!(
                 f,
-                "{} has {max} connections open, the most allowed per source",
-                self.source
+                "{} has {max} connection{} open, the most allowed per source",
+                self.source,
+                if max == 1 { "" } else { "s" }
             )?,
             Limit::Rate { rate, burst } => write!(
                 f,
@@ -1114,7 +1115,11 @@ mod tests {
         // One source, hammering: its first refusal is logged, then one a
         // second, each saying how many went unlogged.
         let a = IpAddr::from([192, 0, 2, 1]);
-        assert_eq!(limits.admit(a).unwrap_err().log, Some(0));
+        let first = limits.admit(a).unwrap_err();
+        assert_eq!(first.log, Some(0));
+        assert!(first
+            .to_string()
+            .contains("192.0.2.1 has 1 connection open"));
         let quiet = (0..99).filter(|_| limits.admit(a).unwrap_err().log.is_some());
         assert_eq!(quiet.count(), 0);
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -1136,39 +1141,41 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_million_addresses_take_bounded_memory() {
-        let limits = limiter("{rate: 5/s, max_sources: 20000}");
+        let limits = limiter("{rate: 5/s}");
         let mut largest = 0;
-        // A spread of addresses, as a flood of forged sources would come.
+        // A spread of addresses, as a flood of forged sources would come
+        // (the clock stands still: every bucket has something to remember).
         for n in 0..1_000_000u32 {
             let addr = IpAddr::from((n.wrapping_mul(2_654_435_761)).to_be_bytes());
             drop(limits.admit(addr).unwrap());
-            if n % 50_000 == 0 {
+            if n % 25_000 == 0 {
                 largest = largest.max(limits.memory());
-                assert!(limits.sources() <= 20_000);
+                assert!(limits.sources() <= DEFAULT_MAX_SOURCES);
             }
         }
-        assert_eq!(limits.sources(), 20_000);
-        assert_eq!(limits.stats().sources(), 20_000);
+        assert_eq!(limits.sources(), DEFAULT_MAX_SOURCES);
+        assert_eq!(limits.stats().sources(), DEFAULT_MAX_SOURCES as u64);
         largest = largest.max(limits.memory());
-        // 20,000 entries of 40 bytes and 65,536 buckets of 4 bytes:
-        // 1,062,144 bytes and the table's own few, whatever the flood.
+        // 50,000 entries of 40 bytes and 131,072 buckets of 4 bytes:
+        // 2,524,288 bytes and the table's own few, whatever the flood.
         assert_eq!(std::mem::size_of::<Slot>(), 40);
         let fixed = std::mem::size_of::<Table>();
         assert!(fixed < 200, "{fixed}");
-        assert_eq!(largest, 20_000 * 40 + 65_536 * 4 + fixed);
-        // Every address flooded in was seen once and let in.
+        assert_eq!(largest, 50_000 * 40 + 131_072 * 4 + fixed);
+        // Every address flooded in was new, and let in.
         assert_eq!(limits.stats().refused_rate(), 0);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_default_bound_in_bytes() {
-        let limits = limiter("{rate: 1/s}");
+    async fn max_sources_sets_the_bound() {
+        let limits = limiter("{rate: 1/s, max_sources: 20000}");
         for n in 0..200_000u32 {
             drop(limits.admit(IpAddr::from((n.wrapping_mul(2_654_435_761)).to_be_bytes())));
         }
         let fixed = std::mem::size_of::<Table>();
-        assert_eq!(limits.sources(), DEFAULT_MAX_SOURCES);
-        assert_eq!(limits.memory(), 50_000 * 40 + 131_072 * 4 + fixed);
+        assert_eq!(limits.sources(), 20_000);
+        // 1,062,144 bytes.
+        assert_eq!(limits.memory(), 20_000 * 40 + 65_536 * 4 + fixed);
     }
 
     #[tokio::test]
