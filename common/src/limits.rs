@@ -18,7 +18,8 @@
 //! `max_sources` entries plus one per open connection, and the connection
 //! cap bounds those. Entries that have nothing left to remember (no
 //! connection, a full bucket) are dropped as new clients come, so the
-//! table shrinks after a flood. See [`PerSource::memory`] for the bytes.
+//! count of sources falls after a flood (the memory taken stays, within
+//! the bound). See [`PerSource::memory`] for the bytes.
 //!
 //! Refusals are logged sparingly, so a flood cannot flood the log: at most
 //! one line a second for each source and [`LOG_LINES_PER_SECOND`] lines a
