@@ -8,6 +8,8 @@
 //!   to do;
 //! - [`serve`]: the accept loop with a connection cap, access lists, a span
 //!   per connection and graceful shutdown;
+//! - [`limits`]: per-source limits (connections at once and a rate from one
+//!   address or prefix) in a bounded table;
 //! - [`runtime`]: the tokio runtimes the programs and their threads run on;
 //! - [`yaml`]: YAML read into a tree that knows where every node is;
 //! - [`tls`]: TLS configurations read from PEM files, every bad file named;
@@ -18,6 +20,7 @@
 pub mod cli;
 pub mod config;
 pub mod endpoint;
+pub mod limits;
 pub mod runtime;
 pub mod serve;
 pub mod settings;

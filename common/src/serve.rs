@@ -8,8 +8,8 @@
 //! retry instead of ending the server. Each connection runs in its own task
 //! inside a span with its id and peer (debug level; info events carry both
 //! as fields); the access list is checked right after
-//! accept. On shutdown the listener closes at once, handlers are told to
-//! finish (`Accepted::draining`), and whatever is still running when the grace
+//! accept, then the per-source limits ([`crate::limits`]). On shutdown the
+//! listener closes at once, handlers are told to finish (`Accepted::draining`), and whatever is still running when the grace
 //! period ends is closed.
 
 use std::future::Future;
@@ -28,6 +28,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::limits::{PerSource, Refusal, SourcePermit};
 use crate::settings::{AccessRules, ServeSettings};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -78,6 +79,14 @@ pub trait Handler<S = TcpStream>: Send + Sync + 'static {
     fn refused(&self, id: u64, peer: SocketAddr) {
         info!(conn = id, %peer, "refused by access list");
     }
+
+    /// Called for a client over its source's per-source limits, after the
+    /// connection is dropped. The default logs the refusals the limiter
+    /// picks to log (`refused: per-source limit`, sparingly: see
+    /// [`crate::limits`]).
+    fn refused_per_source(&self, id: u64, peer: SocketAddr, refusal: &Refusal) {
+        refusal.log_line(id, peer);
+    }
 }
 
 /// How the accept loop runs.
@@ -92,6 +101,9 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// How long live connections may take to finish after shutdown begins.
     pub grace: Duration,
+    /// Limits on each client address or prefix, when there are any; its
+    /// owner keeps it, like the cap.
+    pub per_source: Option<Arc<PerSource>>,
 }
 
 impl From<&ServeSettings> for ServeOptions {
@@ -101,6 +113,7 @@ impl From<&ServeSettings> for ServeOptions {
             access: s.access().into(),
             idle_timeout: s.idle_timeout.0,
             grace: s.shutdown_grace.0,
+            per_source: s.per_source.as_ref().and_then(|p| p.limiter()),
         }
     }
 }
@@ -246,6 +259,15 @@ pub async fn accept_until<H: Handler<TcpStream>>(
             handler.refused(id, peer);
             continue;
         }
+        let source = match options.per_source.as_ref().map(|l| l.admit(peer.ip())) {
+            None => None,
+            Some(Ok(permit)) => Some(permit),
+            Some(Err(refusal)) => {
+                drop(stream);
+                handler.refused_per_source(id, peer, &refusal);
+                continue;
+            }
+        };
         // A full cap holds this connection (and, since this loop accepts no
         // more meanwhile, everyone behind it waits in the kernel's backlog)
         // until a place frees. Taking the place after accept rather than
@@ -281,6 +303,7 @@ pub async fn accept_until<H: Handler<TcpStream>>(
                 handler: handler.clone().handle(stream, conn),
                 closing,
                 _permit: permit,
+                _source: source,
                 id,
                 peer,
             };
@@ -302,6 +325,7 @@ pub async fn accept_until<H: Handler<TcpStream>>(
                 handler: handler.handle(stream, conn),
                 closing,
                 _permit: permit,
+                _source: source,
                 id,
                 peer,
             }
@@ -313,7 +337,8 @@ pub async fn accept_until<H: Handler<TcpStream>>(
 
 pin_project_lite::pin_project! {
     /// One connection's task: its handler, dropped (closing the socket) at
-    /// the end of the grace period, and its place under the connection cap.
+    /// the end of the grace period, and its places under the connection cap
+    /// and its source's limits.
     /// A plain struct rather than an async block, so the handler's future
     /// is stored once: this is most of an idle connection's memory.
     struct Connection<F> {
@@ -322,6 +347,7 @@ pin_project_lite::pin_project! {
         #[pin]
         closing: WaitForCancellationFutureOwned,
         _permit: CapPermit,
+        _source: Option<SourcePermit>,
         id: u64,
         peer: SocketAddr,
     }

@@ -33,6 +33,9 @@ pub enum End {
     /// No route of an address shared by server name took the client:
     /// `no route for the server name`.
     NoRoute,
+    /// The client's address or prefix was over the route's per-source
+    /// limits: `refused: per-source limit`.
+    PerSource,
     /// Relayed to a target, and ended so (`closed by client`, `idle
     /// timeout`, ...).
     Relayed(relay::End),
@@ -46,6 +49,7 @@ impl End {
             End::Unreachable => "target unreachable",
             End::Handshake => "TLS handshake failed",
             End::NoRoute => "no route for the server name",
+            End::PerSource => "refused: per-source limit",
             End::Relayed(end) => end.as_str(),
         }
     }

@@ -59,6 +59,7 @@ impl Admin {
             }),
             idle_timeout: REQUEST_TIMEOUT,
             grace: Duration::from_secs(1),
+            per_source: None,
         }
     }
 }

@@ -283,6 +283,27 @@ impl Handler for RouteHandler {
             .await
     }
 
+    fn refused_per_source(
+        &self,
+        _id: u64,
+        peer: std::net::SocketAddr,
+        refusal: &common::limits::Refusal,
+    ) {
+        // Counted by the limiter; logged as sparingly as it says.
+        if refusal.log.is_some() {
+            self.log.record(&Entry {
+                route: &self.route.name,
+                client: peer,
+                target: self.targets(),
+                sent: 0,
+                received: 0,
+                duration: Duration::ZERO,
+                end: End::PerSource,
+                detail: Some(refusal.to_string()),
+            });
+        }
+    }
+
     fn refused(&self, _id: u64, peer: std::net::SocketAddr) {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
         self.log.record(&Entry {
@@ -521,6 +542,7 @@ impl Tunnel {
                         cap: old.cap.clone(),
                         balancer,
                         probe,
+                        per_source: old.options.per_source.clone(),
                     },
                 );
             }
@@ -546,6 +568,7 @@ impl Tunnel {
                     cap: ConnectionCap::new(route.max_connections),
                     balancer: None,
                     probe: None,
+                    per_source: None,
                 },
             };
             running.push(self.start(route, listeners, carried, tls));
@@ -568,6 +591,7 @@ impl Tunnel {
             cap,
             balancer,
             probe,
+            per_source,
         } = carried;
         let probe = probe.unwrap_or_else(|| Probe::new(&route.targets, route.connect_timeout.0));
         let stop = CancellationToken::new();
@@ -576,6 +600,11 @@ impl Tunnel {
             access: AccessRules(route.access.clone()),
             idle_timeout: route.idle_timeout.0,
             grace: Duration::ZERO,
+            per_source: common::limits::PerSource::carry(
+                per_source,
+                &route.per_source,
+                &self.metrics.route(&route.name).per_source,
+            ),
         };
         let stats = self.metrics.route(&route.name);
         let balancer = balancer.unwrap_or_else(|| {
@@ -682,6 +711,8 @@ impl Tunnel {
                 access: AccessRules(Vec::new()),
                 idle_timeout: tls::HELLO_TIMEOUT,
                 grace: Duration::ZERO,
+                // Each route's own limits apply once its name is known.
+                per_source: None,
             };
             let router = Arc::new(tls::SniRouter {
                 listen,
@@ -769,6 +800,9 @@ struct Carried {
     cap: ConnectionCap,
     balancer: Option<Arc<Balancer>>,
     probe: Option<Arc<Probe>>,
+    /// Its per-source limiter, kept (with the counts of open connections)
+    /// unless the limits now group sources differently.
+    per_source: Option<Arc<common::limits::PerSource>>,
 }
 
 /// A route's listen address that cannot be bound, in words: an overlap

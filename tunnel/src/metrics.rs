@@ -39,6 +39,9 @@ pub struct RouteStats {
     pub handshakes: Arc<common::tls::HandshakeStats>,
     /// Sessions and datagrams, when the route forwards UDP.
     pub udp: UdpStats,
+    /// Refusals by the per-source limits and the sources they track (kept
+    /// across reloads like every counter).
+    pub per_source: Arc<common::limits::PerSourceStats>,
     targets: Mutex<BTreeMap<String, Arc<TargetStats>>>,
 }
 
@@ -211,6 +214,7 @@ impl Metrics {
                 }
             }
         }
+        render_per_source(&routes, &mut out);
         render_tls(&routes, &mut out);
         render_udp(&routes, &mut out);
         let sni = self.sni_refused.lock().expect("stats lock");
@@ -231,6 +235,36 @@ impl Metrics {
             common::telemetry::dropped_lines()
         );
         out
+    }
+}
+
+/// The per-source families, for every route.
+fn render_per_source(routes: &BTreeMap<String, Arc<RouteStats>>, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_per_source_refused_total Clients refused by the route's per-source limits, by the limit they met.\n# TYPE tunnel_per_source_refused_total counter"
+    );
+    for (route, s) in routes.iter() {
+        let route = escape(route);
+        let s = &s.per_source;
+        let _ = writeln!(
+            out,
+            "tunnel_per_source_refused_total{{route=\"{route}\",limit=\"connections\"}} {}\ntunnel_per_source_refused_total{{route=\"{route}\",limit=\"rate\"}} {}",
+            s.refused_connections(),
+            s.refused_rate()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_per_source_sources Client addresses or prefixes the route's per-source limits remember now.\n# TYPE tunnel_per_source_sources gauge"
+    );
+    for (route, s) in routes.iter() {
+        let _ = writeln!(
+            out,
+            "tunnel_per_source_sources{{route=\"{}\"}} {}",
+            escape(route),
+            s.per_source.sources()
+        );
     }
 }
 

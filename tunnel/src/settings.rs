@@ -14,6 +14,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use common::config::ConfigError;
+use common::limits::PerSourceSettings;
 use common::settings::{
     at_least_one, at_least_one_opt, nonzero_duration, nonzero_duration_opt, AccessList,
     AddressList, List, ListenAddr, LogSettings, Period,
@@ -285,6 +286,9 @@ pub struct RouteSettings {
     pub sni: List<SniName>,
     /// What the route forwards: `tcp` (the default) or `udp`.
     pub protocol: Option<Protocol>,
+    /// Limits on each client address or prefix on this route, in place of
+    /// the global ones (`{}` turns them off here).
+    pub per_source: Option<PerSourceSettings>,
 }
 
 /// The tunnel's settings.
@@ -369,6 +373,9 @@ pub struct Settings {
     pub target_cert: Option<PathBuf>,
     /// Quick form: the private key of `target_cert` (PEM).
     pub target_key: Option<PathBuf>,
+    /// Default limits on each client address or prefix, per route (off
+    /// when unset).
+    pub per_source: Option<PerSourceSettings>,
     /// Log level and format.
     #[serde(flatten)]
     pub log: LogSettings,
@@ -409,6 +416,7 @@ impl Default for Settings {
             target_server_name: None,
             target_cert: None,
             target_key: None,
+            per_source: None,
             log: LogSettings::default(),
         }
     }
@@ -453,6 +461,8 @@ pub struct Route {
     /// session, `max_connections` caps its sessions, and `connect_timeout`
     /// bounds resolving the target when a session starts.
     pub protocol: Protocol,
+    /// Limits on each client address or prefix (off by default).
+    pub per_source: PerSourceSettings,
 }
 
 impl Route {
@@ -478,6 +488,7 @@ impl Route {
             target_tls: None,
             sni: Vec::new(),
             protocol: Protocol::Tcp,
+            per_source: PerSourceSettings::default(),
         }
     }
 
@@ -638,6 +649,7 @@ impl Settings {
                     target_tls,
                     sni: Vec::new(),
                     protocol: Protocol::Tcp,
+                    per_source: self.per_source.clone().unwrap_or_default(),
                 });
                 prefixes.push(String::new());
             }
@@ -758,6 +770,11 @@ impl Settings {
                     target_tls,
                     sni,
                     protocol,
+                    per_source: r
+                        .per_source
+                        .clone()
+                        .or_else(|| self.per_source.clone())
+                        .unwrap_or_default(),
                 });
                 prefixes.push(key(""));
             }
@@ -1283,6 +1300,35 @@ routes:
         )
         .unwrap_err();
         assert!(e.contains("tcp") && e.contains("udp"), "{e}");
+    }
+
+    #[test]
+    fn per_source_limits_are_global_defaults_a_route_may_replace() {
+        let s = settings(
+            "per_source: {max_connections: 10, rate: 50/s, burst: 100}
+routes:
+  - {name: a, listen: 127.0.0.1:1, target: 'h:1'}
+  - {name: b, listen: 127.0.0.1:2, target: 'h:1', per_source: {rate: 600/min, prefix_v6: 48}}
+  - {name: c, listen: 127.0.0.1:3, target: 'h:1', per_source: {}}
+",
+        );
+        let routes = s.routes().unwrap();
+        let a = &routes[0].per_source;
+        assert_eq!((a.max_connections, a.burst()), (Some(10), 100));
+        let b = &routes[1].per_source;
+        assert_eq!(b.max_connections, None);
+        assert_eq!(b.rate.unwrap().to_string(), "600/min");
+        assert_eq!((b.burst(), b.prefix_v4, b.prefix_v6), (600, 32, 48));
+        assert!(!routes[2].per_source.is_on());
+        // Off unless configured.
+        let quick = settings("target: 'h:1'\n").routes().unwrap();
+        assert!(!quick[0].per_source.is_on());
+        // A bad value is named at its key.
+        let e = common::yaml::from_str::<Settings>(
+            "routes:\n  - {name: a, listen: 127.0.0.1:1, target: 'h:1', per_source: {burst: 0, rate: 5/s}}\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("burst must be at least 1"), "{e}");
     }
 
     #[test]

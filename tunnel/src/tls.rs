@@ -191,6 +191,22 @@ impl Handler for SniRouter {
             route.handler.refused(conn.id, conn.peer);
             return Ok(());
         }
+        let _source = match route
+            .options
+            .per_source
+            .as_ref()
+            .map(|l| l.admit(conn.peer.ip()))
+        {
+            None => None,
+            Some(Ok(permit)) => Some(permit),
+            Some(Err(refusal)) => {
+                drop(client);
+                route
+                    .handler
+                    .refused_per_source(conn.id, conn.peer, &refusal);
+                return Ok(());
+            }
+        };
         // The route's own cap: wait for a place, as its own accept loop
         // would, unless the tunnel is stopping.
         let _permit = match route.options.cap.try_acquire() {

@@ -631,6 +631,10 @@ impl<H: Handler<TlsStream<TcpStream>>> Handler<TcpStream> for Tls<H> {
     fn refused(&self, id: u64, peer: SocketAddr) {
         self.service.refused(id, peer);
     }
+
+    fn refused_per_source(&self, id: u64, peer: SocketAddr, refusal: &crate::limits::Refusal) {
+        self.service.refused_per_source(id, peer, refusal);
+    }
 }
 
 /// Serves `listener` with `service` until `shutdown`, over TLS with `tls`
