@@ -63,8 +63,12 @@ const END_WAIT: Duration = Duration::from_secs(5);
 
 /// Binds a route's UDP socket at `addr`; `[::]` takes IPv4 clients too.
 /// No address reuse: two UDP sockets on one port would share its
-/// datagrams.
+/// datagrams. Under socket activation, a UDP socket the service manager
+/// passed for `addr` (`ListenDatagram=`) is used instead.
 pub fn bind(addr: ListenAddr) -> io::Result<UdpSocket> {
+    if let Some(passed) = common::systemd::activation::udp_socket(addr.0) {
+        return UdpSocket::from_std(passed?);
+    }
     let addr = addr.0;
     let socket = Socket::new(
         Domain::for_address(addr),
