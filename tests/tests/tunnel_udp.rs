@@ -318,6 +318,9 @@ fn iperf3_over_udp_through_the_tunnel_loses_nothing() {
             "3",
             "--json",
         ])
+        // The server's socket as large as the tunnel's, so that a busy
+        // machine does not make iperf3 itself drop what the tunnel passed.
+        .args(["--window", "4M"])
         .output()
         .unwrap();
     let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap_or_else(|e| {

@@ -58,6 +58,11 @@ const STARTING_BYTES: usize = 64 * 1024;
 /// not hold its thread.
 const REPLIES_PER_WAKE: usize = 64;
 
+/// The receive buffer asked for a route's socket, which takes the
+/// datagrams of every client: room for a burst while the tunnel is busy
+/// elsewhere (the system caps it at `net.core.rmem_max`).
+const SOCKET_RECEIVE_BUFFER: usize = 4 << 20;
+
 /// How long a reload or shutdown waits for the sessions it ends to log.
 const END_WAIT: Duration = Duration::from_secs(5);
 
@@ -78,6 +83,7 @@ pub fn bind(addr: ListenAddr) -> io::Result<UdpSocket> {
     if addr.is_ipv6() {
         let _ = socket.set_only_v6(false);
     }
+    let _ = socket.set_recv_buffer_size(SOCKET_RECEIVE_BUFFER);
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
