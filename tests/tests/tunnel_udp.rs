@@ -318,6 +318,9 @@ fn iperf3_over_udp_through_the_tunnel_loses_nothing() {
             "3",
             "--json",
         ])
+        // The server's socket as large as the tunnel's, so that a busy
+        // machine does not make iperf3 itself drop what the tunnel passed.
+        .args(["--window", "4M"])
         .output()
         .unwrap();
     let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap_or_else(|e| {
@@ -419,4 +422,58 @@ fn a_rinetd_conf_with_udp_rules_runs_as_it_is() {
     assert_eq!(code, Some(0), "{stderr}");
     let tcp = lines_with(&log, &[&format!("route=127.0.0.1:{port} ")]);
     assert!(!tcp.is_empty(), "the TCP rule's line");
+}
+
+#[test]
+fn systemd_socket_activate_passes_the_udp_socket() {
+    let dns = Dns::start();
+    let dir = temp_dir("activate");
+    let port = free_port_both();
+    let config = dir.path().join("tunnel.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "routes:\n  - {{name: dns, protocol: udp, listen: '127.0.0.1:{port}', target: '{}'}}\n",
+            dns.addr
+        ),
+    )
+    .unwrap();
+    let stderr = dir.path().join("stderr");
+    // systemd-socket-activate binds the datagram socket and starts the
+    // tunnel at the first datagram, which waits in the socket for it.
+    let mut command = Command::new(require("systemd-socket-activate"));
+    command
+        .args(["--datagram", "-l", &format!("127.0.0.1:{port}")])
+        .arg(binary("tunnel"))
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap());
+    let _tunnel = Peer(command.spawn().unwrap());
+    // Until systemd-socket-activate listens, the query is refused: ask
+    // again.
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = dig(local(port), "example.test", false).output().unwrap();
+        if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "192.0.2.7" {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "no answer through the activated tunnel: {}",
+            std::fs::read_to_string(&stderr).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    let used = log
+        .lines()
+        .find(|l| l.contains("using the socket the service manager passed"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        used.contains(&format!("inherited=127.0.0.1:{port}")) && used.contains("UDP"),
+        "{used}"
+    );
+    assert!(!log.contains("already in use"), "{log}");
 }

@@ -48,21 +48,32 @@ use crate::settings::{Policy, Route, Target};
 /// datagram that fills it is one that was cut.
 pub const MAX_DATAGRAM: usize = 64 * 1024;
 
-/// Datagrams a session holds while it resolves its target; more are
-/// dropped (and counted).
-const STARTING_BACKLOG: usize = 64;
+/// Datagrams a session holds while it resolves its target, and their
+/// bytes (one datagram of any size is always held); more are dropped (and
+/// counted), so memory stays bounded by the session cap.
+const STARTING_BACKLOG: usize = 32;
+const STARTING_BYTES: usize = 64 * 1024;
 
 /// Datagrams from a target relayed per wake-up, so one busy session does
 /// not hold its thread.
 const REPLIES_PER_WAKE: usize = 64;
+
+/// The receive buffer asked for a route's socket, which takes the
+/// datagrams of every client: room for a burst while the tunnel is busy
+/// elsewhere (the system caps it at `net.core.rmem_max`).
+const SOCKET_RECEIVE_BUFFER: usize = 4 << 20;
 
 /// How long a reload or shutdown waits for the sessions it ends to log.
 const END_WAIT: Duration = Duration::from_secs(5);
 
 /// Binds a route's UDP socket at `addr`; `[::]` takes IPv4 clients too.
 /// No address reuse: two UDP sockets on one port would share its
-/// datagrams.
+/// datagrams. Under socket activation, a UDP socket the service manager
+/// passed for `addr` (`ListenDatagram=`) is used instead.
 pub fn bind(addr: ListenAddr) -> io::Result<UdpSocket> {
+    if let Some(passed) = common::systemd::activation::udp_socket(addr.0) {
+        return UdpSocket::from_std(passed?);
+    }
     let addr = addr.0;
     let socket = Socket::new(
         Domain::for_address(addr),
@@ -72,6 +83,7 @@ pub fn bind(addr: ListenAddr) -> io::Result<UdpSocket> {
     if addr.is_ipv6() {
         let _ = socket.set_only_v6(false);
     }
+    let _ = socket.set_recv_buffer_size(SOCKET_RECEIVE_BUFFER);
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     UdpSocket::from_std(socket.into())
@@ -330,9 +342,36 @@ impl UdpRoute {
         }
     }
 
+    /// A socket connected to a target at once, when every target is an IP
+    /// address (no name to resolve): a new session is ready with its
+    /// first datagram, however many follow it at once. `None` when a
+    /// name must be resolved (see [`Self::open`]).
+    fn open_now(&self) -> Option<Result<Opened, String>> {
+        let ips: Vec<IpAddr> = self
+            .route
+            .targets
+            .iter()
+            .map(|t| t.host.parse().ok())
+            .collect::<Option<_>>()?;
+        let mut failures = Vec::new();
+        for i in self.order() {
+            let target = &self.route.targets[i];
+            let addr = SocketAddr::new(ips[i], target.port);
+            let stats = self.stats.target(&target.to_string());
+            match connect_now(addr) {
+                Ok(socket) => return Some(Ok((socket, addr, stats))),
+                Err(e) => {
+                    stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    failures.push(format!("{target}: {e}"));
+                }
+            }
+        }
+        Some(Err(failures.join("; ")))
+    }
+
     /// A socket connected to a target: each in turn (see [`Self::order`]),
     /// resolved now, the first address of its name.
-    async fn open(&self) -> Result<(UdpSocket, SocketAddr, Arc<TargetStats>), String> {
+    async fn open(&self) -> Result<Opened, String> {
         let mut failures = Vec::new();
         for i in self.order() {
             let target = &self.route.targets[i];
@@ -349,6 +388,24 @@ impl UdpRoute {
     }
 }
 
+/// A new session's socket, connected to its target: the socket, the
+/// target's address and its counters.
+type Opened = (UdpSocket, SocketAddr, Arc<TargetStats>);
+
+/// A UDP socket connected to `addr`, without waiting: binding and
+/// connecting a UDP socket only set addresses in the kernel.
+fn connect_now(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(local)?;
+    socket.connect(addr)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
 /// A UDP socket connected to `target`, resolved now.
 async fn connect(target: &Target) -> io::Result<(UdpSocket, SocketAddr)> {
     let addr = match target.host.parse::<IpAddr>() {
@@ -358,14 +415,7 @@ async fn connect(target: &Target) -> io::Result<(UdpSocket, SocketAddr)> {
             .next()
             .ok_or_else(|| io::Error::other("the name has no address"))?,
     };
-    let local: SocketAddr = if addr.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = UdpSocket::bind(local).await?;
-    socket.connect(addr).await?;
-    Ok((socket, addr))
+    Ok((connect_now(addr)?, addr))
 }
 
 /// Datagrams and their bytes.
@@ -391,8 +441,9 @@ impl Count {
 
 /// Where a session is.
 enum State {
-    /// Resolving its target: the datagrams that came meanwhile.
-    Starting(VecDeque<Vec<u8>>),
+    /// Resolving its target: the datagrams that came meanwhile, and their
+    /// bytes.
+    Starting(VecDeque<Vec<u8>>, usize),
     /// Connected: datagrams go straight to the target.
     Ready,
     /// Over: a datagram from its client starts a new one.
@@ -410,6 +461,8 @@ struct Session {
     state: Mutex<State>,
     socket: OnceLock<UdpSocket>,
     target: OnceLock<(SocketAddr, Arc<TargetStats>)>,
+    /// Why no target could be opened at once (see [`UdpRoute::open_now`]).
+    failed: OnceLock<String>,
     started: Instant,
     /// When the last datagram went either way, in milliseconds after
     /// `started`.
@@ -420,6 +473,15 @@ struct Session {
 }
 
 impl Session {
+    /// Takes the socket to its target: from now on datagrams go straight
+    /// there.
+    fn connected(&self, (socket, addr, stats): Opened) -> &UdpSocket {
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        stats.total.fetch_add(1, Ordering::Relaxed);
+        let _ = self.target.set((addr, stats));
+        self.socket.get_or_init(|| socket)
+    }
+
     fn touch(&self) {
         let now = self.started.elapsed().as_millis() as u64;
         self.last.store(now, Ordering::Relaxed);
@@ -452,11 +514,16 @@ impl Session {
             let mut state = self.state.lock().expect("session lock");
             match &mut *state {
                 State::Ready => {}
-                State::Starting(queue) if queue.len() < STARTING_BACKLOG => {
+                State::Starting(queue, bytes)
+                    if queue.is_empty()
+                        || (queue.len() < STARTING_BACKLOG
+                            && *bytes + data.len() <= STARTING_BYTES) =>
+                {
                     queue.push_back(data.to_vec());
+                    *bytes += data.len();
                     return;
                 }
-                State::Starting(_) => {
+                State::Starting(..) => {
                     self.route.stats.udp.dropped(Dropped::Backlog);
                     return;
                 }
@@ -469,6 +536,8 @@ impl Session {
         let Some(socket) = self.socket.get() else {
             return;
         };
+        // Awaited in the receive loop: a UDP socket is writable unless the
+        // system is out of buffers, when datagrams are being lost anyway.
         match socket.send(data).await {
             Ok(_) => self.count_sent(data.len()),
             Err(e) => {
@@ -480,45 +549,17 @@ impl Session {
 
     /// Runs the session until it ends, and says how.
     async fn serve(&self, reply: &UdpSocket) -> (End, Option<String>) {
-        let route = &self.route.route;
-        let wait = route.connect_timeout.0;
-        let (socket, addr, stats) = match tokio::time::timeout(wait, self.route.open()).await {
-            Ok(Ok(opened)) => opened,
-            Ok(Err(why)) => return (End::Unreachable, Some(why)),
-            Err(_) => {
-                return (
-                    End::Unreachable,
-                    Some(format!("no target resolved within {wait:?}")),
-                )
-            }
-        };
-        stats.active.fetch_add(1, Ordering::Relaxed);
-        stats.total.fetch_add(1, Ordering::Relaxed);
-        let _ = self.target.set((addr, stats));
-        let socket = self.socket.get_or_init(|| socket);
-        // The datagrams held while starting go first, in order; those that
-        // come meanwhile join the queue, and once it is empty the session
-        // is ready.
-        loop {
-            let next = {
-                let mut state = self.state.lock().expect("session lock");
-                match &mut *state {
-                    State::Starting(queue) => {
-                        let next = queue.pop_front();
-                        if next.is_none() {
-                            *state = State::Ready;
-                        }
-                        next
-                    }
-                    _ => None,
-                }
-            };
-            let Some(datagram) = next else { break };
-            match socket.send(&datagram).await {
-                Ok(_) => self.count_sent(datagram.len()),
-                Err(_) => self.route.stats.udp.dropped(Dropped::SendFailed),
-            }
+        if let Some(why) = self.failed.get() {
+            return (End::Unreachable, Some(why.clone()));
         }
+        let route = &self.route.route;
+        let socket = match self.socket.get() {
+            Some(socket) => socket,
+            None => match self.start().await {
+                Ok(socket) => socket,
+                Err(why) => return (End::Unreachable, Some(why)),
+            },
+        };
         let idle = route.idle_timeout.0;
         loop {
             let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
@@ -555,6 +596,41 @@ impl Session {
                         return (End::IdleTimeout, None);
                     }
                 }
+            }
+        }
+    }
+
+    /// Resolves and opens the target (within the connect timeout), then
+    /// sends the datagrams held meanwhile, in order; those that come while
+    /// it does join the queue, and once it is empty the session is ready.
+    async fn start(&self) -> Result<&UdpSocket, String> {
+        let wait = self.route.route.connect_timeout.0;
+        let socket = match tokio::time::timeout(wait, self.route.open()).await {
+            Ok(Ok(opened)) => self.connected(opened),
+            Ok(Err(why)) => return Err(why),
+            Err(_) => return Err(format!("no target resolved within {wait:?}")),
+        };
+        loop {
+            let next = {
+                let mut state = self.state.lock().expect("session lock");
+                match &mut *state {
+                    State::Starting(queue, bytes) => {
+                        let next = queue.pop_front();
+                        match &next {
+                            Some(datagram) => *bytes -= datagram.len(),
+                            None => *state = State::Ready,
+                        }
+                        next
+                    }
+                    _ => None,
+                }
+            };
+            let Some(datagram) = next else {
+                return Ok(socket);
+            };
+            match socket.send(&datagram).await {
+                Ok(_) => self.count_sent(datagram.len()),
+                Err(_) => self.route.stats.udp.dropped(Dropped::SendFailed),
             }
         }
     }
@@ -614,7 +690,7 @@ impl Session {
     fn finish(self: &Arc<Self>, listener: &Listener, end: End, detail: Option<String>) {
         let held =
             match std::mem::replace(&mut *self.state.lock().expect("session lock"), State::Ended) {
-                State::Starting(queue) => queue.len(),
+                State::Starting(queue, _) => queue.len(),
                 _ => 0,
             };
         for _ in 0..held {
@@ -744,19 +820,31 @@ impl Listener {
             match sessions.get(&from).filter(|s| !s.ended()) {
                 Some(session) => Ok(session.clone()),
                 None => route.admit(peer).map(|admission| {
+                    let opened = route.open_now();
                     let session = Arc::new(Session {
                         client: from,
                         peer,
                         route: route.clone(),
-                        state: Mutex::new(State::Starting(VecDeque::new())),
+                        state: Mutex::new(State::Starting(VecDeque::new(), 0)),
                         socket: OnceLock::new(),
                         target: OnceLock::new(),
+                        failed: OnceLock::new(),
                         started: Instant::now(),
                         last: AtomicU64::new(0),
                         sent: Count::default(),
                         received: Count::default(),
                         _admission: admission,
                     });
+                    match opened {
+                        Some(Ok(opened)) => {
+                            session.connected(opened);
+                            *session.state.lock().expect("session lock") = State::Ready;
+                        }
+                        Some(Err(why)) => {
+                            let _ = session.failed.set(why);
+                        }
+                        None => {}
+                    }
                     sessions.insert(from, session.clone());
                     let udp = &route.stats.udp;
                     udp.sessions_active.fetch_add(1, Ordering::Relaxed);

@@ -415,9 +415,15 @@ async fn a_tcp_and_a_udp_route_share_an_address() {
         Duration::from_secs(1),
         AccessLog::to_file(log_file.path()).unwrap(),
     );
-    let socket = tunnel::udp::bind(ListenAddr("127.0.0.1:0".parse().unwrap())).unwrap();
+    // A port free over both: another process may hold the TCP port of a
+    // free UDP one.
+    let (socket, listener) = loop {
+        let socket = tunnel::udp::bind(ListenAddr("127.0.0.1:0".parse().unwrap())).unwrap();
+        if let Ok(listener) = TcpListener::bind(socket.local_addr().unwrap()).await {
+            break (socket, listener);
+        }
+    };
     let addr = socket.local_addr().unwrap();
-    // The same port over TCP, bound by the tunnel itself.
     let routes = vec![
         udp_route("dns", addr, udp_target),
         Route::new(
@@ -429,7 +435,7 @@ async fn a_tcp_and_a_udp_route_share_an_address() {
     tunnel
         .apply_sockets(
             routes.clone(),
-            HashMap::new(),
+            HashMap::from([(ListenAddr(addr), listener)]),
             HashMap::from([(ListenAddr(addr), socket)]),
         )
         .await
@@ -450,4 +456,47 @@ async fn a_tcp_and_a_udp_route_share_an_address() {
     assert_eq!(ask(&udp, b"still", WAIT).await.unwrap(), b"still");
     drop(tcp);
     tunnel.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dual_stack_route_serves_ipv4_and_ipv6_clients_to_an_ipv6_target() {
+    let target = UdpSocket::bind("[::1]:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let (n, from) = target.recv_from(&mut buf).await.unwrap();
+            target.send_to(&buf[..n], from).await.unwrap();
+        }
+    });
+    let log_file = tempfile::NamedTempFile::new().unwrap();
+    let tunnel = Tunnel::new(
+        Duration::from_secs(1),
+        AccessLog::to_file(log_file.path()).unwrap(),
+    );
+    let socket = tunnel::udp::bind(ListenAddr("[::]:0".parse().unwrap())).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let route = udp_route("v6", socket.local_addr().unwrap(), target_addr);
+    tunnel
+        .apply_sockets(
+            vec![route.clone()],
+            HashMap::new(),
+            HashMap::from([(route.listen[0], socket)]),
+        )
+        .await
+        .unwrap();
+    let v4 = client([127, 0, 0, 1], SocketAddr::from(([127, 0, 0, 1], port))).await;
+    assert_eq!(ask(&v4, b"four", WAIT).await.unwrap(), b"four");
+    let v6 = UdpSocket::bind("[::1]:0").await.unwrap();
+    v6.connect(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)))
+        .await
+        .unwrap();
+    assert_eq!(ask(&v6, b"six", WAIT).await.unwrap(), b"six");
+    tunnel.shutdown().await;
+    let lines = lines_with(&log_file, "closed at shutdown", 2).await;
+    // The IPv4 client as the IPv4 address it is, not IPv4-mapped.
+    let v4_client = format!("client={} target={target_addr}", v4.local_addr().unwrap());
+    let v6_client = format!("client={} target={target_addr}", v6.local_addr().unwrap());
+    assert!(lines.iter().any(|l| l.contains(&v4_client)), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains(&v6_client)), "{lines:?}");
 }
