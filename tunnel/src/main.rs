@@ -20,7 +20,7 @@ use tunnel::{program, rinetd};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Forward TCP connections to a target behind a firewall.
+/// Forward TCP connections (and UDP datagrams) to a target behind a firewall.
 ///
 /// Quick form: `tunnel --listen 0.0.0.0:1001 --target db.internal:5432`, or
 /// set TUNNEL_HOST and TUNNEL_PORT. Many routes: `--config FILE` (YAML) or
