@@ -16,7 +16,16 @@ declare -A packages=(
     [promtool]=prometheus
     [openssl]=openssl
     [telnet-ssl]=telnet-ssl
+    [dnsmasq]=dnsmasq-base
+    [dig]=dnsutils
+    [iperf3]=iperf3
+    [systemd-socket-activate]=systemd
+    [systemd-analyze]=systemd
 )
+# dnsmasq-base is the server alone, without the package that would start
+# it as the system's DNS service; it installs to /usr/sbin, which a
+# user's PATH may lack.
+export PATH="$PATH:/usr/sbin"
 
 missing=()
 for command in "${!packages[@]}"; do

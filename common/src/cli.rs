@@ -156,7 +156,9 @@ pub struct ServeArgs {
 
 /// A program's start, the same in every one: its arguments parsed, its
 /// settings resolved (every problem printed, `--print-config` answered),
-/// its log started. `Err` is the status to exit with.
+/// its log started; what a service manager passed in the environment is
+/// taken (see [`crate::systemd::take_environment`]). `Err` is the status to
+/// exit with.
 pub fn start<A, T>(
     program: &'static str,
     common: impl Fn(&A) -> &CommonArgs,
@@ -166,6 +168,8 @@ where
     A: clap::Parser + Serialize,
     T: Serialize + DeserializeOwned + Default + crate::config::ProgramSettings,
 {
+    // Before any thread starts: it changes the environment.
+    crate::systemd::take_environment();
     let args = parse_args::<A>()?;
     let settings = match load::<T, _>(program, common(&args), &args) {
         Loaded::Run(resolved) => resolved.settings,
@@ -238,7 +242,9 @@ pub fn runtime(program: &str, flavor: Flavor) -> Result<tokio::runtime::Runtime,
 
 /// Starts the async runtime, binds the program's endpoint and runs `serve`
 /// on it until it returns; a bind failure says what to change (status 64),
-/// a failure of `serve` gives status 1.
+/// a failure of `serve` gives status 1. Under systemd, the endpoint may be
+/// a socket it passed, and it hears READY=1 once the endpoint listens and
+/// STOPPING=1 when the stop begins.
 pub fn serve_endpoint<F, Fut>(endpoint: Endpoint, serve: F) -> ExitCode
 where
     F: FnOnce(TcpListener) -> Fut,
@@ -249,6 +255,7 @@ where
         Err(code) => return code,
     };
     let program = endpoint.program;
+    let endpoint_name = endpoint.name;
     runtime.block_on(async move {
         let listener = match endpoint.bind() {
             Ok(listener) => listener,
@@ -257,6 +264,7 @@ where
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
+        tell_service_manager(endpoint_name, &listener);
         match serve(listener).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -265,4 +273,23 @@ where
             }
         }
     })
+}
+
+/// Socket activation and readiness for a program of one endpoint: a
+/// passed socket it does not use is reported, READY=1 is sent now that it
+/// listens, and STOPPING=1 when the process's stop begins.
+fn tell_service_manager(endpoint: &str, listener: &TcpListener) {
+    use crate::systemd::{activation, notify};
+    activation::report_unused();
+    if !notify::enabled() {
+        return;
+    }
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    notify::ready(&format!("{endpoint} listening on {addr}"));
+    tokio::spawn(async move {
+        crate::signal::process().begun().cancelled().await;
+        notify::stopping("stopping: finishing open connections");
+    });
 }

@@ -56,8 +56,20 @@ impl Endpoint {
 
 /// A failed bind of `addr` in words a user can act on, the same for every
 /// listener of every program: `what` names the listener (an endpoint, a
-/// route), then what went wrong, then `fix`, what the user should change.
+/// route), then what went wrong, then `fix`, what the user should change;
+/// or, when a socket the service manager passed holds the port under
+/// another address, that.
 pub fn bind_error(what: &str, addr: ListenAddr, e: &io::Error, fix: &str) -> String {
+    let passed = crate::systemd::activation::on_port(addr.0.port());
+    if e.kind() == io::ErrorKind::AddrInUse && !passed.is_empty() {
+        // The service manager holds the port for a socket written another
+        // way (`[::]:80` for a bare `80`) than the configuration has it.
+        let passed: Vec<String> = passed.iter().map(ToString::to_string).collect();
+        return format!(
+            "{what}: {addr} is already in use, by the socket the service manager passed for {} (socket activation); write the same address in the configuration and in the socket unit's ListenStream=",
+            passed.join(", ")
+        );
+    }
     let problem = match e.kind() {
         io::ErrorKind::AddrInUse => format!("{addr} is already in use"),
         io::ErrorKind::PermissionDenied => format!(
@@ -69,8 +81,14 @@ pub fn bind_error(what: &str, addr: ListenAddr, e: &io::Error, fix: &str) -> Str
     format!("{what}: {problem}; {fix}")
 }
 
-/// Binds a TCP listener the way every program here does.
+/// Binds a TCP listener the way every program here does; when the
+/// service manager passed a listening socket for `addr` (socket
+/// activation, see [`crate::systemd::activation`]), that socket is used
+/// instead.
 pub fn bind_listener(addr: ListenAddr) -> io::Result<TcpListener> {
+    if let Some(passed) = crate::systemd::activation::tcp_listener(addr.0) {
+        return TcpListener::from_std(passed?);
+    }
     let addr = addr.0;
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;

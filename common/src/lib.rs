@@ -8,11 +8,14 @@
 //!   to do;
 //! - [`serve`]: the accept loop with a connection cap, access lists, a span
 //!   per connection and graceful shutdown;
+//! - [`limits`]: per-source limits (connections at once and a rate from one
+//!   address or prefix) in a bounded table;
 //! - [`runtime`]: the tokio runtimes the programs and their threads run on;
 //! - [`yaml`]: YAML read into a tree that knows where every node is;
 //! - [`proxy`]: the PROXY protocol, read from balancers and written to
 //!   targets, so servers see their real clients;
 //! - [`tls`]: TLS configurations read from PEM files, every bad file named;
+//! - [`systemd`]: socket activation and readiness notification;
 //! - [`telemetry`], [`signal`], [`cli`]: logging, shutdown signals, and the
 //!   flags every program has.
 
@@ -20,10 +23,12 @@ pub mod cli;
 pub mod config;
 pub mod endpoint;
 pub mod proxy;
+pub mod limits;
 pub mod runtime;
 pub mod serve;
 pub mod settings;
 pub mod signal;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod yaml;

@@ -8,18 +8,18 @@
 //! retry instead of ending the server. Each connection runs in its own task
 //! inside a span with its id and peer (debug level; info events carry both
 //! as fields); the access list is checked right after
-//! accept.
+//! accept, then the per-source limits ([`crate::limits`]).
 //!
 //! A listener with `accept_proxy` sources reads the PROXY protocol header
 //! those connections start with in the connection's own task (a slow
 //! sender never holds up the accept loop), within the header timeout, and
-//! checks the access list against the client the header names; what is
-//! not a header closes the connection with a log line before the service
-//! sees a byte. A connection from any other source that starts with a
-//! header is refused too (see [`crate::proxy::sends_header`]). Listeners
-//! without `accept_proxy` are served as before, the access list checked
-//! in the accept loop. On shutdown the listener closes at once, handlers are told to
-//! finish (`Accepted::draining`), and whatever is still running when the grace
+//! checks the access list and the per-source limits against the client
+//! the header names; what is not a header closes the connection with a
+//! log line before the service sees a byte. A connection from any other
+//! source that starts with a header is refused too (see
+//! [`crate::proxy::sends_header`]). On shutdown the listener closes at
+//! once, handlers are told to finish (`Accepted::draining`), and whatever
+//! is still running when the grace
 //! period ends is closed.
 
 use std::future::Future;
@@ -38,6 +38,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::limits::{PerSource, Refusal, SourcePermit};
 use crate::proxy::{Carried, HeaderError};
 use crate::settings::{AccessRules, CidrList, ServeSettings};
 
@@ -90,16 +91,10 @@ pub trait Handler<S = TcpStream>: Send + Sync + 'static {
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 
     /// Called for a client the access list refused, after the connection is
-    /// dropped. The default logs it.
-    fn refused(&self, id: u64, peer: SocketAddr) {
-        info!(conn = id, %peer, "refused by access list");
-    }
-
-    /// Called for a client the access list refused once the PROXY header
-    /// from `via` named it, after the connection is dropped. The default
-    /// logs it.
-    fn refused_via(&self, id: u64, peer: SocketAddr, via: SocketAddr) {
-        info!(conn = id, %peer, %via, "refused by access list");
+    /// dropped; `via` is the balancer whose PROXY header named the client,
+    /// when it came through one. The default logs it.
+    fn refused(&self, id: u64, peer: SocketAddr, via: Option<SocketAddr>) {
+        info!(conn = id, %peer, via = via.map(tracing::field::display), "refused by access list");
     }
 
     /// Called for a connection closed for its PROXY header (malformed,
@@ -113,6 +108,20 @@ pub trait Handler<S = TcpStream>: Send + Sync + 'static {
         } else {
             info!(conn = id, %peer, reason = %why, "refused: PROXY header");
         }
+    }
+
+    /// Called for a client over its source's per-source limits, after the
+    /// connection is dropped. The default logs the refusals the limiter
+    /// picks to log (`refused: per-source limit`, sparingly: see
+    /// [`crate::limits`]).
+    fn refused_per_source(
+        &self,
+        id: u64,
+        peer: SocketAddr,
+        via: Option<SocketAddr>,
+        refusal: &Refusal,
+    ) {
+        refusal.log_line(id, peer, via);
     }
 }
 
@@ -133,6 +142,9 @@ pub struct ServeOptions {
     pub accept_proxy: CidrList,
     /// How long such a connection may take to send its header.
     pub header_timeout: Duration,
+    /// Limits on each client address or prefix, when there are any; its
+    /// owner keeps it, like the cap.
+    pub per_source: Option<Arc<PerSource>>,
 }
 
 impl From<&ServeSettings> for ServeOptions {
@@ -144,6 +156,7 @@ impl From<&ServeSettings> for ServeOptions {
             grace: s.shutdown_grace.0,
             accept_proxy: s.accept_proxy.clone(),
             header_timeout: crate::tls::HANDSHAKE_TIMEOUT,
+            per_source: s.per_source.as_ref().and_then(|p| p.limiter()),
         }
     }
 }
@@ -289,9 +302,20 @@ pub async fn accept_until<H: Handler<TcpStream>>(
         let trusted = gate.as_ref().is_some_and(|g| g.from.contains(peer.ip()));
         if !trusted && !options.access.permits(peer.ip()) {
             drop(stream);
-            handler.refused(id, peer);
+            handler.refused(id, peer, None);
             continue;
         }
+        // A balancer's clients are counted once its header names them.
+        let per_source = options.per_source.as_ref().filter(|_| !trusted);
+        let source = match per_source.map(|l| l.admit(peer.ip())) {
+            None => None,
+            Some(Ok(permit)) => Some(permit),
+            Some(Err(refusal)) => {
+                drop(stream);
+                handler.refused_per_source(id, peer, None, &refusal);
+                continue;
+            }
+        };
         // A full cap holds this connection (and, since this loop accepts no
         // more meanwhile, everyone behind it waits in the kernel's backlog)
         // until a place frees. Taking the place after accept rather than
@@ -329,6 +353,7 @@ pub async fn accept_until<H: Handler<TcpStream>>(
         let handler = handler.clone();
         let task = Task {
             permit,
+            source,
             id,
             peer,
             span,
@@ -348,6 +373,7 @@ pub async fn accept_until<H: Handler<TcpStream>>(
 /// What the accept loop hands a connection's task besides its stream.
 struct Task {
     permit: CapPermit,
+    source: Option<SourcePermit>,
     id: u64,
     peer: SocketAddr,
     span: tracing::Span,
@@ -363,6 +389,7 @@ where
 {
     let Task {
         permit,
+        source,
         id,
         peer,
         span,
@@ -374,6 +401,7 @@ where
             handler: serve(stream),
             closing,
             _permit: permit,
+            _source: source,
             id,
             peer,
         };
@@ -393,6 +421,7 @@ where
             handler: serve(stream),
             closing,
             _permit: permit,
+            _source: source,
             id,
             peer,
         }
@@ -407,6 +436,7 @@ where
 struct ProxyGate {
     from: CidrList,
     access: AccessRules,
+    per_source: Option<Arc<PerSource>>,
     timeout: Duration,
 }
 
@@ -416,6 +446,7 @@ impl ProxyGate {
             Arc::new(ProxyGate {
                 from: options.accept_proxy.clone(),
                 access: options.access.clone(),
+                per_source: options.per_source.clone(),
                 timeout: options.header_timeout,
             })
         })
@@ -460,13 +491,21 @@ async fn gated<H: Handler<TcpStream>>(
         tracing::Span::current().record("peer", tracing::field::display(client));
         if !gate.access.permits(client.ip()) {
             drop(stream);
-            match conn.via {
-                Some(via) => handler.refused_via(conn.id, client, via),
-                None => handler.refused(conn.id, client),
-            }
+            handler.refused(conn.id, client, conn.via);
             return Ok(());
         }
+        // Held until the connection ends.
+        let _source = match gate.per_source.as_ref().map(|l| l.admit(client.ip())) {
+            None => None,
+            Some(Ok(permit)) => Some(permit),
+            Some(Err(refusal)) => {
+                drop(stream);
+                handler.refused_per_source(conn.id, client, conn.via, &refusal);
+                return Ok(());
+            }
+        };
         debug!(peer = %conn.peer, via = ?conn.via, "PROXY header read");
+        return handler.handle(stream, conn).await;
     } else {
         let watched = tokio::select! {
             biased;
@@ -489,7 +528,8 @@ async fn gated<H: Handler<TcpStream>>(
 
 pin_project_lite::pin_project! {
     /// One connection's task: its handler, dropped (closing the socket) at
-    /// the end of the grace period, and its place under the connection cap.
+    /// the end of the grace period, and its places under the connection cap
+    /// and its source's limits.
     /// A plain struct rather than an async block, so the handler's future
     /// is stored once: this is most of an idle connection's memory.
     struct Connection<F> {
@@ -498,6 +538,7 @@ pin_project_lite::pin_project! {
         #[pin]
         closing: WaitForCancellationFutureOwned,
         _permit: CapPermit,
+        _source: Option<SourcePermit>,
         id: u64,
         peer: SocketAddr,
     }

@@ -289,6 +289,9 @@ pub struct ServeSettings {
     /// names (DNS or URI subject alternative name, or common name; exact
     /// or `*.` for one label) get in.
     pub tls_client_names: List<crate::tls::names::NamePattern>,
+    /// Limits on each client address or prefix: connections at once and
+    /// new connections over time (off when unset).
+    pub per_source: Option<crate::limits::PerSourceSettings>,
 }
 
 impl Default for ServeSettings {
@@ -304,6 +307,7 @@ impl Default for ServeSettings {
             tls_key: None,
             tls_client_ca: None,
             tls_client_names: List::default(),
+            per_source: None,
         }
     }
 }

@@ -41,6 +41,10 @@ pub fn binary(name: &str) -> PathBuf {
         build
             .current_dir(workspace)
             .env("CARGO_TARGET_DIR", target)
+            // The test's own manifest directory would make build scripts
+            // that watch it (ring's) run again, and everything above them
+            // rebuild, in every test process.
+            .env_remove("CARGO_MANIFEST_DIR")
             .args(["build", "--quiet", "--workspace", "--bins"]);
         if profile_dir.file_name().is_some_and(|p| p == "release") {
             build.arg("--release");

@@ -37,6 +37,9 @@ pub enum End {
     /// missing, or sent by a source not in `accept_proxy`: `PROXY header
     /// refused`.
     ProxyHeader,
+    /// The client's address or prefix was over the route's per-source
+    /// limits: `refused: per-source limit`.
+    PerSource,
     /// Relayed to a target, and ended so (`closed by client`, `idle
     /// timeout`, ...).
     Relayed(relay::End),
@@ -51,6 +54,7 @@ impl End {
             End::Handshake => "TLS handshake failed",
             End::NoRoute => "no route for the server name",
             End::ProxyHeader => "PROXY header refused",
+            End::PerSource => "refused: per-source limit",
             End::Relayed(end) => end.as_str(),
         }
     }
@@ -163,9 +167,15 @@ impl AccessLog {
             detail = entry.detail.as_deref(),
             "connection"
         );
+        self.append(&entry.line());
+    }
+
+    /// Appends `line` (without its time stamp) to the file, if there is
+    /// one: for lines of another shape, such as a UDP session's.
+    pub fn append(&self, line: &str) {
         if let Some((file, _)) = &self.file {
             let stamp = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.3fZ");
-            let line = format!("{stamp} {}\n", entry.line());
+            let line = format!("{stamp} {line}\n");
             // One write is one queued line, whole; the writer thread
             // appends it.
             let _ = file.clone().write_all(line.as_bytes());

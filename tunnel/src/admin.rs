@@ -61,6 +61,7 @@ impl Admin {
             grace: Duration::from_secs(1),
             accept_proxy: Default::default(),
             header_timeout: REQUEST_TIMEOUT,
+            per_source: None,
         }
     }
 }

@@ -6,7 +6,9 @@
 //! handed to the new accept loops, new addresses are bound first, and if any
 //! bind fails nothing changes. [`Tunnel::shutdown`] stops accepting and
 //! drains within the grace period. [`Tunnel::readiness`] tells whether
-//! every route can reach a live target (see [`ready`]).
+//! every route can reach a live target (see [`ready`]). Routes with
+//! `protocol: udp` forward datagrams instead, a session per client (see
+//! [`udp`]); they have no readiness probe, since UDP has no connect.
 //!
 //! [`program`] is the program around it: the relay threads, the admin
 //! endpoint, the pid file, reload on SIGHUP and the drain on stop.
@@ -22,6 +24,7 @@ pub mod relay;
 pub mod rinetd;
 pub mod settings;
 pub mod tls;
+pub mod udp;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,7 +49,7 @@ use crate::access_log::{AccessLog, End, Entry};
 use crate::balance::Balancer;
 use crate::metrics::{Metrics, RouteStats};
 use crate::ready::{Probe, Readiness, RouteState, Source, Watched};
-pub use crate::settings::{overlaps, Route, Settings, Target};
+pub use crate::settings::{overlaps, Protocol, Route, Settings, Target};
 
 /// Serves one route's connections: terminate TLS if the route does,
 /// connect to a target (over TLS if the route originates it), relay, log.
@@ -322,14 +325,32 @@ impl Handler for RouteHandler {
             .await
     }
 
-    fn refused(&self, _id: u64, peer: std::net::SocketAddr) {
-        self.stats.refused.fetch_add(1, Ordering::Relaxed);
-        self.refusal(peer, None, End::Refused, None);
+    fn refused_per_source(
+        &self,
+        _id: u64,
+        peer: std::net::SocketAddr,
+        via: Option<std::net::SocketAddr>,
+        refusal: &common::limits::Refusal,
+    ) {
+        // Counted by the limiter; logged as sparingly as it says.
+        if refusal.log.is_some() {
+            self.log.record(&Entry {
+                route: &self.route.name,
+                client: peer,
+                via,
+                target: self.targets(),
+                sent: 0,
+                received: 0,
+                duration: Duration::ZERO,
+                end: End::PerSource,
+                detail: Some(refusal.to_string()),
+            });
+        }
     }
 
-    fn refused_via(&self, _id: u64, peer: std::net::SocketAddr, via: std::net::SocketAddr) {
+    fn refused(&self, _id: u64, peer: std::net::SocketAddr, via: Option<std::net::SocketAddr>) {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
-        self.refusal(peer, Some(via), End::Refused, None);
+        self.refusal(peer, via, End::Refused, None);
     }
 
     fn header_refused(
@@ -401,6 +422,8 @@ pub struct Tunnel {
     connections: LiveConnections,
     log: Arc<AccessLog>,
     metrics: Arc<Metrics>,
+    /// The routes with `protocol: udp`; locked after `running`.
+    udp: Mutex<udp::UdpRoutes>,
 }
 
 /// Why a new set of routes could not be applied; the old set still runs.
@@ -439,6 +462,7 @@ impl Tunnel {
             connections,
             log: Arc::new(log),
             metrics: Arc::new(Metrics::default()),
+            udp: Mutex::new(udp::UdpRoutes::default()),
         }
     }
 
@@ -469,8 +493,23 @@ impl Tunnel {
     pub async fn apply(
         &self,
         routes: Vec<Route>,
-        mut bound: HashMap<ListenAddr, TcpListener>,
+        bound: HashMap<ListenAddr, TcpListener>,
     ) -> Result<(), ApplyError> {
+        self.apply_sockets(routes, bound, HashMap::new()).await
+    }
+
+    /// [`Tunnel::apply`], with UDP sockets bound already too (`udp`, by
+    /// the address a UDP route names). UDP routes keep the sockets of
+    /// their addresses, and the sessions on them, across the change.
+    pub async fn apply_sockets(
+        &self,
+        routes: Vec<Route>,
+        mut bound: HashMap<ListenAddr, TcpListener>,
+        mut bound_udp: HashMap<ListenAddr, tokio::net::UdpSocket>,
+    ) -> Result<(), ApplyError> {
+        let (udp_routes, routes): (Vec<Route>, Vec<Route>) = routes
+            .into_iter()
+            .partition(|r| r.protocol == Protocol::Udp);
         let mut running = self.running.lock().await;
         let mut held: HashMap<ListenAddr, Arc<TcpListener>> = running
             .iter()
@@ -514,6 +553,8 @@ impl Tunnel {
             }
             planned.push((route, listeners, tls));
         }
+        let mut udp = self.udp.lock().await;
+        let udp_plan = udp.plan(udp_routes, &mut bound_udp, &mut errors);
         if !errors.is_empty() {
             return Err(ApplyError(errors));
         }
@@ -551,11 +592,12 @@ impl Tunnel {
                         cap: old.cap.clone(),
                         balancer,
                         probe,
+                        per_source: old.options.per_source.clone(),
                     },
                 );
             }
         }
-        let configured: Vec<(String, Vec<String>)> = planned
+        let mut configured: Vec<(String, Vec<String>)> = planned
             .iter()
             .map(|(r, _, _)| {
                 (
@@ -564,6 +606,7 @@ impl Tunnel {
                 )
             })
             .collect();
+        configured.extend(udp_plan.configured());
         self.metrics.retain(&configured);
         for (route, listeners, tls) in planned {
             let carried = match carried.remove(&route.name) {
@@ -575,11 +618,13 @@ impl Tunnel {
                     cap: ConnectionCap::new(route.max_connections),
                     balancer: None,
                     probe: None,
+                    per_source: None,
                 },
             };
             running.push(self.start(route, listeners, carried, tls));
         }
         self.start_shared(&mut running);
+        udp.commit(udp_plan, &self.metrics, &self.log).await;
         *self.watched.lock().expect("readiness lock") =
             running.iter().map(Running::watched).collect();
         Ok(())
@@ -596,6 +641,7 @@ impl Tunnel {
             cap,
             balancer,
             probe,
+            per_source,
         } = carried;
         let probe = probe.unwrap_or_else(|| Probe::new(&route.targets, route.connect_timeout.0));
         let stop = CancellationToken::new();
@@ -606,6 +652,11 @@ impl Tunnel {
             grace: Duration::ZERO,
             accept_proxy: route.accept_proxy.clone(),
             header_timeout: route.connect_timeout.0,
+            per_source: common::limits::PerSource::carry(
+                per_source,
+                &route.per_source,
+                &self.metrics.route(&route.name).per_source,
+            ),
         };
         let stats = self.metrics.route(&route.name);
         let balancer = balancer.unwrap_or_else(|| {
@@ -727,6 +778,8 @@ impl Tunnel {
                     .map(|r| r.handler.route.connect_timeout.0)
                     .max()
                     .unwrap_or(tls::HELLO_TIMEOUT),
+                // Each route's own limits apply once its name is known.
+                per_source: None,
             };
             let router = Arc::new(tls::SniRouter {
                 listen,
@@ -749,7 +802,12 @@ impl Tunnel {
             running
                 .iter()
                 .all(|r| r.loops.iter().all(|l| !l.is_finished()))
-        })
+        }) && self.udp.try_lock().map_or(true, |udp| udp.receiving())
+    }
+
+    /// How many UDP sessions are open.
+    pub async fn udp_sessions(&self) -> usize {
+        self.udp.lock().await.sessions()
     }
 
     /// Whether every route can reach a live target, and the tunnel is
@@ -799,6 +857,7 @@ impl Tunnel {
             }
         }
         drop(running);
+        self.udp.lock().await.shutdown().await;
         self.connections.drain().await;
     }
 }
@@ -808,6 +867,9 @@ struct Carried {
     cap: ConnectionCap,
     balancer: Option<Arc<Balancer>>,
     probe: Option<Arc<Probe>>,
+    /// Its per-source limiter, kept (with the counts of open connections)
+    /// unless the limits now group sources differently.
+    per_source: Option<Arc<common::limits::PerSource>>,
 }
 
 /// A route's listen address that cannot be bound, in words: an overlap

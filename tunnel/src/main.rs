@@ -20,7 +20,7 @@ use tunnel::{program, rinetd};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Forward TCP connections to a target behind a firewall.
+/// Forward TCP connections (and UDP datagrams) to a target behind a firewall.
 ///
 /// Quick form: `tunnel --listen 0.0.0.0:1001 --target db.internal:5432`, or
 /// set TUNNEL_HOST and TUNNEL_PORT. Many routes: `--config FILE` (YAML) or
@@ -214,6 +214,8 @@ fn routes_of(resolved: &Resolved<Settings>) -> Result<Vec<Route>, ConfigErrors> 
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: it changes the environment.
+    common::systemd::take_environment();
     let args = match parse_args::<Args>() {
         Ok(args) => args,
         Err(code) => return code,

@@ -40,7 +40,87 @@ pub struct RouteStats {
     /// certificate, when the route terminates TLS (kept across reloads
     /// like every counter).
     pub handshakes: Arc<common::tls::HandshakeStats>,
+    /// Sessions and datagrams, when the route forwards UDP.
+    pub udp: UdpStats,
+    /// Refusals by the per-source limits and the sources they track (kept
+    /// across reloads like every counter).
+    pub per_source: Arc<common::limits::PerSourceStats>,
     targets: Mutex<BTreeMap<String, Arc<TargetStats>>>,
+}
+
+/// Why a datagram from a client or a target was not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Its source is refused by the route's access lists.
+    Access,
+    /// It would have started a session, and the route has its most.
+    SessionLimit,
+    /// It filled the receive buffer, so it may have been cut short.
+    Truncated,
+    /// It came while its session was starting, and the queue for that
+    /// was full.
+    Backlog,
+    /// Its session could not start (no target resolved) or had ended.
+    NoTarget,
+    /// Sending it failed.
+    SendFailed,
+}
+
+impl Dropped {
+    /// Every reason, in the order of the exposition.
+    pub const ALL: [Dropped; 6] = [
+        Dropped::Access,
+        Dropped::SessionLimit,
+        Dropped::Truncated,
+        Dropped::Backlog,
+        Dropped::NoTarget,
+        Dropped::SendFailed,
+    ];
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dropped::Access => "access",
+            Dropped::SessionLimit => "session_limit",
+            Dropped::Truncated => "truncated",
+            Dropped::Backlog => "backlog",
+            Dropped::NoTarget => "no_target",
+            Dropped::SendFailed => "send_failed",
+        }
+    }
+}
+
+/// Counters of a UDP route, counted as datagrams go (not as sessions
+/// end, so a long session shows its traffic while it runs).
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    /// Whether the route forwards UDP (only such routes are exposed).
+    pub enabled: AtomicBool,
+    /// Sessions open now.
+    pub sessions_active: AtomicI64,
+    /// Sessions started.
+    pub sessions_total: AtomicU64,
+    /// Datagrams from clients forwarded to targets.
+    pub datagrams_sent: AtomicU64,
+    /// Their bytes.
+    pub bytes_sent: AtomicU64,
+    /// Datagrams from targets forwarded to clients.
+    pub datagrams_received: AtomicU64,
+    /// Their bytes.
+    pub bytes_received: AtomicU64,
+    dropped: [AtomicU64; Dropped::ALL.len()],
+}
+
+impl UdpStats {
+    /// Counts a datagram not forwarded.
+    pub fn dropped(&self, why: Dropped) {
+        self.dropped[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Datagrams not forwarded for `why`.
+    pub fn dropped_total(&self, why: Dropped) -> u64 {
+        self.dropped[why as usize].load(Ordering::Relaxed)
+    }
 }
 
 impl RouteStats {
@@ -137,7 +217,9 @@ impl Metrics {
                 }
             }
         }
+        render_per_source(&routes, &mut out);
         render_tls(&routes, &mut out);
+        render_udp(&routes, &mut out);
         let sni = self.sni_refused.lock().expect("stats lock");
         let _ = writeln!(
             out,
@@ -156,6 +238,36 @@ impl Metrics {
             common::telemetry::dropped_lines()
         );
         out
+    }
+}
+
+/// The per-source families, for every route.
+fn render_per_source(routes: &BTreeMap<String, Arc<RouteStats>>, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_per_source_refused_total Clients refused by the route's per-source limits, by the limit they met.\n# TYPE tunnel_per_source_refused_total counter"
+    );
+    for (route, s) in routes.iter() {
+        let route = escape(route);
+        let s = &s.per_source;
+        let _ = writeln!(
+            out,
+            "tunnel_per_source_refused_total{{route=\"{route}\",limit=\"connections\"}} {}\ntunnel_per_source_refused_total{{route=\"{route}\",limit=\"rate\"}} {}",
+            s.refused_connections(),
+            s.refused_rate()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_per_source_sources Client addresses or prefixes the route's per-source limits remember now.\n# TYPE tunnel_per_source_sources gauge"
+    );
+    for (route, s) in routes.iter() {
+        let _ = writeln!(
+            out,
+            "tunnel_per_source_sources{{route=\"{}\"}} {}",
+            escape(route),
+            s.per_source.sources()
+        );
     }
 }
 
@@ -201,6 +313,80 @@ fn render_tls(routes: &BTreeMap<String, Arc<RouteStats>>, out: &mut String) {
         );
     }
 }
+
+/// The UDP families, for the routes that forward UDP.
+fn render_udp(routes: &BTreeMap<String, Arc<RouteStats>>, out: &mut String) {
+    for family in UDP_FAMILIES {
+        family.header(out);
+        for (route, s) in routes.iter() {
+            if s.udp.enabled.load(Ordering::Relaxed) {
+                let _ = writeln!(
+                    out,
+                    "{}{{route=\"{}\"}} {}",
+                    family.name,
+                    escape(route),
+                    (family.value)(&s.udp)
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP tunnel_udp_datagrams_dropped_total Datagrams not forwarded, by reason.\n# TYPE tunnel_udp_datagrams_dropped_total counter"
+    );
+    for (route, s) in routes.iter() {
+        if s.udp.enabled.load(Ordering::Relaxed) {
+            for why in Dropped::ALL {
+                let _ = writeln!(
+                    out,
+                    "tunnel_udp_datagrams_dropped_total{{route=\"{}\",reason=\"{}\"}} {}",
+                    escape(route),
+                    why.as_str(),
+                    s.udp.dropped_total(why)
+                );
+            }
+        }
+    }
+}
+
+const UDP_FAMILIES: [Family<UdpStats>; 6] = [
+    Family {
+        name: "tunnel_udp_sessions_active",
+        kind: "gauge",
+        help: "UDP sessions open now.",
+        value: |s| s.sessions_active.load(Ordering::Relaxed).max(0) as u64,
+    },
+    Family {
+        name: "tunnel_udp_sessions_total",
+        kind: "counter",
+        help: "UDP sessions started.",
+        value: |s| s.sessions_total.load(Ordering::Relaxed),
+    },
+    Family {
+        name: "tunnel_udp_sent_datagrams_total",
+        kind: "counter",
+        help: "Datagrams from clients forwarded to the targets.",
+        value: |s| s.datagrams_sent.load(Ordering::Relaxed),
+    },
+    Family {
+        name: "tunnel_udp_sent_bytes_total",
+        kind: "counter",
+        help: "Bytes of the datagrams from clients forwarded to the targets.",
+        value: |s| s.bytes_sent.load(Ordering::Relaxed),
+    },
+    Family {
+        name: "tunnel_udp_received_datagrams_total",
+        kind: "counter",
+        help: "Datagrams from the targets forwarded to clients.",
+        value: |s| s.datagrams_received.load(Ordering::Relaxed),
+    },
+    Family {
+        name: "tunnel_udp_received_bytes_total",
+        kind: "counter",
+        help: "Bytes of the datagrams from the targets forwarded to clients.",
+        value: |s| s.bytes_received.load(Ordering::Relaxed),
+    },
+];
 
 /// One metric family: its name, type, help, and how to read it.
 struct Family<S> {

@@ -5,7 +5,9 @@
 //! [`bind`] takes from the system what the configuration names (listen
 //! addresses, the access-log file) before anything runs, so that a taken
 //! address or an unwritable file is a configuration error; [`run`] serves
-//! on what it took until the stop.
+//! on what it took until the stop. Under systemd, listen addresses may be
+//! sockets it passed, and it hears READY=1 once every route listens,
+//! RELOADING=1 then READY=1 around a reload, and STOPPING=1 at the stop.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,6 +19,7 @@ use anyhow::Context;
 use common::endpoint::{bind_listener, Endpoint};
 use common::runtime::Flavor;
 use common::settings::ListenAddr;
+use common::systemd::notify;
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::signal::unix::{signal, SignalKind};
@@ -24,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access_log::AccessLog;
 use crate::admin::Admin;
-use crate::settings::{Route, Settings, PROGRAM};
+use crate::settings::{Protocol, Route, Settings, PROGRAM};
 use crate::{explain_bind, ApplyError, Tunnel};
 
 /// What the tunnel took from the system before serving.
@@ -32,6 +35,9 @@ use crate::{explain_bind, ApplyError, Tunnel};
 pub struct Bound {
     /// Each route's listeners, by the address the route names.
     pub listeners: HashMap<ListenAddr, TcpListener>,
+    /// Each UDP route's sockets, by the address the route names (a TCP
+    /// and a UDP route may name the same one).
+    pub udp: HashMap<ListenAddr, tokio::net::UdpSocket>,
     /// The admin endpoint's address and listener, when one is configured.
     pub admin: Option<(ListenAddr, TcpListener)>,
     /// Where access-log lines go.
@@ -42,6 +48,10 @@ pub struct Bound {
 /// the admin endpoint. The error says what to change: every route address
 /// that cannot be bound at once, worded as a reload would word it.
 /// Call it within a Tokio runtime.
+///
+/// Under socket activation, an address the service manager passed a
+/// socket for is that socket (see `common::systemd::activation`); a
+/// passed socket no route and not the admin endpoint names is reported.
 pub fn bind(settings: &Settings, routes: &[Route]) -> anyhow::Result<Bound> {
     let log = match &settings.access_log {
         Some(path) => AccessLog::to_file(path.as_ref()).map_err(|e| {
@@ -51,8 +61,25 @@ pub fn bind(settings: &Settings, routes: &[Route]) -> anyhow::Result<Bound> {
     }
     .log_empty(settings.log_empty_connections);
     let mut listeners = HashMap::new();
+    let mut udp = HashMap::new();
     let mut errors = Vec::new();
     for route in routes {
+        if route.protocol == Protocol::Udp {
+            for addr in &route.listen {
+                match crate::udp::bind(*addr) {
+                    Ok(socket) => {
+                        udp.insert(*addr, socket);
+                    }
+                    Err(e) => errors.push(explain_bind(
+                        &format!("{} (udp)", route.name),
+                        *addr,
+                        &e,
+                        &[],
+                    )),
+                }
+            }
+            continue;
+        }
         for addr in &route.listen {
             if listeners.contains_key(addr) {
                 // Shared by server name with an earlier route.
@@ -81,8 +108,10 @@ pub fn bind(settings: &Settings, routes: &[Route]) -> anyhow::Result<Bound> {
         }
         None => None,
     };
+    common::systemd::activation::report_unused();
     Ok(Bound {
         listeners,
+        udp,
         admin,
         log,
     })
@@ -113,6 +142,7 @@ where
 {
     let Bound {
         listeners,
+        udp,
         admin,
         log,
     } = bound;
@@ -124,7 +154,8 @@ where
         workers,
     ));
     // Every address is bound already: nothing is left to fail.
-    tunnel.apply(routes, listeners).await?;
+    let mut serving = routes.len();
+    tunnel.apply_sockets(routes, listeners, udp).await?;
     let admin_stop = CancellationToken::new();
     let admin_task = admin.map(|(addr, listener)| {
         // The bound address: with port 0 the configured one says nothing.
@@ -142,6 +173,7 @@ where
         ))
     });
     let pid_file = settings.pid_file.as_deref().map(PidFile::write);
+    notify::ready(&serving_status(serving));
     tokio::pin!(shutdown);
     let mut reloads = true;
     loop {
@@ -150,11 +182,26 @@ where
             // A signal stream that ended delivers nothing more: wait for
             // the shutdown alone rather than spin on it.
             got = hangup.recv(), if reloads => match got {
-                Some(()) => reload(&mut reconfigure, &settings, &tunnel).await,
+                Some(()) => {
+                    notify::reloading("reloading the configuration");
+                    let status = match reload(&mut reconfigure, &settings, &tunnel).await {
+                        Some(count) => {
+                            serving = count;
+                            serving_status(serving)
+                        }
+                        None => format!("{}; the last reload failed, see the log", serving_status(serving)),
+                    };
+                    // The reload is over, whether it worked or not.
+                    notify::ready(&status);
+                }
                 None => reloads = false,
             },
         }
     }
+    notify::stopping(&format!(
+        "stopping: letting {} connections finish",
+        tunnel.connections()
+    ));
     tunnel.shutdown().await;
     admin_stop.cancel();
     if let Some(task) = admin_task {
@@ -200,10 +247,19 @@ fn start_workers(count: usize) -> anyhow::Result<Vec<Handle>> {
         .collect()
 }
 
+/// The service manager's status line while `count` routes run.
+fn serving_status(count: usize) -> String {
+    match count {
+        1 => "serving 1 route".into(),
+        n => format!("serving {n} routes"),
+    }
+}
+
 /// Applies the configuration as it is now; on any problem the running
-/// routes stay as they are. Settings that only take effect at start are
-/// named in the log when they changed.
-async fn reload<F, E>(reconfigure: &mut F, first: &Settings, tunnel: &Tunnel)
+/// routes stay as they are, and the answer is `None`, else how many
+/// routes run now. Settings that only take effect at start are named in
+/// the log when they changed.
+async fn reload<F, E>(reconfigure: &mut F, first: &Settings, tunnel: &Tunnel) -> Option<usize>
 where
     F: FnMut() -> Result<(Settings, Vec<Route>), E>,
     E: fmt::Display,
@@ -213,7 +269,7 @@ where
         Ok(pair) => pair,
         Err(errors) => {
             tracing::error!("reload failed, the running configuration stays: {errors}");
-            return;
+            return None;
         }
     };
     let mut kept = Vec::new();
@@ -251,8 +307,14 @@ where
     }
     let names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
     match tunnel.apply(routes, HashMap::new()).await {
-        Ok(()) => tracing::info!(routes = ?names, "reloaded"),
-        Err(e) => tracing::error!("reload failed, the running configuration stays: {e}"),
+        Ok(()) => {
+            tracing::info!(routes = ?names, "reloaded");
+            Some(names.len())
+        }
+        Err(e) => {
+            tracing::error!("reload failed, the running configuration stays: {e}");
+            None
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 use common::config::ConfigError;
 use common::proxy::Version as ProxyVersion;
+use common::limits::PerSourceSettings;
 use common::settings::{
     at_least_one, at_least_one_opt, nonzero_duration, nonzero_duration_opt, AccessList,
     AddressList, CidrList, List, ListenAddr, LogSettings, Period,
@@ -210,6 +211,26 @@ impl<'de> Deserialize<'de> for Keepalive {
     }
 }
 
+/// What a route forwards: TCP connections (the default) or UDP datagrams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP connections, relayed as byte streams.
+    #[default]
+    Tcp,
+    /// UDP datagrams, each client a session of its own (see [`crate::udp`]).
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
 /// Most relay threads: more than this is a typo, not a machine.
 pub const MAX_WORKERS: usize = 1024;
 
@@ -270,6 +291,11 @@ pub struct RouteSettings {
     /// Write a PROXY protocol header (`v1` or `v2`) with the client's
     /// address to the target before any other byte.
     pub send_proxy: Option<ProxyVersion>,
+    /// What the route forwards: `tcp` (the default) or `udp`.
+    pub protocol: Option<Protocol>,
+    /// Limits on each client address or prefix on this route, in place of
+    /// the global ones (`{}` turns them off here).
+    pub per_source: Option<PerSourceSettings>,
 }
 
 /// The tunnel's settings.
@@ -303,6 +329,10 @@ pub struct Settings {
     /// Default idle timeout.
     #[serde(deserialize_with = "nonzero_duration")]
     pub idle_timeout: Period,
+    /// Default idle timeout of a UDP route's sessions (a route's own
+    /// `idle_timeout` overrides it).
+    #[serde(deserialize_with = "nonzero_duration")]
+    pub udp_idle_timeout: Period,
     /// Default TCP keepalive.
     pub keepalive: Keepalive,
     /// Default connection cap per route.
@@ -356,6 +386,9 @@ pub struct Settings {
     pub target_cert: Option<PathBuf>,
     /// Quick form: the private key of `target_cert` (PEM).
     pub target_key: Option<PathBuf>,
+    /// Default limits on each client address or prefix, per route (off
+    /// when unset).
+    pub per_source: Option<PerSourceSettings>,
     /// Log level and format.
     #[serde(flatten)]
     pub log: LogSettings,
@@ -375,6 +408,7 @@ impl Default for Settings {
             send_proxy: None,
             connect_timeout: Period::from_secs(5),
             idle_timeout: Period::from_secs(3600),
+            udp_idle_timeout: Period::from_secs(60),
             keepalive: Keepalive::Default,
             max_connections: 10_000,
             balance: Policy::default(),
@@ -397,6 +431,7 @@ impl Default for Settings {
             target_server_name: None,
             target_cert: None,
             target_key: None,
+            per_source: None,
             log: LogSettings::default(),
         }
     }
@@ -442,6 +477,12 @@ pub struct Route {
     pub accept_proxy: CidrList,
     /// The PROXY protocol header written to the target first, if any.
     pub send_proxy: Option<ProxyVersion>,
+    /// TCP or UDP. A UDP route's `idle_timeout` ends each client's
+    /// session, `max_connections` caps its sessions, and `connect_timeout`
+    /// bounds resolving the target when a session starts.
+    pub protocol: Protocol,
+    /// Limits on each client address or prefix (off by default).
+    pub per_source: PerSourceSettings,
 }
 
 impl Route {
@@ -468,6 +509,8 @@ impl Route {
             sni: Vec::new(),
             accept_proxy: CidrList::default(),
             send_proxy: None,
+            protocol: Protocol::Tcp,
+            per_source: PerSourceSettings::default(),
         }
     }
 
@@ -629,6 +672,8 @@ impl Settings {
                     sni: Vec::new(),
                     accept_proxy: self.accept_proxy.clone(),
                     send_proxy: self.send_proxy,
+                    protocol: Protocol::Tcp,
+                    per_source: self.per_source.clone().unwrap_or_default(),
                 });
                 prefixes.push(String::new());
             }
@@ -720,6 +765,16 @@ impl Settings {
                     }
                 };
                 let (health, checks) = self.health(r.health_check, targets.len());
+                let protocol = r.protocol.unwrap_or_default();
+                // Health checks connect over TCP: a UDP route has none.
+                let checks = checks && protocol == Protocol::Tcp;
+                if protocol == Protocol::Udp {
+                    errors.extend(
+                        udp_problems(r, &name)
+                            .into_iter()
+                            .map(|(k, message)| problem(&key(k), message)),
+                    );
+                }
                 routes.push(Route {
                     name,
                     listen: r.listen.0.clone(),
@@ -735,7 +790,10 @@ impl Settings {
                         },
                     ],
                     connect_timeout: r.connect_timeout.unwrap_or(self.connect_timeout),
-                    idle_timeout: r.idle_timeout.unwrap_or(self.idle_timeout),
+                    idle_timeout: r.idle_timeout.unwrap_or(match protocol {
+                        Protocol::Tcp => self.idle_timeout,
+                        Protocol::Udp => self.udp_idle_timeout,
+                    }),
                     keepalive: r.keepalive.unwrap_or(self.keepalive),
                     max_connections: r.max_connections.unwrap_or(self.max_connections),
                     tls,
@@ -750,6 +808,12 @@ impl Settings {
                             .collect(),
                     ),
                     send_proxy: r.send_proxy,
+                    protocol,
+                    per_source: r
+                        .per_source
+                        .clone()
+                        .or_else(|| self.per_source.clone())
+                        .unwrap_or_default(),
                 });
                 prefixes.push(key(""));
             }
@@ -770,6 +834,40 @@ impl Settings {
             Err(errors)
         }
     }
+}
+
+/// What a UDP route `r` (named `name`) sets that only TCP routes have, as
+/// (key, message).
+fn udp_problems(r: &RouteSettings, name: &str) -> Vec<(&'static str, String)> {
+    let tcp_only = [
+        ("tls", r.tls.is_some(), "TLS (UDP would need DTLS)"),
+        (
+            "target_tls",
+            matches!(r.target_tls, Some(TargetTlsSetting::On(_))),
+            "TLS to the target",
+        ),
+        (
+            "sni",
+            !r.sni.is_empty(),
+            "choosing a route by TLS server name",
+        ),
+        (
+            "health_check",
+            matches!(r.health_check, Some(HealthSetting::On(_))),
+            "active health checks (they connect over TCP)",
+        ),
+        ("keepalive", r.keepalive.is_some(), "TCP keepalive"),
+    ];
+    tcp_only
+        .into_iter()
+        .filter(|(_, set, _)| *set)
+        .map(|(key, _, what)| {
+            (
+                key,
+                format!("route {name} forwards UDP, and {key} ({what}) is for TCP routes only; remove it, or make the route protocol: tcp"),
+            )
+        })
+        .collect()
 }
 
 /// Problems with the names and listen addresses of `routes`, as (key,
@@ -806,13 +904,21 @@ fn shared_addresses(routes: &[Route], prefixes: &[String]) -> Vec<(String, Strin
                 ));
                 continue;
             }
-            match groups.iter_mut().find(|(a, _)| a == addr) {
+            // A TCP and a UDP route may share an address: they are
+            // different sockets.
+            match groups
+                .iter_mut()
+                .find(|(a, g)| a == addr && routes[g[0]].protocol == route.protocol)
+            {
                 Some((_, group)) => group.push(i),
                 None => groups.push((*addr, vec![i])),
             }
             // 0.0.0.0:P takes port P on every IPv4 address (and [::]:P
             // on every address): no other listener can have it.
             let clash = routes.iter().take(i + 1).find_map(|earlier| {
+                if earlier.protocol != route.protocol {
+                    return None;
+                }
                 earlier
                     .listen
                     .iter()
@@ -1162,6 +1268,106 @@ mod tests {
             )
         };
         assert_eq!(quick(&back), quick(&s), "{yaml}");
+    }
+
+    #[test]
+    fn udp_routes_share_addresses_with_tcp_routes_only() {
+        let s = settings(
+            "udp_idle_timeout: 30s
+routes:
+  - {name: dns, protocol: udp, listen: '127.0.0.1:53', target: '10.0.0.53:53'}
+  - {name: dns-tcp, listen: '127.0.0.1:53', target: '10.0.0.53:53'}
+  - {name: ntp, protocol: udp, listen: '0.0.0.0:123', targets: 'a:123,b:123', idle_timeout: 5s, max_connections: 100}
+",
+        );
+        let routes = s.routes().unwrap();
+        let shape: Vec<(Protocol, u64, bool)> = routes
+            .iter()
+            .map(|r| (r.protocol, r.idle_timeout.0.as_secs(), r.checks))
+            .collect();
+        // Two targets turn health checks on for TCP only.
+        assert_eq!(
+            shape,
+            [
+                (Protocol::Udp, 30, false),
+                (Protocol::Tcp, 3600, false),
+                (Protocol::Udp, 5, false)
+            ]
+        );
+        assert_eq!(routes[2].max_connections, 100);
+        assert_eq!(Settings::default().udp_idle_timeout, Period::from_secs(60));
+
+        let p = problems(
+            "routes:
+  - {name: a, protocol: udp, listen: '127.0.0.1:53', target: 'h:1'}
+  - {name: b, protocol: udp, listen: '127.0.0.1:53', target: 'h:2'}
+  - {name: c, protocol: udp, listen: '0.0.0.0:54', target: 'h:2'}
+  - {name: d, protocol: udp, listen: '127.0.0.1:54', target: 'h:2'}
+  - {name: e, listen: '127.0.0.1:54', target: 'h:2'}
+",
+        );
+        has(
+            &p,
+            "routes.1.listen",
+            "127.0.0.1:53 is claimed by routes a and b",
+        );
+        has(
+            &p,
+            "routes.3.listen",
+            "127.0.0.1:54 (route d) overlaps 0.0.0.0:54 (route c)",
+        );
+        assert_eq!(p.len(), 2, "{p:?}");
+
+        let p = problems(
+            "routes:
+  - name: u
+    protocol: udp
+    listen: '127.0.0.1:53'
+    target: 'h:1'
+    sni: a.example.com
+    tls: {cert: a.pem, key: a.key}
+    target_tls: true
+    health_check: true
+    keepalive: 30s
+",
+        );
+        for key in ["tls", "target_tls", "sni", "health_check", "keepalive"] {
+            has(&p, &format!("routes.0.{key}"), "route u forwards UDP, and");
+        }
+        let e = common::yaml::from_str::<Settings>(
+            "routes:\n  - {name: a, protocol: sctp, listen: '127.0.0.1:1', target: 'h:1'}\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("tcp") && e.contains("udp"), "{e}");
+    }
+
+    #[test]
+    fn per_source_limits_are_global_defaults_a_route_may_replace() {
+        let s = settings(
+            "per_source: {max_connections: 10, rate: 50/s, burst: 100}
+routes:
+  - {name: a, listen: 127.0.0.1:1, target: 'h:1'}
+  - {name: b, listen: 127.0.0.1:2, target: 'h:1', per_source: {rate: 600/min, prefix_v6: 48}}
+  - {name: c, listen: 127.0.0.1:3, target: 'h:1', per_source: {}}
+",
+        );
+        let routes = s.routes().unwrap();
+        let a = &routes[0].per_source;
+        assert_eq!((a.max_connections, a.burst()), (Some(10), 100));
+        let b = &routes[1].per_source;
+        assert_eq!(b.max_connections, None);
+        assert_eq!(b.rate.unwrap().to_string(), "600/min");
+        assert_eq!((b.burst(), b.prefix_v4, b.prefix_v6), (600, 32, 48));
+        assert!(!routes[2].per_source.is_on());
+        // Off unless configured.
+        let quick = settings("target: 'h:1'\n").routes().unwrap();
+        assert!(!quick[0].per_source.is_on());
+        // A bad value is named at its key.
+        let e = common::yaml::from_str::<Settings>(
+            "routes:\n  - {name: a, listen: 127.0.0.1:1, target: 'h:1', per_source: {burst: 0, rate: 5/s}}\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("burst must be at least 1"), "{e}");
     }
 
     #[test]

@@ -189,12 +189,25 @@ impl Handler for SniRouter {
         };
         if !route.options.access.permits(conn.peer.ip()) {
             drop(client);
-            match conn.via {
-                Some(via) => route.handler.refused_via(conn.id, conn.peer, via),
-                None => route.handler.refused(conn.id, conn.peer),
-            }
+            route.handler.refused(conn.id, conn.peer, conn.via);
             return Ok(());
         }
+        let _source = match route
+            .options
+            .per_source
+            .as_ref()
+            .map(|l| l.admit(conn.peer.ip()))
+        {
+            None => None,
+            Some(Ok(permit)) => Some(permit),
+            Some(Err(refusal)) => {
+                drop(client);
+                route
+                    .handler
+                    .refused_per_source(conn.id, conn.peer, conn.via, &refusal);
+                return Ok(());
+            }
+        };
         // The route's own cap: wait for a place, as its own accept loop
         // would, unless the tunnel is stopping.
         let _permit = match route.options.cap.try_acquire() {
@@ -215,7 +228,7 @@ impl Handler for SniRouter {
             .await
     }
 
-    fn refused(&self, _id: u64, _peer: std::net::SocketAddr) {}
+    fn refused(&self, _id: u64, _peer: std::net::SocketAddr, _via: Option<std::net::SocketAddr>) {}
 
     fn header_refused(
         &self,

@@ -628,16 +628,22 @@ impl<H: Handler<TlsStream<TcpStream>>> Handler<TcpStream> for Tls<H> {
         }
     }
 
-    fn refused(&self, id: u64, peer: SocketAddr) {
-        self.service.refused(id, peer);
-    }
-
-    fn refused_via(&self, id: u64, peer: SocketAddr, via: SocketAddr) {
-        self.service.refused_via(id, peer, via);
+    fn refused(&self, id: u64, peer: SocketAddr, via: Option<SocketAddr>) {
+        self.service.refused(id, peer, via);
     }
 
     fn header_refused(&self, id: u64, peer: SocketAddr, why: &crate::proxy::HeaderError) {
         self.service.header_refused(id, peer, why);
+    }
+
+    fn refused_per_source(
+        &self,
+        id: u64,
+        peer: SocketAddr,
+        via: Option<SocketAddr>,
+        refusal: &crate::limits::Refusal,
+    ) {
+        self.service.refused_per_source(id, peer, via, refusal);
     }
 }
 

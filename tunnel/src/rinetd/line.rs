@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use common::settings::{AddressPattern, ListenAddr};
 
 use super::Problems;
-use crate::settings::Target;
+use crate::settings::{Protocol, Target};
 
 /// What a line says, once its tokens are checked.
 #[derive(Debug)]
@@ -41,6 +41,11 @@ pub(super) struct Forward {
     pub listen: ListenAddr,
     /// `connectaddress connectport`.
     pub target: Target,
+    /// TCP, or UDP when both ports say `/udp`.
+    pub protocol: Protocol,
+    /// `[timeout=N]`: a UDP session's idle seconds (0 or none: rinetd's
+    /// default).
+    pub timeout: Option<u64>,
     /// False when its options had a problem: the rule still takes its bind
     /// address (a second rule on it is reported too) but makes no route.
     pub options_ok: bool,
@@ -51,7 +56,7 @@ pub(super) struct Forward {
 pub(super) fn read_line(
     n: usize,
     content: &str,
-    services: &dyn Fn(&str) -> Option<u16>,
+    services: &dyn Fn(&str, Protocol) -> Option<u16>,
     problems: &mut Problems,
 ) -> Option<Line> {
     let mut reader = Reader {
@@ -65,7 +70,7 @@ pub(super) fn read_line(
 /// The reader of one line: where it is, and where its problems go.
 struct Reader<'a> {
     n: usize,
-    services: &'a dyn Fn(&str) -> Option<u16>,
+    services: &'a dyn Fn(&str, Protocol) -> Option<u16>,
     problems: &'a mut Problems,
 }
 
@@ -172,17 +177,36 @@ impl Reader<'_> {
         let host = self.connect_address(fields[2]);
         let port = self.port(fields[3]);
         let checked = self.problems.len();
-        if fields.len() > 4 {
-            self.options(&fields[4..].join(" "));
-        }
-        let (Some(ip), Some(bind_port), Some(host), Some(port)) = (bind_ip, bind_port, host, port)
+        let timeout = if fields.len() > 4 {
+            self.options(&fields[4..].join(" "))
+        } else {
+            None
+        };
+        let (Some(ip), Some((bind_port, bind_proto)), Some(host), Some((port, proto))) =
+            (bind_ip, bind_port, host, port)
         else {
             return None;
         };
+        if bind_proto != proto {
+            // rinetd writes a datagram's bytes into the stream and cuts
+            // the stream into datagrams as it reads it; tunnel keeps every
+            // datagram whole.
+            self.problem(
+                Some(fields[3]),
+                format!(
+                    "{} is {bind_proto} and {} is {proto}: forwarding between UDP and TCP is not supported \
+                     (tunnel keeps datagrams whole); write /udp after both ports to forward UDP, or neither for TCP",
+                    fields[1], fields[3]
+                ),
+            );
+            return None;
+        }
         Some(Forward {
             bind: fields[0].to_string(),
             listen: ListenAddr(SocketAddr::new(ip, bind_port)),
             target: Target { host, port },
+            protocol: proto,
+            timeout,
             options_ok: self.problems.len() == checked,
         })
     }
@@ -221,31 +245,24 @@ impl Reader<'_> {
         None
     }
 
-    fn port(&mut self, token: &str) -> Option<u16> {
+    /// A port and its protocol (`/tcp`, `/udp`, or nothing: TCP, as in
+    /// rinetd).
+    fn port(&mut self, token: &str) -> Option<(u16, Protocol)> {
         let (service, proto) = match token.split_once('/') {
             Some((service, proto)) => (service, Some(proto)),
             None => (token, None),
         };
-        match proto.map(str::to_ascii_lowercase).as_deref() {
-            None | Some("tcp") => {}
-            Some("udp") => {
-                self.problem(
-                    Some(token),
-                    format!(
-                        "{token:?}: UDP forwarding is not supported (tunnel forwards TCP); \
-                         leave this rule with rinetd or remove it"
-                    ),
-                );
-                return None;
-            }
+        let protocol = match proto.map(str::to_ascii_lowercase).as_deref() {
+            None | Some("tcp") => Protocol::Tcp,
+            Some("udp") => Protocol::Udp,
             Some(other) => {
                 self.problem(
                     Some(token),
-                    format!("{token:?}: unknown protocol {other:?}; write /tcp or nothing"),
+                    format!("{token:?}: unknown protocol {other:?}; write /tcp, /udp or nothing"),
                 );
                 return None;
             }
-        }
+        };
         let found = if !service.is_empty() && service.bytes().all(|b| b.is_ascii_digit()) {
             match service.parse::<u16>() {
                 Ok(port) if port != 0 => Some(port),
@@ -258,21 +275,23 @@ impl Reader<'_> {
                 }
             }
         } else {
-            (self.services)(service)
+            (self.services)(service, protocol)
         };
         if found.is_none() {
             self.problem(
                 Some(token),
                 format!(
-                    "{service:?} is not a port number or a known TCP service name \
-                     (looked up in /etc/services); write the port number"
+                    "{service:?} is not a port number or a known {} service name \
+                     (looked up in /etc/services); write the port number",
+                    protocol.to_string().to_uppercase()
                 ),
             );
         }
-        found
+        found.map(|port| (port, protocol))
     }
 
-    fn options(&mut self, text: &str) {
+    /// Checks the options in brackets; returns `timeout=N`'s N.
+    fn options(&mut self, text: &str) -> Option<u64> {
         let Some(inner) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) else {
             self.problem(
                 Some(text),
@@ -281,22 +300,23 @@ impl Reader<'_> {
                      such as [timeout=60]"
                 ),
             );
-            return;
+            return None;
         };
+        let mut timeout = None;
         for option in inner.split(',').map(str::trim).filter(|o| !o.is_empty()) {
             let (name, value) = option.split_once('=').unwrap_or((option, ""));
             let (name, value) = (name.trim(), value.trim());
             match name.to_ascii_lowercase().as_str() {
-                // rinetd applies timeout= to UDP only; tunnel forwards TCP,
-                // whose idle timeout is tunnel's own idle_timeout setting.
-                "timeout" => {
-                    if value.parse::<u64>().is_err() {
-                        self.problem(
-                            Some(option),
-                            format!("timeout {value:?} is not a whole number of seconds"),
-                        );
-                    }
-                }
+                // rinetd applies timeout= to UDP only (the conversion
+                // does too); a TCP rule's idle timeout is tunnel's own
+                // idle_timeout setting.
+                "timeout" => match value.parse::<u64>() {
+                    Ok(seconds) => timeout = Some(seconds),
+                    Err(_) => self.problem(
+                        Some(option),
+                        format!("timeout {value:?} is not a whole number of seconds"),
+                    ),
+                },
                 "src" => self.problem(
                     Some(option),
                     "option src= (the source address of connections to the target) \
@@ -311,6 +331,7 @@ impl Reader<'_> {
                 ),
             }
         }
+        timeout
     }
 }
 
@@ -380,9 +401,14 @@ mod tests {
             "include is not supported",
         );
         one_problem(
-            "0.0.0.0 1 h 1\n\n0.0.0.0 53/udp dns 53/udp",
+            "0.0.0.0 1 h 1\n\n0.0.0.0 53/udp dns 53",
             3,
-            "UDP forwarding is not supported",
+            "53/udp is udp and 53 is tcp: forwarding between UDP and TCP is not supported",
+        );
+        one_problem(
+            "0.0.0.0 8000/tcp h 8000/udp",
+            1,
+            "8000/tcp is tcp and 8000/udp is udp",
         );
         one_problem("0.0.0.0 80/sctp h 80", 1, "unknown protocol \"sctp\"");
         one_problem("0.0.0.0 1 h 70000", 1, "out of range");

@@ -8,14 +8,20 @@
 //!   forwarding rule; it becomes a route named `BINDADDR:PORT` as tunnel
 //!   prints it (`0.0.0.0:5432`, `[::]:80`). Names are unique because two
 //!   rules on the same bind address and port are an error. Ports are numbers
-//!   or service names (`/etc/services`, then a short built-in list); `/tcp`
-//!   is accepted, `/udp` is refused because tunnel forwards TCP only. The
-//!   bind address must be an IP address (`localhost` means `127.0.0.1`);
-//!   the connect address may be a host name, resolved at every connect.
-//! - Options in brackets: `timeout=N` is checked and ignored, because rinetd
-//!   applies it to UDP only and tunnel's TCP idle timeout is its own
-//!   `idle_timeout` setting; `src=ADDR` is refused (tunnel cannot choose the
-//!   source address of outgoing connections), and so is anything else.
+//!   or service names (`/etc/services`, then a short built-in list). A port
+//!   is TCP unless it says `/udp`; a rule with `/udp` on both ports forwards
+//!   UDP (see [`crate::udp`]), and is named `BINDADDR:PORT/udp`, so a TCP
+//!   and a UDP rule may share an address. A rule between UDP and TCP, which
+//!   rinetd relays by pouring datagrams into a stream, is refused: tunnel
+//!   keeps datagrams whole. The bind address must be an IP address
+//!   (`localhost` means `127.0.0.1`); the connect address may be a host
+//!   name, resolved at every connect (and at every UDP session's start).
+//! - Options in brackets: `timeout=N` is a UDP rule's session idle timeout
+//!   in seconds, as in rinetd (0, or none: rinetd's 72 seconds); on a TCP
+//!   rule it is checked and ignored, as rinetd ignores it, and the idle
+//!   timeout is tunnel's own `idle_timeout` setting. `src=ADDR` is refused
+//!   (tunnel cannot choose the source address of outgoing connections),
+//!   and so is anything else.
 //! - `allow PATTERN` and `deny PATTERN` before the first rule apply to every
 //!   rule; after a rule they apply to that rule alone, as in rinetd. A
 //!   pattern is an IPv4 address with `*` and `?` wildcards, kept as written
@@ -51,7 +57,7 @@ use crate::settings::Settings;
 /// message; line 0 stands for a problem with the whole file (no rules).
 pub fn parse(text: &str) -> Result<Settings, Vec<(usize, String)>> {
     let services = services::SystemServices::default();
-    parse_with(text, &|name| services.port(name))
+    parse_with(text, &|name, protocol| services.port(name, protocol))
         .map_err(|problems| problems.into_iter().map(|p| (p.line, p.message)).collect())
 }
 
@@ -60,7 +66,7 @@ pub fn parse(text: &str) -> Result<Settings, Vec<(usize, String)>> {
 pub fn read(path: &Path) -> Result<Settings, ConfigErrors> {
     let text = read_file(path, "rinetd configuration file", "--rinetd-conf")?;
     let services = services::SystemServices::default();
-    parse_with(&text, &|name| services.port(name)).map_err(|problems| {
+    parse_with(&text, &|name, protocol| services.port(name, protocol)).map_err(|problems| {
         ConfigErrors(
             problems
                 .into_iter()
@@ -121,7 +127,7 @@ impl Problems {
 /// file order, so problems come in the order of their lines.
 fn parse_with(
     text: &str,
-    services: &dyn Fn(&str) -> Option<u16>,
+    services: &dyn Fn(&str, crate::settings::Protocol) -> Option<u16>,
 ) -> Result<Settings, Vec<Problem>> {
     let mut problems = Problems::default();
     let mut converter = convert::Converter::new();
@@ -287,7 +293,7 @@ deny 192.168.1.100
 
     #[test]
     fn every_problem_is_reported_at_once() {
-        let text = "bogus\n0.0.0.0 53/udp db.internal nosuch\nallow 999.*\nlogcommon x\n";
+        let text = "bogus\n0.0.0.0 53/sctp db.internal nosuch\nallow 999.*\nlogcommon x\n";
         let lines: Vec<usize> = problems(text).iter().map(|(line, _)| *line).collect();
         assert_eq!(lines, [1, 2, 2, 3, 4]);
     }
