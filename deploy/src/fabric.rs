@@ -498,8 +498,27 @@ fn balancer_route(
         connect_timeout: Period::from_secs(2),
         idle_timeout: Period::from_secs(3600),
         max_connections: 10_000,
+        // Instances see the real client (and trust loopback to say so).
+        send_proxy: Some(common::proxy::Version::V2),
         ..Route::new(&format!("{}/{endpoint}", role.name), vec![listen], targets)
     }
+}
+
+/// Where the balancers' connections to instances come from: every
+/// instance trusts these sources to start with a PROXY protocol header.
+pub const BALANCER_SOURCES: &str = "127.0.0.0/8,::1/128";
+
+/// An instance's environment: its role's settings, and the balancers
+/// trusted to name clients with a PROXY header (added to any networks the
+/// role trusts itself).
+fn instance_environment(program: &crate::programs::Program, role: &Role) -> Vec<(String, String)> {
+    let mut env = program.environment(&role.settings);
+    let key = format!("{}ACCEPT_PROXY", program.prefix());
+    match env.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, networks)) => *networks = format!("{networks},{BALANCER_SOURCES}"),
+        None => env.push((key, BALANCER_SOURCES.into())),
+    }
+    env
 }
 
 /// Keeps one instance running until `stop`, starting it again after a
@@ -546,7 +565,7 @@ where
         loop {
             let mut command = Command::new(&binary);
             command
-                .envs(program.environment(&role.settings))
+                .envs(instance_environment(&program, &role))
                 .env(format!("{}LISTEN", program.prefix()), addr.to_string())
                 .env(format!("{}INSTANCE", program.prefix()), &id)
                 .stdin(Stdio::null())

@@ -378,7 +378,7 @@ impl DateTime {
                         )
                         .as_bytes(),
                     );
-                    tracing::info!(conn = conn.id, peer = %conn.peer, timeout = ?idle, "idle timeout");
+                    tracing::info!(conn = conn.id, peer = %conn.peer, via = conn.via.map(tracing::field::display), timeout = ?idle, "idle timeout");
                     return close(&mut writer, &mut out, idle).await;
                 }
                 Ok(Ok(0)) => return Ok(()),
@@ -426,7 +426,7 @@ impl DateTime {
                     )
                     .as_bytes(),
                 );
-                tracing::info!(conn = conn.id, peer = %conn.peer, limit = self.max_line, "line too long");
+                tracing::info!(conn = conn.id, peer = %conn.peer, via = conn.via.map(tracing::field::display), limit = self.max_line, "line too long");
                 Next::Quit
             }
             Input::SubnegotiationTooLong => {
@@ -436,7 +436,7 @@ impl DateTime {
                     )
                     .as_bytes(),
                 );
-                tracing::info!(conn = conn.id, peer = %conn.peer, limit = SUBNEGOTIATION_LIMIT, "telnet subnegotiation too long");
+                tracing::info!(conn = conn.id, peer = %conn.peer, via = conn.via.map(tracing::field::display), limit = SUBNEGOTIATION_LIMIT, "telnet subnegotiation too long");
                 Next::Quit
             }
         }

@@ -857,6 +857,16 @@ fn udp_problems(r: &RouteSettings, name: &str) -> Vec<(&'static str, String)> {
             "active health checks (they connect over TCP)",
         ),
         ("keepalive", r.keepalive.is_some(), "TCP keepalive"),
+        (
+            "accept_proxy",
+            !r.accept_proxy.0.is_empty(),
+            "PROXY protocol headers from balancers",
+        ),
+        (
+            "send_proxy",
+            r.send_proxy.is_some(),
+            "a PROXY protocol header to the target",
+        ),
     ];
     tcp_only
         .into_iter()
