@@ -583,3 +583,59 @@ fn without_reason(peek: Peek) -> Peek {
         other => other,
     }
 }
+
+/// Checks the PROXY protocol reader ([`common::proxy::parse`]) on the first
+/// bytes of a connection: that a header it finds lies within the input
+/// and the size bounds, and is found again, with the same length and
+/// addresses, in exactly its own bytes; that every shorter prefix of it
+/// asks for more; that a client address it carries, written again as a
+/// header of either version, reads back the same; that it asks for more
+/// only below the version 2 bound; that a refusal has a reason and stays
+/// a refusal whatever follows.
+pub fn proxy_header(data: &[u8]) {
+    use common::proxy::{self, Carried, Parsed, Version, MAX_V1, MAX_V2};
+    match proxy::parse(data) {
+        Parsed::NeedMore => assert!(data.len() < MAX_V2, "more than {MAX_V2} bytes"),
+        Parsed::Invalid(reason) => {
+            assert!(!reason.is_empty(), "a refusal without a reason");
+            let mut longer = data.to_vec();
+            longer.extend_from_slice(b"\r\n");
+            assert!(
+                matches!(proxy::parse(&longer), Parsed::Invalid(_)),
+                "refused, then taken with more bytes"
+            );
+        }
+        Parsed::Header { len, carried } => {
+            assert!(len <= data.len(), "a header of {len} bytes in {}", data.len());
+            let bound = if data[0] == b'P' { MAX_V1 } else { MAX_V2 };
+            assert!(len <= bound, "a header of {len} bytes, over {bound}");
+            assert_eq!(
+                proxy::parse(&data[..len]),
+                Parsed::Header { len, carried },
+                "its own bytes read otherwise"
+            );
+            assert_eq!(
+                proxy::parse(&data[..len - 1]),
+                Parsed::NeedMore,
+                "a header one byte short"
+            );
+            if let Carried::Tcp {
+                source,
+                destination,
+            } = carried
+            {
+                for version in [Version::V1, Version::V2] {
+                    let again = proxy::header(version, source, destination);
+                    assert_eq!(
+                        proxy::parse(&again),
+                        Parsed::Header {
+                            len: again.len(),
+                            carried
+                        },
+                        "{version} of {source} {destination}"
+                    );
+                }
+            }
+        }
+    }
+}

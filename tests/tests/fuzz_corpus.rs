@@ -15,7 +15,7 @@ mod fuzz;
 type Check = fn(&[u8]);
 
 /// Every fuzz target and the check it runs.
-const TARGETS: [(&str, Check); 7] = [
+const TARGETS: [(&str, Check); 8] = [
     ("square", fuzz::square),
     ("telnet", fuzz::telnet),
     ("rinetd", fuzz::rinetd),
@@ -23,6 +23,7 @@ const TARGETS: [(&str, Check); 7] = [
     ("definition", fuzz::definition),
     ("admin", fuzz::admin),
     ("client_hello", fuzz::client_hello),
+    ("proxy_header", fuzz::proxy_header),
 ];
 
 fn fuzz_dir() -> PathBuf {
@@ -106,6 +107,11 @@ fn admin_request_head_corpus() {
 #[test]
 fn tls_client_hello_corpus() {
     replay("client_hello");
+}
+
+#[test]
+fn proxy_header_corpus() {
+    replay("proxy_header");
 }
 
 #[test]
