@@ -22,8 +22,8 @@
 pub mod cli;
 pub mod config;
 pub mod endpoint;
-pub mod proxy;
 pub mod limits;
+pub mod proxy;
 pub mod runtime;
 pub mod serve;
 pub mod settings;

@@ -100,12 +100,7 @@ pub fn header(version: Version, client: SocketAddr, destination: SocketAddr) -> 
                 (SocketAddr::V4(s), SocketAddr::V4(d)) => {
                     ppp::v1::Addresses::new_tcp4(*s.ip(), *d.ip(), s.port(), d.port())
                 }
-                (s, d) => ppp::v1::Addresses::new_tcp6(
-                    v6(s.ip()),
-                    v6(d.ip()),
-                    s.port(),
-                    d.port(),
-                ),
+                (s, d) => ppp::v1::Addresses::new_tcp6(v6(s.ip()), v6(d.ip()), s.port(), d.port()),
             };
             addresses.to_string().into_bytes()
         }
@@ -227,9 +222,7 @@ fn parse_v2(bytes: &[u8]) -> Parsed {
         (_, v2::Addresses::IPv4(_) | v2::Addresses::IPv6(_))
             if header.protocol == v2::Protocol::Datagram =>
         {
-            return Parsed::Invalid(
-                "a PROXY v2 header for a UDP client on a TCP connection".into(),
-            )
+            return Parsed::Invalid("a PROXY v2 header for a UDP client on a TCP connection".into())
         }
         // The specification's unspecified family or transport, and UNIX
         // sockets: the connection's own addresses stand.
@@ -252,11 +245,13 @@ fn parse_v1(bytes: &[u8]) -> Parsed {
     let cr = window.iter().position(|&b| b == b'\r');
     let line = &window[..cr.unwrap_or(window.len())];
     if line.contains(&b'\n') {
-        return Parsed::Invalid("a malformed PROXY v1 header: a line feed without a carriage return before it".into());
+        return Parsed::Invalid(
+            "a malformed PROXY v1 header: a line feed without a carriage return before it".into(),
+        );
     }
     // Only a whole line is parsed: its fields can be judged only once
     // they end (`1` may be the start of `1234`).
-    if !cr.is_some_and(|at| at + 1 < window.len()) {
+    if cr.is_none_or(|at| at + 1 >= window.len()) {
         return if window.len() == MAX_V1 {
             Parsed::Invalid(format!(
                 "a PROXY v1 header without its line end within {MAX_V1} bytes"
@@ -294,7 +289,10 @@ fn parse_v1(bytes: &[u8]) -> Parsed {
 fn shown(bytes: &[u8]) -> String {
     let head = &bytes[..bytes.len().min(16)];
     let mut text = String::from("\"");
-    text.extend(head.iter().flat_map(|&b| std::ascii::escape_default(b).map(char::from)));
+    text.extend(
+        head.iter()
+            .flat_map(|&b| std::ascii::escape_default(b).map(char::from)),
+    );
     text.push('"');
     if bytes.len() > head.len() {
         text.push_str("...");
@@ -549,11 +547,7 @@ mod tests {
             }
         }
         assert_eq!(
-            header(
-                Version::V1,
-                addr("203.0.113.7:51234"),
-                addr("10.0.0.1:443")
-            ),
+            header(Version::V1, addr("203.0.113.7:51234"), addr("10.0.0.1:443")),
             b"PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n"
         );
         let v2 = header(Version::V2, addr("127.0.0.2:1"), addr("127.0.0.1:2"));
@@ -634,9 +628,17 @@ mod tests {
     #[test]
     fn every_prefix_of_a_header_asks_for_more() {
         let headers = [
-            header(Version::V1, addr("[2001:db8::7]:1"), addr("[2001:db8::1]:2")),
+            header(
+                Version::V1,
+                addr("[2001:db8::7]:1"),
+                addr("[2001:db8::1]:2"),
+            ),
             header(Version::V1, addr("1.2.3.4:1"), addr("5.6.7.8:2")),
-            header(Version::V2, addr("[2001:db8::7]:1"), addr("[2001:db8::1]:2")),
+            header(
+                Version::V2,
+                addr("[2001:db8::7]:1"),
+                addr("[2001:db8::1]:2"),
+            ),
             local_header(Version::V1),
             local_header(Version::V2),
         ];
@@ -664,20 +666,29 @@ mod tests {
             (b"\x16\x03\x01".to_vec(), "neither"),
             (b"PROXX TCP4".to_vec(), "not \"PROXY \""),
             (b"\r\n\r\nxyz".to_vec(), "not the version 2 signature"),
-            (b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n".to_vec(), "invalid protocol"),
+            (
+                b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n".to_vec(),
+                "invalid protocol",
+            ),
             (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\r".to_vec(), "end"),
             (b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n".to_vec(), "port"),
             (b"PROXY TCP4 1.2.3.4\r\n".to_vec(), "missing"),
             (b"PROXY \r\n".to_vec(), "protocol"),
             (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n".to_vec(), "end"),
             (b"PROXY TCP4 ::1 ::1 1 2\r\n".to_vec(), "invalid IP address"),
-            (b"PROXY TCP6 1.2.3.4 ::1 1 2\r\n".to_vec(), "invalid IP address"),
+            (
+                b"PROXY TCP6 1.2.3.4 ::1 1 2\r\n".to_vec(),
+                "invalid IP address",
+            ),
             (b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n".to_vec(), "port"),
             (b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n".to_vec(), "port"),
             (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n".to_vec(), "line feed"),
             (b"PROXY TCP4 1.2.3.4  5.6.7.8 1 2\r\n".to_vec(), "invalid"),
             (b"PROXY \xff\xfe\r\n".to_vec(), "UTF-8"),
-            ([&b"PROXY UNKNOWN "[..], &[b'a'; 100]].concat(), "within 107"),
+            (
+                [&b"PROXY UNKNOWN "[..], &[b'a'; 100]].concat(),
+                "within 107",
+            ),
             (v2(&[0x11, 0x11, 0, 12]), "version"),
             (v2(&[0x23, 0x11, 0, 12]), "command"),
             (v2(&[0x21, 0x41, 0, 12]), "family"),
@@ -685,7 +696,10 @@ mod tests {
             (v2(&[0x21, 0x11, 0, 4, 1, 2, 3, 4]), "address"),
             (v2(&[0x21, 0x21, 0, 12]), "address"),
             (v2(&[0x21, 0x11, 0xff, 0xff]), "more than"),
-            (v2(&[0x21, 0x12, 0, 12, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 0, 2]), "UDP"),
+            (
+                v2(&[0x21, 0x12, 0, 12, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 0, 2]),
+                "UDP",
+            ),
         ];
         for (bytes, says) in cases {
             let why = invalid(&bytes);
@@ -743,7 +757,10 @@ mod tests {
     fn versions_read_as_written() {
         assert_eq!("v2".parse::<Version>().unwrap(), Version::V2);
         assert_eq!(" V1 ".parse::<Version>().unwrap(), Version::V1);
-        assert!("v3".parse::<Version>().unwrap_err().contains("v1 (text) or v2"));
+        assert!("v3"
+            .parse::<Version>()
+            .unwrap_err()
+            .contains("v1 (text) or v2"));
     }
 
     async fn pair() -> (TcpStream, TcpStream) {
@@ -810,11 +827,16 @@ mod tests {
             matches!(e, HeaderError::Timeout { received: 15, .. }),
             "{e:?}"
         );
-        assert!(e.to_string().contains("incomplete PROXY header (15 bytes)"), "{e}");
+        assert!(
+            e.to_string().contains("incomplete PROXY header (15 bytes)"),
+            "{e}"
+        );
 
         let (client, server) = pair().await;
         drop(client);
-        let e = read_header(&server, Duration::from_secs(5)).await.unwrap_err();
+        let e = read_header(&server, Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(e.is_silent(), "{e:?}");
     }
 
@@ -837,7 +859,9 @@ mod tests {
         // A client that waits for the server to speak first.
         let (_client, server) = pair().await;
         let started = std::time::Instant::now();
-        assert!(!sends_header(&server, Duration::from_millis(50)).await.unwrap());
+        assert!(!sends_header(&server, Duration::from_millis(50))
+            .await
+            .unwrap());
         assert!(started.elapsed() < Duration::from_secs(1));
         let (mut client, server) = pair().await;
         client.write_all(b"hello").await.unwrap();

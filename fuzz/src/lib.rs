@@ -606,7 +606,11 @@ pub fn proxy_header(data: &[u8]) {
             );
         }
         Parsed::Header { len, carried } => {
-            assert!(len <= data.len(), "a header of {len} bytes in {}", data.len());
+            assert!(
+                len <= data.len(),
+                "a header of {len} bytes in {}",
+                data.len()
+            );
             let bound = if data[0] == b'P' { MAX_V1 } else { MAX_V2 };
             assert!(len <= bound, "a header of {len} bytes, over {bound}");
             assert_eq!(

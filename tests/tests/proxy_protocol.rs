@@ -106,7 +106,10 @@ fn haproxy_reads_the_client_the_tunnel_names_in_v1_and_v2() {
         let line = front.wait_line(&format!("haproxy client={me}"));
         assert!(line.contains(&me.to_string()), "{version}: {line}");
         let line = tunnel.wait_line(&format!("client={me}"));
-        assert!(line.contains(&format!("target_addr={}", front.addr)), "{line}");
+        assert!(
+            line.contains(&format!("target_addr={}", front.addr)),
+            "{line}"
+        );
     }
 }
 
@@ -138,7 +141,10 @@ fn echo_server_behind_haproxy_sees_and_judges_the_real_client() {
     let denied = s.local_addr().unwrap();
     assert!(closed_silently(&mut s), "a denied client was served");
     let line = echo.wait_line("refused by access list");
-    assert!(line.contains(&format!("peer={denied} via=127.0.0.1:")), "{line}");
+    assert!(
+        line.contains(&format!("peer={denied} via=127.0.0.1:")),
+        "{line}"
+    );
 }
 
 #[test]
@@ -209,9 +215,17 @@ fn bad_headers_never_reach_the_echo_server() {
         assert!(closed_silently(&mut s), "served after {bytes:?}");
         echo.wait_line(logged);
     };
-    refused(b"PROXY TCP4 192.0.2.1 10.0.0.1 1\r\n", false, "malformed PROXY v1 header");
+    refused(
+        b"PROXY TCP4 192.0.2.1 10.0.0.1 1\r\n",
+        false,
+        "malformed PROXY v1 header",
+    );
     refused(b"GET / HTTP/1.1\r\n\r\n", false, "no PROXY protocol header");
-    refused(b"PROXY TCP4 192.0.2.1 ", true, "closed after 21 bytes of an incomplete PROXY header");
+    refused(
+        b"PROXY TCP4 192.0.2.1 ",
+        true,
+        "closed after 21 bytes of an incomplete PROXY header",
+    );
     let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\xff\xff".to_vec();
     v2.extend_from_slice(&[0; 64]);
     refused(&v2, false, "more than the 4112 taken");
@@ -228,7 +242,11 @@ fn bad_headers_never_reach_the_echo_server() {
 
     // A slow balancer is waited for.
     let mut s = TcpStream::connect(echo.addr).unwrap();
-    dribble(&mut s, header("192.0.2.1").as_bytes(), Duration::from_millis(10));
+    dribble(
+        &mut s,
+        header("192.0.2.1").as_bytes(),
+        Duration::from_millis(10),
+    );
     assert!(first_line(&mut s).starts_with("Welcome"));
 }
 
@@ -259,10 +277,25 @@ fn bad_headers_never_reach_a_tunnel_target() {
         assert!(line.contains("end=\"PROXY header refused\""), "{line}");
     };
     let me = [127, 0, 0, 1];
-    refused(me, b"PROXY TCP4 192.0.2.1\r\n", None, "malformed PROXY v1 header");
-    refused(me, b"SSH-2.0-OpenSSH_9.2\r\n", None, "no PROXY protocol header");
+    refused(
+        me,
+        b"PROXY TCP4 192.0.2.1\r\n",
+        None,
+        "malformed PROXY v1 header",
+    );
+    refused(
+        me,
+        b"SSH-2.0-OpenSSH_9.2\r\n",
+        None,
+        "no PROXY protocol header",
+    );
     // Stalled after a few bytes: closed at the connect timeout.
-    refused(me, b"PROXY TCP4 192.0", None, "an incomplete PROXY header (16 bytes) after 1s");
+    refused(
+        me,
+        b"PROXY TCP4 192.0",
+        None,
+        "an incomplete PROXY header (16 bytes) after 1s",
+    );
     // Too slow: a byte every 100 ms does not make the 1 s.
     refused(
         me,
@@ -280,7 +313,8 @@ fn bad_headers_never_reach_a_tunnel_target() {
 
     // A good header, and the stranger without one, reach the target.
     let mut s = connect_from(me, addr);
-    s.write_all(b"PROXY TCP4 192.0.2.1 10.0.0.1 4000 2\r\nhi").unwrap();
+    s.write_all(b"PROXY TCP4 192.0.2.1 10.0.0.1 4000 2\r\nhi")
+        .unwrap();
     let mut got = [0u8; 2];
     s.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"hi");

@@ -14,8 +14,8 @@ use std::fmt;
 use std::path::PathBuf;
 
 use common::config::ConfigError;
-use common::proxy::Version as ProxyVersion;
 use common::limits::PerSourceSettings;
+use common::proxy::Version as ProxyVersion;
 use common::settings::{
     at_least_one, at_least_one_opt, nonzero_duration, nonzero_duration_opt, AccessList,
     AddressList, CidrList, List, ListenAddr, LogSettings, Period,
