@@ -19,6 +19,7 @@ declare -A packages=(
     [dnsmasq]=dnsmasq-base
     [dig]=dnsutils
     [iperf3]=iperf3
+    [haproxy]=haproxy
     [systemd-socket-activate]=systemd
     [systemd-analyze]=systemd
 )
