@@ -21,7 +21,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod discovery;
 pub mod endpoint;
+pub mod files;
 pub mod limits;
 pub mod proxy;
 pub mod runtime;

@@ -253,6 +253,7 @@ text_serde!(
     crate::tls::names::NamePattern: "a name: client.example.com, *.example.com or a URI",
     ListenAddr: "a listen address IP:PORT",
     HostPort: "HOST:PORT",
+    crate::discovery::Destination: "HOST:PORT, or a peer's ROLE/Endpoint",
     crate::proxy::Version: "a PROXY protocol version, v1 or v2",
 );
 
@@ -273,6 +274,10 @@ pub struct ServeSettings {
     /// it names is the client for access lists and logs. From anywhere
     /// else a header is refused.
     pub accept_proxy: CidrList,
+    /// Where the other roles' instances and endpoints are listed (a
+    /// topology file, see [`crate::discovery`]; the development fabric
+    /// sets it for every instance).
+    pub topology: Option<std::path::PathBuf>,
     /// A connection with no traffic for this long is closed.
     #[serde(deserialize_with = "nonzero_duration")]
     pub idle_timeout: Period,
@@ -301,6 +306,7 @@ impl Default for ServeSettings {
             allow: CidrList::default(),
             deny: CidrList::default(),
             accept_proxy: CidrList::default(),
+            topology: None,
             idle_timeout: Period::from_secs(300),
             shutdown_grace: Period::from_secs(10),
             tls_cert: None,

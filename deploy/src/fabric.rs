@@ -29,7 +29,10 @@ use std::process::Stdio;
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use std::os::unix::fs::DirBuilderExt;
+
 use anyhow::{bail, Context};
+use common::discovery::{EndpointEntry, Topology};
 use common::endpoint::{bind_error, bind_listener};
 use common::settings::{ListenAddr, Period};
 pub use common::signal::Shutdown;
@@ -373,6 +376,18 @@ pub async fn run(
         }
     }
 
+    // Where each role finds the others: written before any instance
+    // starts, in a directory of this fabric's own.
+    let runtime_dir = RuntimeDir::create()?;
+    let topology_file = runtime_dir.0.join("topology.json");
+    topology(definition, &instances)
+        .write(&topology_file)
+        .with_context(|| format!("writing the topology to {}", topology_file.display()))?;
+    tracing::info!(
+        topology = %topology_file.display(),
+        "topology written: a ROLE/Endpoint name is looked up there (--topology FILE; every instance has it in <PREFIX>_TOPOLOGY)"
+    );
+
     // Dropping the guards at the end flushes what is queued, for at most
     // about a second each.
     let (out, _out_guard) = common::telemetry::non_blocking(io::stdout(), "fabric-stdout");
@@ -395,6 +410,7 @@ pub async fn run(
             instance,
             binary,
             addr,
+            topology: topology_file.clone(),
             options: options.clone(),
             stop: stop.clone(),
             now: shutdown.hurried().clone(),
@@ -504,6 +520,59 @@ fn balancer_route(
     }
 }
 
+/// The topology of `definition` run as `instances`: each endpoint's
+/// balanced address (on loopback) and its role's instances.
+fn topology(definition: &Definition, instances: &[Instance]) -> Topology {
+    let mut topology = Topology::default();
+    for role in &definition.roles {
+        let endpoints = topology.roles.entry(role.name.clone()).or_default();
+        for endpoint in &role.endpoints {
+            endpoints.insert(
+                endpoint.name.clone(),
+                EndpointEntry {
+                    address: SocketAddr::from(([127, 0, 0, 1], endpoint.port)).to_string(),
+                    instances: Some(
+                        instances
+                            .iter()
+                            .filter(|i| i.role == role.name)
+                            .map(|i| common::discovery::Instance {
+                                id: i.id.clone(),
+                                addr: i.addr,
+                            })
+                            .collect(),
+                    ),
+                    // Instances trust loopback to name the client.
+                    proxy: Some(common::proxy::Version::V2),
+                },
+            );
+        }
+    }
+    topology
+}
+
+/// A directory of the fabric's own for what it shares with its instances
+/// (the topology), removed when the fabric ends.
+struct RuntimeDir(PathBuf);
+
+impl RuntimeDir {
+    fn create() -> anyhow::Result<RuntimeDir> {
+        let dir = std::env::temp_dir().join(format!("deploy-{}", std::process::id()));
+        // Left by an earlier fabric of the same process id, long gone.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        Ok(RuntimeDir(dir))
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Where the balancers' connections to instances come from: every
 /// instance trusts these sources to start with a PROXY protocol header.
 pub const BALANCER_SOURCES: &str = "127.0.0.0/8,::1/128";
@@ -530,6 +599,7 @@ struct Supervisor<O, E> {
     instance: usize,
     binary: PathBuf,
     addr: SocketAddr,
+    topology: PathBuf,
     options: Options,
     stop: CancellationToken,
     now: CancellationToken,
@@ -551,6 +621,7 @@ where
             instance,
             binary,
             addr,
+            topology,
             options,
             stop,
             now,
@@ -566,6 +637,7 @@ where
             let mut command = Command::new(&binary);
             command
                 .envs(instance_environment(&program, &role))
+                .env(format!("{}TOPOLOGY", program.prefix()), &topology)
                 .env(format!("{}LISTEN", program.prefix()), addr.to_string())
                 .env(format!("{}INSTANCE", program.prefix()), &id)
                 .stdin(Stdio::null())

@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use common::config::env_prefix;
+use common::discovery::Topology;
 use common::settings::{AddressList, AddressPattern, HostPort};
 
 /// Settings by key, as a definition gives them.
@@ -53,7 +54,7 @@ pub struct Program {
     pub default_port: u16,
     defaults: fn() -> Value,
     check: fn(&SettingsMap) -> Vec<SettingProblem>,
-    targets: fn(&SettingsMap) -> Result<Vec<HostPort>, String>,
+    targets: fn(&SettingsMap, &Topology) -> Result<Vec<HostPort>, String>,
 }
 
 /// Every program a role can name.
@@ -147,8 +148,12 @@ impl Program {
 
     /// Where the program connects to with `settings` (a tunnel's targets),
     /// or why it has nowhere to connect. Settings are taken as checked.
-    pub fn targets(&self, settings: &SettingsMap) -> Result<Vec<HostPort>, String> {
-        (self.targets)(settings)
+    pub fn targets(
+        &self,
+        settings: &SettingsMap,
+        topology: &Topology,
+    ) -> Result<Vec<HostPort>, String> {
+        (self.targets)(settings, topology)
     }
 
     /// The client networks `settings` let in (`allow`), empty for
@@ -217,12 +222,13 @@ fn defaults<S: Serialize + Default>() -> Value {
     serde_json::to_value(S::default()).unwrap_or(Value::Null)
 }
 
-fn no_targets(_: &SettingsMap) -> Result<Vec<HostPort>, String> {
+fn no_targets(_: &SettingsMap, _: &Topology) -> Result<Vec<HostPort>, String> {
     Ok(Vec::new())
 }
 
-/// The targets of every route of a tunnel with `settings`.
-fn tunnel_targets(settings: &SettingsMap) -> Result<Vec<HostPort>, String> {
+/// The targets of every route of a tunnel with `settings`, peers named
+/// `role/Endpoint` looked up in `topology`.
+fn tunnel_targets(settings: &SettingsMap, topology: &Topology) -> Result<Vec<HostPort>, String> {
     let given = |key: &str| settings.get(key).is_some_and(|v| !v.is_null());
     if !["target", "host", "port", "routes"]
         .iter()
@@ -235,7 +241,7 @@ fn tunnel_targets(settings: &SettingsMap) -> Result<Vec<HostPort>, String> {
         |figment, (key, value)| figment.merge(Serialized::default(key, env_form(value))),
     );
     let settings: tunnel::Settings = figment.extract().map_err(|e| e.to_string())?;
-    let routes = settings.routes().map_err(|errors| {
+    let routes = settings.routes_in(Some(topology)).map_err(|errors| {
         errors
             .iter()
             .map(|e| e.message.clone())

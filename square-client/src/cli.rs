@@ -51,7 +51,13 @@ pub async fn run(settings: &Settings, numbers: Vec<String>, format: Format) -> E
         (Box::new(std::io::Cursor::new(joined.into_bytes())), options)
     };
 
-    let server = settings.server.to_string();
+    let server = match settings.server_address() {
+        Ok(server) => server.to_string(),
+        Err(e) => {
+            common::telemetry::say(format_args!("{PROGRAM}: {e}"));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     // Checked at start already; read again here, so a file changed since
     // is caught too.
     let connector = match settings.connector() {

@@ -20,10 +20,15 @@ use square_client::settings::Settings;
 #[derive(Debug, Parser, Serialize)]
 #[command(name = "square-client", version)]
 struct Args {
-    /// The square server, HOST:PORT [default: 127.0.0.1:2345] (also SQUARE_CLIENT_SERVER)
+    /// The square server, HOST:PORT, or ROLE/Endpoint looked up in --topology [default: 127.0.0.1:2345] (also SQUARE_CLIENT_SERVER)
     #[arg(long, value_name = "HOST:PORT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     server: Option<String>,
+
+    /// Topology file in which a --server named ROLE/Endpoint is looked up (deploy run prints its path) (also SQUARE_CLIENT_TOPOLOGY)
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topology: Option<PathBuf>,
 
     /// How long to wait for the server to accept (and the TLS handshake), such as 5s or 500ms [default: 5s] (also SQUARE_CLIENT_CONNECT_TIMEOUT)
     #[arg(long, value_name = "DURATION")]

@@ -12,14 +12,19 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The square server's address: `HOST:PORT`, resolved when connecting.
-pub use common::settings::HostPort as ServerAddr;
+pub use common::discovery::Destination as ServerAddr;
+use common::settings::HostPort;
 
 /// Everything square-client can be configured with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Settings {
-    /// The square server, `HOST:PORT`.
+    /// The square server, `HOST:PORT`, or `role/Endpoint` looked up in
+    /// `topology`.
     pub server: ServerAddr,
+    /// The topology file in which a server named `role/Endpoint` is looked
+    /// up (the development fabric gives its path to its instances).
+    pub topology: Option<PathBuf>,
     /// How long to wait for the server to accept the connection, and for
     /// the TLS handshake with TLS (more than 0).
     #[serde(deserialize_with = "some_time")]
@@ -58,6 +63,7 @@ impl Default for Settings {
             cert: None,
             key: None,
             server_name: None,
+            topology: None,
             log: LogSettings::default(),
         }
     }
@@ -97,6 +103,24 @@ impl Settings {
     /// Whether to talk TLS: `tls`, or any TLS-only setting given.
     pub fn uses_tls(&self) -> bool {
         self.tls || !self.tls_settings().is_empty()
+    }
+
+    /// The address to connect to: `server` as written, or the balanced
+    /// address of the peer it names, from the topology.
+    pub fn server_address(&self) -> Result<HostPort, String> {
+        match &self.server {
+            ServerAddr::Address(a) => Ok(a.clone()),
+            ServerAddr::Peer(peer) => {
+                let Some(file) = &self.topology else {
+                    return Err(format!(
+                        "--server {peer} names a peer, and no topology is given to look it up in; pass --topology FILE (or SQUARE_CLIENT_TOPOLOGY; deploy run prints the path of its topology), or give HOST:PORT"
+                    ));
+                };
+                common::discovery::Topology::read(file)
+                    .and_then(|t| t.endpoint(peer))
+                    .map_err(|e| e.to_string())
+            }
+        }
     }
 
     /// The TLS connector the settings ask for, its files read: `None` for

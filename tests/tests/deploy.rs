@@ -1451,3 +1451,120 @@ fn the_fabric_passes_mutual_tls_through_to_its_instances() {
     drop(fabric);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The instance id in a date/time greeting read through `addr` from
+/// `from`.
+fn greeting_from(from: [u8; 4], addr: SocketAddr) -> String {
+    let mut s = tests::connect_from(from, addr);
+    let mut text = String::new();
+    let mut buf = [0u8; 256];
+    while !text.contains("Your choice: ") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the greeting: {text:?}");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    text.split("instance ")
+        .nth(1)
+        .and_then(|rest| rest.split('.').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_role_finds_another_by_name_and_calls_its_instances() {
+    let (echo_port, tunnel_port, square_port) = (free_port(), free_port(), free_port());
+    let dir = temp_dir("discovery");
+    let definition = dir.join("service.yaml");
+    std::fs::write(
+        &definition,
+        format!(
+            "name: discovery-test
+roles:
+  - name: echo-server
+    program: echo-server
+    instances: 3
+    endpoints: [{{name: EchoEndpoint, visibility: internal, port: {echo_port}}}]
+  - name: square-server
+    program: square-server
+    instances: 2
+    endpoints: [{{name: SquareEndpoint, visibility: internal, port: {square_port}}}]
+  - name: tunnel
+    program: tunnel
+    endpoints: [{{name: Incoming, visibility: public, port: {tunnel_port}}}]
+    settings:
+      target: echo-server/EchoEndpoint
+      allow: [127.0.0.0/8]
+"
+        ),
+    )
+    .unwrap();
+    let mut fabric = Fabric::start(&definition, 6);
+    fabric.table_where(|t| t.values().all(|(state, _, _)| state == "running"));
+    let written = "topology written";
+    let topology = match fabric.seen.iter().find(|l| l.contains(written)) {
+        Some(line) => line.clone(),
+        None => fabric.wait_line(written),
+    };
+    let topology = topology
+        .split("topology=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .expect("the topology's path")
+        .to_string();
+
+    // The tunnel role balances over echo-server's instances, found by
+    // name: every one of them greets through it, and each sees the
+    // client that reached the tunnel's endpoint (the balancer and the
+    // tunnel pass it on in PROXY headers).
+    let addr: SocketAddr = format!("127.0.0.1:{tunnel_port}").parse().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..9 {
+        seen.insert(greeting_from([127, 0, 0, 5], addr));
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["echo-server_IN_0", "echo-server_IN_1", "echo-server_IN_2"]
+    );
+
+    // square-client names the square service; the topology gives its
+    // balanced address.
+    let out = Command::new(binary("square-client"))
+        .args([
+            "--server",
+            "square-server/SquareEndpoint",
+            "--topology",
+            &topology,
+            "12",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "144",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(binary("square-client"))
+        .args([
+            "--server",
+            "square-server/Squares",
+            "--topology",
+            &topology,
+            "12",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("role square-server has no endpoint Squares (it has SquareEndpoint)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fabric.signal("TERM");
+    assert!(fabric.exit_within(Duration::from_secs(20)).success());
+    assert!(
+        !Path::new(&topology).exists(),
+        "the fabric leaves its topology behind"
+    );
+}

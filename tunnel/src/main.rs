@@ -61,6 +61,11 @@ struct Args {
     #[serde(skip_serializing_if = "Option::is_none")]
     access_log: Option<String>,
 
+    /// Topology file in which targets named ROLE/Endpoint are looked up, and followed (deploy run sets it)
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topology: Option<PathBuf>,
+
     /// How long to wait for the target to accept [default: 5s]
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -176,15 +176,37 @@ where
     notify::ready(&serving_status(serving));
     tokio::pin!(shutdown);
     let mut reloads = true;
+    // Targets named `role/Endpoint` follow the topology: a change of it
+    // makes the routes again, as a SIGHUP would.
+    let followed = settings.topology.clone().filter(|_| settings.names_peers());
+    let mut stamp = followed.as_deref().map(common::files::Stamp::of);
     loop {
+        let topology_changed = async {
+            match (&followed, &stamp) {
+                (Some(file), Some(since)) => common::discovery::changed(file, since).await,
+                _ => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = &mut shutdown => break,
+            now = topology_changed => {
+                stamp = Some(now);
+                notify::reloading("the topology changed: making the routes again");
+                let status = match reload(&mut reconfigure, &settings, &tunnel, "the topology changed").await {
+                    Some(count) => {
+                        serving = count;
+                        serving_status(serving)
+                    }
+                    None => format!("{}; the last reload failed, see the log", serving_status(serving)),
+                };
+                notify::ready(&status);
+            }
             // A signal stream that ended delivers nothing more: wait for
             // the shutdown alone rather than spin on it.
             got = hangup.recv(), if reloads => match got {
                 Some(()) => {
                     notify::reloading("reloading the configuration");
-                    let status = match reload(&mut reconfigure, &settings, &tunnel).await {
+                    let status = match reload(&mut reconfigure, &settings, &tunnel, "SIGHUP").await {
                         Some(count) => {
                             serving = count;
                             serving_status(serving)
@@ -259,12 +281,17 @@ fn serving_status(count: usize) -> String {
 /// routes stay as they are, and the answer is `None`, else how many
 /// routes run now. Settings that only take effect at start are named in
 /// the log when they changed.
-async fn reload<F, E>(reconfigure: &mut F, first: &Settings, tunnel: &Tunnel) -> Option<usize>
+async fn reload<F, E>(
+    reconfigure: &mut F,
+    first: &Settings,
+    tunnel: &Tunnel,
+    why: &str,
+) -> Option<usize>
 where
     F: FnMut() -> Result<(Settings, Vec<Route>), E>,
     E: fmt::Display,
 {
-    tracing::info!("SIGHUP: reloading the configuration");
+    tracing::info!("{why}: reloading the configuration");
     let (settings, routes) = match reconfigure() {
         Ok(pair) => pair,
         Err(errors) => {
@@ -298,6 +325,9 @@ where
     }
     if settings.instance != first.instance {
         kept.push("instance");
+    }
+    if settings.topology != first.topology {
+        kept.push("topology");
     }
     if !kept.is_empty() {
         tracing::warn!(

@@ -14,6 +14,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use common::config::ConfigError;
+use common::discovery::{Destination, Topology};
 use common::limits::PerSourceSettings;
 use common::proxy::Version as ProxyVersion;
 use common::settings::{
@@ -39,7 +40,7 @@ pub type ListenList = List<ListenAddr>;
 
 /// One or more targets: a `HOST:PORT` string (several separated by commas)
 /// or a list.
-pub type TargetList = List<Target>;
+pub type TargetList = List<Destination>;
 
 /// Active health checks: `false`, `true` (the defaults), or the settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -353,6 +354,10 @@ pub struct Settings {
     pub workers: usize,
     /// This instance's name in logs (set per instance by a deployment).
     pub instance: String,
+    /// The topology file in which targets named `role/Endpoint` are looked
+    /// up (set by the development fabric for its instances); followed
+    /// while the tunnel runs.
+    pub topology: Option<PathBuf>,
     /// How long live connections may take to finish on SIGTERM.
     pub shutdown_grace: Period,
     /// Where access-log lines go besides the log: a file path, or none.
@@ -418,6 +423,7 @@ impl Default for Settings {
             admin_deny: AddressList::default(),
             workers: 1,
             instance: format!("{PROGRAM}_IN_0"),
+            topology: None,
             shutdown_grace: Period::from_secs(30),
             access_log: None,
             log_empty_connections: false,
@@ -606,6 +612,12 @@ impl Settings {
     /// The routes to run, with global values filled in; every problem is
     /// reported (with the key it concerns).
     pub fn routes(&self) -> Result<Vec<Route>, Vec<ConfigError>> {
+        self.routes_in(None)
+    }
+
+    /// [`Settings::routes`], with targets named `role/Endpoint` looked up
+    /// in `topology` rather than in the `topology` file (when given).
+    pub fn routes_in(&self, topology: Option<&Topology>) -> Result<Vec<Route>, Vec<ConfigError>> {
         let mut errors = Vec::new();
         let problem = |key: &str, message: String| ConfigError {
             key: key.to_string(),
@@ -617,6 +629,7 @@ impl Settings {
             allow: self.allow.clone(),
             deny: self.deny.clone(),
         };
+        let mut peers = Peers::new(self.topology.as_deref(), topology);
         let mut routes = Vec::new();
         // Where each route's keys are: `routes.N.` (N in the file, which
         // differs from the index in `routes` once one is left out), or
@@ -625,7 +638,13 @@ impl Settings {
         let mut tls_problems = Vec::new();
         if self.routes.is_empty() {
             let targets = match (&self.target, &self.host, self.port) {
-                (Some(targets), _, _) => Some(targets.0.clone()),
+                (Some(targets), _, _) => match peers.expand(&targets.0) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        errors.push(problem("target", e));
+                        None
+                    }
+                },
                 (None, Some(host), Some(port)) => match format!("{host}:{port}").parse() {
                     Ok(t) => Some(vec![t]),
                     Err(e) => {
@@ -671,7 +690,8 @@ impl Settings {
                     target_tls,
                     sni: Vec::new(),
                     accept_proxy: self.accept_proxy.clone(),
-                    send_proxy: self.send_proxy,
+                    // Peers' instances reached directly may expect a header.
+                    send_proxy: self.send_proxy.or(peers.proxy),
                     protocol: Protocol::Tcp,
                     per_source: self.per_source.clone().unwrap_or_default(),
                 });
@@ -755,7 +775,20 @@ impl Settings {
                         ));
                         continue;
                     }
-                    (Some(t), None) | (None, Some(t)) if !t.0.is_empty() => t.0.clone(),
+                    (Some(t), None) | (None, Some(t)) if !t.0.is_empty() => {
+                        match peers.expand(&t.0) {
+                            Ok(t) => t,
+                            Err(e) => {
+                                let which = if r.target.is_some() {
+                                    "target"
+                                } else {
+                                    "targets"
+                                };
+                                errors.push(problem(&key(which), e));
+                                continue;
+                            }
+                        }
+                    }
                     _ => {
                         errors.push(problem(
                             &key("target"),
@@ -807,7 +840,7 @@ impl Settings {
                             .copied()
                             .collect(),
                     ),
-                    send_proxy: r.send_proxy,
+                    send_proxy: r.send_proxy.or(peers.proxy),
                     protocol,
                     per_source: r
                         .per_source
@@ -833,6 +866,73 @@ impl Settings {
         } else {
             Err(errors)
         }
+    }
+}
+
+/// Targets named `role/Endpoint`, looked up in the topology file (read
+/// once per configuration, when a route first names a peer).
+struct Peers<'a> {
+    file: Option<&'a std::path::Path>,
+    given: Option<&'a Topology>,
+    topology: Option<Result<Topology, String>>,
+    /// The PROXY header the last expanded peers' instances expect.
+    proxy: Option<ProxyVersion>,
+}
+
+impl<'a> Peers<'a> {
+    fn new(file: Option<&'a std::path::Path>, given: Option<&'a Topology>) -> Self {
+        Peers {
+            file,
+            given,
+            topology: None,
+            proxy: None,
+        }
+    }
+
+    /// `targets` with every peer replaced by its instances; [`Peers::proxy`]
+    /// is then the header they expect, if any.
+    fn expand(&mut self, targets: &[Destination]) -> Result<Vec<Target>, String> {
+        let mut out = Vec::new();
+        self.proxy = None;
+        for target in targets {
+            match target {
+                Destination::Address(a) => out.push(a.clone()),
+                Destination::Peer(peer) => {
+                    let (file, given) = (self.file, self.given);
+                    let topology = self.topology.get_or_insert_with(|| match (given, file) {
+                        (Some(given), _) => Ok(given.clone()),
+                        (None, None) => Err(format!(
+                            "{peer} names a peer, and no topology is given to look it up in; set topology (TUNNEL_TOPOLOGY, --topology FILE: deploy run sets it for its instances) or write HOST:PORT"
+                        )),
+                        (None, Some(file)) => Topology::read(file).map_err(|e| e.to_string()),
+                    });
+                    let topology = topology.as_ref().map_err(Clone::clone)?;
+                    out.extend(topology.instances(peer).map_err(|e| e.to_string())?);
+                    let entry = topology.entry(peer).map_err(|e| e.to_string())?;
+                    if entry.instances.is_some() {
+                        self.proxy = self.proxy.or(entry.proxy);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Settings {
+    /// Whether a target is named `role/Endpoint`: the topology is then
+    /// followed, and the routes made again when it changes.
+    pub fn names_peers(&self) -> bool {
+        let peer = |list: &Option<TargetList>| {
+            list.iter()
+                .flat_map(|l| l.0.iter())
+                .any(|d| matches!(d, Destination::Peer(_)))
+        };
+        peer(&self.target)
+            || self
+                .routes
+                .iter()
+                .any(|r| peer(&r.target) || peer(&r.targets))
     }
 }
 

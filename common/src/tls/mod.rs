@@ -373,20 +373,7 @@ impl HandshakeStats {
     }
 }
 
-/// The modification stamp of a file, to see that it changed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Stamp(Option<(SystemTime, u64, u64)>);
-
-impl Stamp {
-    fn of(file: &Path) -> Stamp {
-        // Through symbolic links: a mounted Kubernetes Secret changes by
-        // swapping a link to a new directory.
-        Stamp(std::fs::metadata(file).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            (m.modified().unwrap_or(UNIX_EPOCH), m.len(), m.ino())
-        }))
-    }
-}
+pub(crate) use crate::files::Stamp;
 
 /// A TLS endpoint's configuration as it is now, and what it was made of.
 struct Current {

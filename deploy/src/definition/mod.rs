@@ -303,6 +303,27 @@ impl Definition {
         read::definition(text, path)
     }
 
+    /// The roles and endpoints peers can name (`role/Endpoint`), for
+    /// checking the names: each endpoint at its role's name and its port,
+    /// as a cluster's DNS would give it, with no instances listed.
+    pub fn peer_topology(&self) -> common::discovery::Topology {
+        let mut topology = common::discovery::Topology::default();
+        for role in &self.roles {
+            let endpoints = topology.roles.entry(role.name.clone()).or_default();
+            for endpoint in &role.endpoints {
+                endpoints.insert(
+                    endpoint.name.clone(),
+                    common::discovery::EndpointEntry {
+                        address: format!("{}:{}", role.name, endpoint.port),
+                        instances: None,
+                        proxy: None,
+                    },
+                );
+            }
+        }
+        topology
+    }
+
     /// The definition as it runs in `environment`: that environment's
     /// instances, settings and Secrets in place of the roles' own. On this
     /// machine, a relative file path in the settings is taken from the
@@ -347,6 +368,7 @@ impl Definition {
     /// environments is reported once.
     fn findings_in(&self, environment: Environment) -> Vec<Finding> {
         let applied = self.in_environment(environment);
+        let topology = applied.peer_topology();
         let mut found = Vec::new();
         for role in &applied.roles {
             let program = role.program();
@@ -356,7 +378,7 @@ impl Definition {
                     role.name
                 )
             };
-            match program.targets(&role.settings) {
+            match program.targets(&role.settings, &topology) {
                 Err(why) => found.push((
                     role.place("settings"),
                     Severity::Error,

@@ -164,7 +164,7 @@ impl Converter {
         };
         self.settings.routes.push(RouteSettings {
             listen: List(vec![listen]),
-            target: Some(List(vec![target])),
+            target: Some(List(vec![target.into()])),
             ..route
         });
         self.last_rule = Some(self.settings.routes.len() - 1);

@@ -353,8 +353,8 @@ mod tests {
         let settings = parse("[::1] 2222 [2001:db8::5] 22\n:: 23 fe80::1 23\n").unwrap();
         assert_eq!(settings.routes[0].name, "[::1]:2222");
         assert_eq!(
-            settings.routes[0].target.as_ref().unwrap().0[0].host,
-            "2001:db8::5"
+            settings.routes[0].target.as_ref().unwrap().0[0].to_string(),
+            "[2001:db8::5]:22"
         );
         assert_eq!(
             settings.routes[1].target.as_ref().unwrap().to_string(),

@@ -122,7 +122,10 @@ mod tests {
         let settings = parse("0.0.0.0 http 10.0.0.1 postgresql\n").unwrap();
         let route = &settings.routes[0];
         assert_eq!(route.listen.0[0].0.port(), 80);
-        assert_eq!(route.target.as_ref().unwrap().0[0].port, 5432);
+        assert_eq!(
+            route.target.as_ref().unwrap().0[0].to_string(),
+            "10.0.0.1:5432"
+        );
 
         let text = "# comment\nfancy\t\t7001/tcp   fancy-alias # mine\nfancy\t7001/udp\nudponly 9999/udp\n";
         let (tcp, udp) = (
@@ -135,7 +138,10 @@ mod tests {
         };
         let settings = parse_with("0.0.0.0 fancy 10.0.0.1 fancy-alias", &lookup).unwrap();
         assert_eq!(settings.routes[0].listen.0[0].0.port(), 7001);
-        assert_eq!(settings.routes[0].target.as_ref().unwrap().0[0].port, 7001);
+        assert_eq!(
+            settings.routes[0].target.as_ref().unwrap().0[0].to_string(),
+            "10.0.0.1:7001"
+        );
         let err = parse_with("0.0.0.0 udponly 10.0.0.1 1", &lookup).unwrap_err();
         assert_eq!(err[0].line, 1);
         assert!(
