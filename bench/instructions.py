@@ -18,10 +18,12 @@ fixed, sequential workload from this script:
 
 Each workload runs twice, with N and 3N units, in a fresh tunnel each time;
 the difference divided by 2N is the cost per unit, with start-up, shutdown
-and first-use costs cancelled out. How the tunnel's wake-ups fall against
-the client's and the backend's still moves a pair by about 1.5 %, so three
-pairs run and the median is reported, with the spread: a change of 3 % in
-the hot paths shows, where wall-clock figures here move by 20 %.
+and first-use costs cancelled out. The steps of a new connection are paced
+(2 ms apart) so that the tunnel meets each event on its own wake-up: how
+events coalesce otherwise depends on timing. Pairs of runs then agree to
+about 0.3 %; three pairs run and the median is reported, with the spread,
+so a change of 1 % in the hot paths shows, where wall-clock figures here
+move by 20 %.
 
 With --syscalls the same workloads run under `strace -f -c` instead, and the
 figure is system calls per unit, by name.
@@ -92,10 +94,11 @@ def wait_listening(proc, port, what, seconds=120):
 
 
 # The backend: answers each 100-byte request with a 100-byte response; with
-# "close", closes the connection after the first response.
+# "close", closes the connection GAP seconds after the first response.
 BACKEND = """
-import selectors, socket, sys
+import selectors, socket, sys, time
 close = sys.argv[2] == "close"
+GAP = float(sys.argv[3])
 response = b"r" * 99 + b"\\n"
 l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 l.bind(("127.0.0.1", int(sys.argv[1]))); l.listen(1024); l.setblocking(False)
@@ -118,6 +121,7 @@ while True:
             got[s] -= 100
             s.sendall(response)
             if close:
+                time.sleep(GAP)
                 sel.unregister(s); del got[s]; s.close(); break
 """
 
@@ -132,15 +136,24 @@ def recv_exactly(s, n):
     return data
 
 
+# Pauses between the steps of a new connection, so that the tunnel sees each
+# event (connect, request, response, the backend's close, the client's
+# close) on its own: how events coalesce otherwise depends on timing, and
+# moves the count per connection by several percent from run to run.
+GAP = 0.002
+
+
 def conn_workload(port, n):
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", port), timeout=60)
+        time.sleep(GAP)
         s.sendall(REQUEST)
         if recv_exactly(s, len(RESPONSE)) != RESPONSE:
             raise RuntimeError("wrong response")
         if s.recv(1) != b"":
             raise RuntimeError("the tunnel did not pass the backend's close on")
         s.close()
+        time.sleep(GAP)
 
 
 def rr_workload(port, n):
@@ -187,7 +200,7 @@ def run_once(a, binary, kind, n, tool):
     `tool` ("callgrind" or "strace"); returns the tool's output file."""
     mode, work, _ = WORKLOADS[kind]
     bport = free_port()
-    backend = subprocess.Popen([sys.executable, "-c", BACKEND, str(bport), mode],
+    backend = subprocess.Popen([sys.executable, "-c", BACKEND, str(bport), mode, str(GAP)],
                                start_new_session=True)
     try:
         wait_listening(backend, bport, "the backend")
