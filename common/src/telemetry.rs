@@ -64,6 +64,67 @@ impl<W: Write> Write for Lossy<W> {
     }
 }
 
+/// How long the writer thread lets lines gather after writing a batch.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Bytes gathered before they are written without waiting for the batch's end.
+const GATHER_BYTES: usize = 64 * 1024;
+
+/// The writer thread's side: lines from the queue gather in memory and go
+/// to the sink in one write per batch (the writer thread flushes at the
+/// end of each batch), then the thread pauses for [`GATHER`]. A program
+/// that logs a line per connection would otherwise wake the writer thread
+/// and make a system call for each line: at thousands of connections a
+/// second, a fifth of the tunnel's CPU time per connection went to that.
+/// A line waits at most about [`GATHER`]; failures are counted per line,
+/// as [`Lossy`] does, and never reported.
+#[derive(Debug)]
+struct Batched<W: Write> {
+    sink: W,
+    pending: Vec<u8>,
+    lines: u64,
+}
+
+impl<W: Write> Batched<W> {
+    fn new(sink: W) -> Self {
+        Batched {
+            sink,
+            pending: Vec::new(),
+            lines: 0,
+        }
+    }
+
+    fn write_pending(&mut self) {
+        if !self.pending.is_empty() && self.sink.write_all(&self.pending).is_err() {
+            FAILED_WRITES.fetch_add(self.lines, Ordering::Relaxed);
+        }
+        self.pending.clear();
+        self.lines = 0;
+    }
+}
+
+impl<W: Write> Write for Batched<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // Each write is one queued line, whole.
+        self.pending.extend_from_slice(buf);
+        self.lines += 1;
+        if self.pending.len() >= GATHER_BYTES {
+            self.write_pending();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let wrote = !self.pending.is_empty();
+        self.write_pending();
+        let _ = self.sink.flush();
+        if wrote {
+            std::thread::sleep(GATHER);
+        }
+        Ok(())
+    }
+}
+
 /// A lossy, non-blocking writer to `sink` on a thread named `name`, and the
 /// guard that flushes it when dropped (keep it until the program ends).
 pub fn non_blocking<W: Write + Send + 'static>(sink: W, name: &str) -> (NonBlocking, WorkerGuard) {
@@ -71,7 +132,7 @@ pub fn non_blocking<W: Write + Send + 'static>(sink: W, name: &str) -> (NonBlock
         .lossy(true)
         .buffered_lines_limit(QUEUED_LINES)
         .thread_name(name)
-        .finish(Lossy(sink));
+        .finish(Batched::new(sink));
     if let Ok(mut queues) = QUEUES.get_or_init(Default::default).lock() {
         queues.push(writer.error_counter());
     }
@@ -255,6 +316,37 @@ mod tests {
             );
             assert!(ours.ends_with('Z'));
         }
+    }
+
+    /// Lines gather until the batch ends (a flush), then go out in one
+    /// write; a failed batch counts each of its lines.
+    #[test]
+    fn lines_go_out_in_one_write_per_batch() {
+        #[derive(Default)]
+        struct Writes(Vec<Vec<u8>>);
+        impl Write for Writes {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.push(buf.to_vec());
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut batched = Batched::new(Writes::default());
+        batched.write_all(b"one\n").unwrap();
+        batched.write_all(b"two\n").unwrap();
+        assert!(batched.sink.0.is_empty());
+        batched.flush().unwrap();
+        assert_eq!(batched.sink.0, vec![b"one\ntwo\n".to_vec()]);
+
+        let before = FAILED_WRITES.load(Ordering::Relaxed);
+        let mut broken = Batched::new(Broken);
+        for _ in 0..3 {
+            assert_eq!(broken.write(b"a line\n").unwrap(), 7);
+        }
+        broken.flush().unwrap();
+        assert!(FAILED_WRITES.load(Ordering::Relaxed) >= before + 3);
     }
 
     #[test]
