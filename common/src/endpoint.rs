@@ -97,6 +97,9 @@ pub fn bind_listener(addr: ListenAddr) -> io::Result<TcpListener> {
         let _ = socket.set_only_v6(false);
     }
     socket.set_nonblocking(true)?;
+    // Every accepted socket inherits it (Linux), from the first: the accept
+    // loop then sets nothing per connection (see `serve::accept_until`).
+    let _ = socket.set_tcp_nodelay(true);
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     TcpListener::from_std(socket.into())

@@ -268,6 +268,7 @@ pub async fn accept_until<H: Handler<TcpStream>>(
 ) {
     let mut backoff = Duration::from_millis(5);
     let gate = ProxyGate::new(options);
+    let nodelay_inherited = nodelay_inherited(listener);
     tokio::pin!(stop);
     loop {
         let (stream, accepted_from) = tokio::select! {
@@ -330,7 +331,9 @@ pub async fn accept_until<H: Handler<TcpStream>>(
             },
         };
         let local = stream.local_addr().unwrap_or(peer);
-        let _ = stream.set_nodelay(true);
+        if !nodelay_inherited {
+            let _ = stream.set_nodelay(true);
+        }
         let conn = Accepted {
             id,
             peer,
@@ -672,6 +675,18 @@ impl Drop for CapPermit {
     }
 }
 
+/// Whether the sockets `listener` accepts have `TCP_NODELAY` already: on
+/// Linux they inherit it from the listener, which
+/// [`crate::endpoint::bind_listener`] gives it before it listens (so every
+/// connection has it, even one that came before the accept loop). That
+/// saves a system call per connection.
+fn nodelay_inherited(listener: &TcpListener) -> bool {
+    cfg!(target_os = "linux")
+        && socket2::SockRef::from(listener)
+            .tcp_nodelay()
+            .unwrap_or(false)
+}
+
 /// Errors that concern only the connection being accepted, not the listener.
 fn is_per_connection(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
@@ -681,6 +696,65 @@ fn is_per_connection(e: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tells each client whether its socket has TCP_NODELAY.
+    struct Nodelay;
+
+    impl Handler for Nodelay {
+        async fn handle(self: Arc<Self>, stream: TcpStream, _: Accepted) -> anyhow::Result<()> {
+            use tokio::io::AsyncWriteExt;
+            let mut stream = stream;
+            let on = stream.nodelay()?;
+            stream.write_all(if on { b"on" } else { b"off" }).await?;
+            Ok(())
+        }
+    }
+
+    /// Set on the listener (inherited) or on each socket: every accepted
+    /// connection has it.
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        // Given TCP_NODELAY before it listens, or not.
+        let tuned = crate::endpoint::bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert!(nodelay_inherited(&tuned) || !cfg!(target_os = "linux"));
+        assert!(!nodelay_inherited(&plain));
+        for listener in [tuned, plain] {
+            each_connection_has_nodelay(listener).await;
+        }
+    }
+
+    async fn each_connection_has_nodelay(listener: TcpListener) {
+        use tokio::io::AsyncReadExt;
+        let addr = listener.local_addr().unwrap();
+        // One waits in the backlog before the accept loop starts.
+        let mut early = TcpStream::connect(addr).await.unwrap();
+        let options = ServeOptions {
+            cap: ConnectionCap::new(10),
+            access: AccessRules(Vec::new()),
+            idle_timeout: Duration::from_secs(10),
+            grace: Duration::from_secs(1),
+            per_source: None,
+            accept_proxy: Default::default(),
+            header_timeout: Duration::from_secs(1),
+        };
+        let stop = CancellationToken::new();
+        let serving = tokio::spawn(serve(listener, options, Arc::new(Nodelay), {
+            let stop = stop.clone();
+            async move { stop.cancelled().await }
+        }));
+        let mut answer = String::new();
+        early.read_to_string(&mut answer).await.unwrap();
+        assert_eq!(answer, "on");
+        for _ in 0..2 {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            let mut answer = String::new();
+            client.read_to_string(&mut answer).await.unwrap();
+            assert_eq!(answer, "on");
+        }
+        stop.cancel();
+        serving.await.unwrap();
+    }
 
     #[tokio::test]
     async fn a_freed_place_wakes_a_waiter_of_a_shared_cap() {

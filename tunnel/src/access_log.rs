@@ -167,7 +167,10 @@ impl AccessLog {
             detail = entry.detail.as_deref(),
             "connection"
         );
-        self.append(&entry.line());
+        if self.file.is_some() {
+            // Formatted only for a file: most tunnels log to stderr alone.
+            self.append(&entry.line());
+        }
     }
 
     /// Appends `line` (without its time stamp) to the file, if there is

@@ -261,10 +261,21 @@ fn describe(e: &io::Error) -> String {
 pub fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
     let _ = stream.set_nodelay(true);
     if let Some(time) = keepalive {
-        let probes = TcpKeepalive::new()
-            .with_time(time)
-            .with_interval(Duration::from_secs(10).min(time));
-        let _ = SockRef::from(stream).set_tcp_keepalive(&probes);
+        let _ = SockRef::from(stream).set_tcp_keepalive(&probes(time));
+    }
+}
+
+fn probes(time: Duration) -> TcpKeepalive {
+    TcpKeepalive::new()
+        .with_time(time)
+        .with_interval(Duration::from_secs(10).min(time))
+}
+
+/// [`tune`] for a client socket from the shared accept loop, which has
+/// given it `TCP_NODELAY` already (inherited from the listener, or set).
+pub fn tune_accepted(stream: &TcpStream, keepalive: Option<Duration>) {
+    if let Some(time) = keepalive {
+        let _ = SockRef::from(stream).set_tcp_keepalive(&probes(time));
     }
 }
 

@@ -135,7 +135,7 @@ impl RouteHandler {
         let keepalive = route.keepalive.time();
         let client = match client {
             Client::Plain(s) => {
-                connect::tune(&s, keepalive);
+                connect::tune_accepted(&s, keepalive);
                 match &self.tls.server {
                     None => ClientSide::Plain(s),
                     Some(tls) => match Box::pin(self.terminate(
@@ -152,7 +152,7 @@ impl RouteHandler {
                 }
             }
             Client::Replay(s) => {
-                connect::tune(s.get_ref(), keepalive);
+                connect::tune_accepted(s.get_ref(), keepalive);
                 match &self.tls.server {
                     None => ClientSide::Replay(s),
                     Some(tls) => match Box::pin(self.terminate(tls, s, &conn, started)).await {
