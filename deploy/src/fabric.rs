@@ -498,6 +498,10 @@ fn balancer_route(
         connect_timeout: Period::from_secs(2),
         idle_timeout: Period::from_secs(3600),
         max_connections: 10_000,
+        // An instance that dies with connections it accepted but never
+        // answered (in its accept queue, or just read) loses none of
+        // them: they go on to another instance.
+        retry_before_first_byte: true,
         ..Route::new(&format!("{}/{endpoint}", role.name), vec![listen], targets)
     }
 }
