@@ -516,6 +516,10 @@ fn balancer_route(
         max_connections: 10_000,
         // Instances see the real client (and trust loopback to say so).
         send_proxy: Some(common::proxy::Version::V2),
+        // An instance that dies with connections it accepted but never
+        // answered (in its accept queue, or just read) loses none of
+        // them: they go on to another instance.
+        retry_before_first_byte: true,
         ..Route::new(&format!("{}/{endpoint}", role.name), vec![listen], targets)
     }
 }

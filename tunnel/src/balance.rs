@@ -80,6 +80,13 @@ pub struct TargetConnection {
 #[derive(Debug)]
 pub struct Active(Arc<Backend>);
 
+impl Active {
+    /// The backend, to name it among those already tried.
+    pub fn shared(&self) -> Arc<Backend> {
+        self.0.clone()
+    }
+}
+
 impl std::ops::Deref for Active {
     type Target = Backend;
     fn deref(&self) -> &Backend {
@@ -166,16 +173,18 @@ impl Balancer {
     }
 
     /// The order to try backends in for one new connection: live ones by
-    /// policy, or every one when none is live.
-    fn order(&self) -> Vec<Arc<Backend>> {
+    /// policy, or every one when none is live; none of `tried`.
+    fn order(&self, tried: &[Arc<Backend>]) -> Vec<Arc<Backend>> {
+        let untried = |b: &&Arc<Backend>| !tried.iter().any(|t| Arc::ptr_eq(t, b));
         let mut live: Vec<Arc<Backend>> = self
             .backends
             .iter()
+            .filter(untried)
             .filter(|b| b.is_up())
             .cloned()
             .collect();
         if live.is_empty() {
-            live = self.backends.clone();
+            live = self.backends.iter().filter(untried).cloned().collect();
         }
         if self.policy != Policy::FirstAvailable {
             // The turn runs over the live targets only: rotating over all of
@@ -195,8 +204,18 @@ impl Balancer {
     /// Connects to a target, trying the next one when a connect fails, each
     /// within `timeout`. The error lists every failure.
     pub async fn connect(&self, timeout: Duration) -> Result<TargetConnection, Unreachable> {
+        self.connect_except(timeout, &[]).await
+    }
+
+    /// Like [`Balancer::connect`], never to one of `tried` (the targets a
+    /// connection being retried has already failed on).
+    pub async fn connect_except(
+        &self,
+        timeout: Duration,
+        tried: &[Arc<Backend>],
+    ) -> Result<TargetConnection, Unreachable> {
         let mut failures = Vec::new();
-        for backend in self.order() {
+        for backend in self.order(tried) {
             match connect(&backend.target, timeout).await {
                 Ok((stream, addr)) => {
                     // A real connection is the best health check there is.
@@ -223,7 +242,17 @@ impl Balancer {
                 }
             }
         }
+        if failures.is_empty() {
+            return Err(Unreachable("no other target to try".into()));
+        }
         Err(Unreachable(failures.join("; ")))
+    }
+
+    /// Records that `backend` accepted a connection and then closed or
+    /// reset it before its first byte: it counts towards ejecting the
+    /// target, as a failed connect does.
+    pub fn failed_before_answer(&self, backend: &Backend, why: &str) {
+        backend.failed(self.health.fall, &self.route, why);
     }
 }
 

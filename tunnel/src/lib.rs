@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod program;
 pub mod ready;
 pub mod relay;
+pub mod retry;
 pub mod rinetd;
 pub mod settings;
 pub mod tls;
@@ -133,7 +134,7 @@ impl RouteHandler {
     ) -> anyhow::Result<()> {
         let route = &self.route;
         let keepalive = route.keepalive.time();
-        let client = match client {
+        let mut client = match client {
             Client::Plain(s) => {
                 connect::tune_accepted(&s, keepalive);
                 match &self.tls.server {
@@ -164,80 +165,57 @@ impl RouteHandler {
         };
         // Boxed: the connect phase is large and short; an idle connection
         // should not carry its space.
-        let connecting = Box::pin(async {
-            tokio::select! {
-                biased;
-                c = self.balancer.connect(route.connect_timeout.0) => c,
-                _ = conn.closing.cancelled() => Err(connect::Unreachable("shutdown while connecting".into())),
-            }
-        })
-        .await;
-        let connected = match connecting {
-            Ok(connected) => connected,
-            Err(connect::Unreachable(why)) => {
+        let since = tokio::time::Instant::now();
+        let opened = Box::pin(self.open_target(&conn, route.connect_timeout.0, &[])).await;
+        let (mut target, mut addr, mut backend) = match opened {
+            Ok(opened) => opened,
+            Err(failed) => {
                 self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(route = %route.name, error = %why, "no target reachable");
-                self.unreachable(&conn, started, End::Unreachable, why);
-                return Ok(());
-            }
-        };
-        let balance::TargetConnection {
-            mut stream,
-            addr,
-            backend,
-        } = connected;
-        connect::tune(&stream, keepalive);
-        if let Some(version) = route.send_proxy {
-            // Before any other byte, TLS included: the client as this
-            // route saw it, and the address it reached.
-            let header = common::proxy::header(version, conn.peer, conn.local);
-            let written =
-                tokio::time::timeout(route.connect_timeout.0, stream.write_all(&header)).await;
-            let failed = match written {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(format!("not taken within {:?}", route.connect_timeout.0)),
-            };
-            if let Some(why) = failed {
-                self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
-                let why = format!("{addr}: writing the PROXY header: {why}");
-                tracing::warn!(route = %route.name, target = %addr, error = %why, "the target did not take the PROXY header");
-                self.unreachable(&conn, started, End::Unreachable, why);
-                return Ok(());
-            }
-        }
-        let target = match &self.tls.client {
-            None => TargetSide::Plain(stream),
-            Some(client) => {
-                let connector = client.connector();
-                let host = backend.target.host.clone();
-                let handshake = Box::pin(async {
-                    tokio::select! {
-                        biased;
-                        t = tokio::time::timeout(route.connect_timeout.0, connector.connect(stream, &host)) => match t {
-                            Ok(Ok(t)) => Ok(t),
-                            Ok(Err(e)) => Err(e.to_string()),
-                            Err(_) => Err(format!("no TLS handshake with {host} within {:?}", route.connect_timeout.0)),
-                        },
-                        _ = conn.closing.cancelled() => Err("shutdown while connecting".into()),
-                    }
-                })
-                .await;
-                match handshake {
-                    Ok(t) => TargetSide::Tls(Box::new(t)),
-                    Err(why) => {
-                        backend
-                            .stats
-                            .connect_failures
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(route = %route.name, target = %addr, error = %why, "TLS to the target failed");
-                        self.unreachable(&conn, started, End::Unreachable, why);
-                        return Ok(());
-                    }
+                if failed.backend.is_none() {
+                    tracing::warn!(route = %route.name, error = %failed.why, "no target reachable");
                 }
+                self.unreachable(&conn, started, End::Unreachable, failed.why);
+                return Ok(());
             }
         };
+        // What moved before the relay took over, and the attempts that
+        // failed before the target's first byte (boxed: a connection
+        // carries it for its whole life).
+        let mut early = None;
+        if route.retry_before_first_byte {
+            let answered = Box::pin(retry::until_answered(
+                &self,
+                &mut client,
+                (target, addr, backend),
+                since,
+                &conn,
+                started,
+            ))
+            .await;
+            let Some(answered) = answered else {
+                return Ok(());
+            };
+            (target, addr, backend) = answered.target;
+            early = Some(Box::new(answered.early));
+        }
+        self.relay(client, target, addr, backend, early, &conn, started)
+            .await
+    }
+
+    /// Relays between the client and its target until the connection
+    /// ends, and records it; `early` is what moved before.
+    #[allow(clippy::too_many_arguments)]
+    async fn relay(
+        &self,
+        client: ClientSide,
+        target: TargetSide,
+        addr: std::net::SocketAddr,
+        backend: balance::Active,
+        early: Option<Box<retry::Early>>,
+        conn: &Accepted,
+        started: Instant,
+    ) -> anyhow::Result<()> {
+        let route = &self.route;
         let (idle, closing) = (route.idle_timeout.0, &conn.closing);
         let outcome = match (client, target) {
             (ClientSide::Plain(mut c), TargetSide::Plain(mut t)) => {
@@ -249,7 +227,7 @@ impl RouteHandler {
                 let (hello, mut c) = c.into_parts();
                 if let Err(e) = t.write_all(&hello).await {
                     relay::abort(&c);
-                    self.unreachable(&conn, started, End::Unreachable, format!("{addr}: {e}"));
+                    self.unreachable(conn, started, End::Unreachable, format!("{addr}: {e}"));
                     return Ok(());
                 }
                 let mut outcome = relay::relay_tcp(&mut c, &mut t, idle, closing).await;
@@ -269,6 +247,11 @@ impl RouteHandler {
                 relay::relay_over_tcp(&mut *c, &mut *t, idle, closing).await
             }
         };
+        let mut outcome = outcome;
+        if let Some(early) = &early {
+            outcome.sent += early.sent;
+            outcome.received += early.received;
+        }
         let stats = &backend.stats;
         stats.sent.fetch_add(outcome.sent, Ordering::Relaxed);
         stats
@@ -283,9 +266,93 @@ impl RouteHandler {
             received: outcome.received,
             duration: started.elapsed(),
             end: End::Relayed(outcome.end),
-            detail: outcome.error.map(|e| e.to_string()),
+            detail: match early {
+                Some(early) => early.detail(outcome.error.map(|e| e.to_string())),
+                None => outcome.error.map(|e| e.to_string()),
+            },
         });
         Ok(())
+    }
+
+    /// One attempt at a target: connect to one the balancer picks (none
+    /// of `tried`, each connect within `timeout`), then write what must
+    /// reach the target before any byte of the client, then TLS when the
+    /// route speaks it to its targets. A retry makes a new attempt, so
+    /// whatever goes first goes again. Errors are counted and logged as
+    /// warnings, not recorded in the access log.
+    async fn open_target(
+        &self,
+        conn: &Accepted,
+        timeout: Duration,
+        tried: &[Arc<balance::Backend>],
+    ) -> Result<(TargetSide, std::net::SocketAddr, balance::Active), retry::Failed> {
+        let route = &self.route;
+        let connected = tokio::select! {
+            biased;
+            c = self.balancer.connect_except(timeout, tried) => c,
+            _ = conn.closing.cancelled() => Err(connect::Unreachable("shutdown while connecting".into())),
+        };
+        let balance::TargetConnection {
+            stream,
+            addr,
+            backend,
+        } = connected.map_err(|connect::Unreachable(why)| retry::Failed { why, backend: None })?;
+        connect::tune(&stream, route.keepalive.time());
+        let mut stream = stream;
+        if let Some(version) = route.send_proxy {
+            // Before any other byte, TLS included: the client as this
+            // route saw it, and the address it reached.
+            let header = common::proxy::header(version, conn.peer, conn.local);
+            let written = tokio::select! {
+                biased;
+                w = tokio::time::timeout(timeout, stream.write_all(&header)) => match w {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("not taken within {timeout:?}")),
+                },
+                _ = conn.closing.cancelled() => Err("shutdown while connecting".into()),
+            };
+            if let Err(why) = written {
+                backend
+                    .stats
+                    .connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                let why = format!("{addr}: writing the PROXY header: {why}");
+                tracing::warn!(route = %route.name, target = %addr, error = %why, "the target did not take the PROXY header");
+                return Err(retry::Failed {
+                    why,
+                    backend: Some(backend.shared()),
+                });
+            }
+        }
+        let Some(client) = &self.tls.client else {
+            return Ok((TargetSide::Plain(stream), addr, backend));
+        };
+        let connector = client.connector();
+        let host = backend.target.host.clone();
+        let handshake = tokio::select! {
+            biased;
+            t = tokio::time::timeout(timeout, connector.connect(stream, &host)) => match t {
+                Ok(Ok(t)) => Ok(t),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no TLS handshake with {host} within {timeout:?}")),
+            },
+            _ = conn.closing.cancelled() => Err("shutdown while connecting".into()),
+        };
+        match handshake {
+            Ok(t) => Ok((TargetSide::Tls(Box::new(t)), addr, backend)),
+            Err(why) => {
+                backend
+                    .stats
+                    .connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(route = %route.name, target = %addr, error = %why, "TLS to the target failed");
+                Err(retry::Failed {
+                    why,
+                    backend: Some(backend.shared()),
+                })
+            }
+        }
     }
 
     /// The server side of the client's handshake; a failure is logged

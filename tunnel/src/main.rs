@@ -101,6 +101,11 @@ struct Args {
     #[serde(skip_serializing_if = "Option::is_none")]
     target_key: Option<PathBuf>,
 
+    /// When a target closes or resets a connection before its first byte, replay what the client sent (up to 16 KiB) to another target; only for protocols where an unanswered request may be sent twice
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    retry_before_first_byte: bool,
+
     #[command(flatten)]
     #[serde(flatten)]
     serve: ServeArgs,

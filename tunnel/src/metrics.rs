@@ -22,6 +22,9 @@ pub struct TargetStats {
     pub received: AtomicU64,
     /// Connect attempts that failed (refused, timed out, did not resolve).
     pub connect_failures: AtomicU64,
+    /// Connections the target closed or reset before its first byte that
+    /// were sent on to another target (`retry_before_first_byte`).
+    pub retries: AtomicU64,
     /// Whether new connections may go to it.
     pub up: AtomicBool,
 }
@@ -427,7 +430,7 @@ const ROUTE_FAMILIES: [Family<RouteStats>; 3] = [
     },
 ];
 
-const TARGET_FAMILIES: [Family<TargetStats>; 6] = [
+const TARGET_FAMILIES: [Family<TargetStats>; 7] = [
     Family {
         name: "tunnel_connections_active",
         kind: "gauge",
@@ -457,6 +460,12 @@ const TARGET_FAMILIES: [Family<TargetStats>; 6] = [
         kind: "counter",
         help: "Connect attempts to the target that failed.",
         value: |t| t.connect_failures.load(Ordering::Relaxed),
+    },
+    Family {
+        name: "tunnel_retries_total",
+        kind: "counter",
+        help: "Connections the target closed or reset before answering, sent on to another target.",
+        value: |t| t.retries.load(Ordering::Relaxed),
     },
     Family {
         name: "tunnel_target_up",

@@ -297,6 +297,9 @@ pub struct RouteSettings {
     /// Limits on each client address or prefix on this route, in place of
     /// the global ones (`{}` turns them off here).
     pub per_source: Option<PerSourceSettings>,
+    /// Try another target when one closes or resets a connection before
+    /// its first byte (see [`crate::retry`]).
+    pub retry_before_first_byte: Option<bool>,
 }
 
 /// The tunnel's settings.
@@ -394,6 +397,11 @@ pub struct Settings {
     /// Default limits on each client address or prefix, per route (off
     /// when unset).
     pub per_source: Option<PerSourceSettings>,
+    /// Default for every TCP route: when a target closes or resets a
+    /// connection before sending its first byte, send what the client has
+    /// sent so far to another target (see [`crate::retry`]). Off: only for
+    /// protocols where a request not yet answered may be sent twice.
+    pub retry_before_first_byte: bool,
     /// Log level and format.
     #[serde(flatten)]
     pub log: LogSettings,
@@ -438,6 +446,7 @@ impl Default for Settings {
             target_cert: None,
             target_key: None,
             per_source: None,
+            retry_before_first_byte: false,
             log: LogSettings::default(),
         }
     }
@@ -489,6 +498,10 @@ pub struct Route {
     pub protocol: Protocol,
     /// Limits on each client address or prefix (off by default).
     pub per_source: PerSourceSettings,
+    /// When a target closes or resets a connection before its first byte,
+    /// replay what the client sent (held, up to [`crate::retry::HOLD_MAX`])
+    /// to another target (see [`crate::retry`]). TCP routes only.
+    pub retry_before_first_byte: bool,
 }
 
 impl Route {
@@ -517,6 +530,7 @@ impl Route {
             send_proxy: None,
             protocol: Protocol::Tcp,
             per_source: PerSourceSettings::default(),
+            retry_before_first_byte: defaults.retry_before_first_byte,
         }
     }
 
@@ -694,6 +708,7 @@ impl Settings {
                     send_proxy: self.send_proxy.or(peers.proxy),
                     protocol: Protocol::Tcp,
                     per_source: self.per_source.clone().unwrap_or_default(),
+                    retry_before_first_byte: self.retry_before_first_byte,
                 });
                 prefixes.push(String::new());
             }
@@ -847,6 +862,9 @@ impl Settings {
                         .clone()
                         .or_else(|| self.per_source.clone())
                         .unwrap_or_default(),
+                    retry_before_first_byte: protocol == Protocol::Tcp
+                        && r.retry_before_first_byte
+                            .unwrap_or(self.retry_before_first_byte),
                 });
                 prefixes.push(key(""));
             }
@@ -966,6 +984,11 @@ fn udp_problems(r: &RouteSettings, name: &str) -> Vec<(&'static str, String)> {
             "send_proxy",
             r.send_proxy.is_some(),
             "a PROXY protocol header to the target",
+        ),
+        (
+            "retry_before_first_byte",
+            r.retry_before_first_byte == Some(true),
+            "replaying a connection's first bytes to another target",
         ),
     ];
     tcp_only
@@ -1439,9 +1462,17 @@ routes:
     target_tls: true
     health_check: true
     keepalive: 30s
+    retry_before_first_byte: true
 ",
         );
-        for key in ["tls", "target_tls", "sni", "health_check", "keepalive"] {
+        for key in [
+            "tls",
+            "target_tls",
+            "sni",
+            "health_check",
+            "keepalive",
+            "retry_before_first_byte",
+        ] {
             has(&p, &format!("routes.0.{key}"), "route u forwards UDP, and");
         }
         let e = common::yaml::from_str::<Settings>(
@@ -1449,6 +1480,37 @@ routes:
         )
         .unwrap_err();
         assert!(e.contains("tcp") && e.contains("udp"), "{e}");
+    }
+
+    #[test]
+    fn retry_before_first_byte_is_off_unless_set_globally_or_per_route() {
+        let routes = |yaml: &str| -> Vec<bool> {
+            settings(yaml)
+                .routes()
+                .unwrap()
+                .iter()
+                .map(|r| r.retry_before_first_byte)
+                .collect()
+        };
+        let list = "routes:
+  - {name: a, listen: 127.0.0.1:1, target: 'h:1'}
+  - {name: b, listen: 127.0.0.1:2, target: 'h:1', retry_before_first_byte: true}
+  - {name: c, listen: 127.0.0.1:3, target: 'h:1', retry_before_first_byte: false}
+  - {name: u, listen: 127.0.0.1:4, target: 'h:1', protocol: udp}
+";
+        assert_eq!(routes(list), [false, true, false, false]);
+        // The global default, which a UDP route ignores.
+        assert_eq!(
+            routes(&format!("retry_before_first_byte: true\n{list}")),
+            [true, true, false, false]
+        );
+        // The quick form takes the global setting.
+        assert_eq!(routes("target: 'h:1'\n"), [false]);
+        assert_eq!(
+            routes("target: 'h:1'\nretry_before_first_byte: true\n"),
+            [true]
+        );
+        assert!(!Route::new("r", Vec::new(), Vec::new()).retry_before_first_byte);
     }
 
     #[test]
