@@ -419,7 +419,7 @@ async fn a_retry_sends_the_proxy_header_again_before_the_held_bytes() {
     let got = String::from_utf8(got).unwrap();
     // The second target got a header of its own, then the held request.
     assert!(
-        got.starts_with(&format!("ok: PROXY TCP4 127.0.0.1 127.0.0.1 ")),
+        got.starts_with("ok: PROXY TCP4 127.0.0.1 127.0.0.1 "),
         "{got:?}"
     );
     assert!(
