@@ -560,7 +560,25 @@ struct RuntimeDir(PathBuf);
 
 impl RuntimeDir {
     fn create() -> anyhow::Result<RuntimeDir> {
-        let dir = std::env::temp_dir().join(format!("deploy-{}", std::process::id()));
+        let base = std::env::temp_dir();
+        // Those of fabrics that were killed (SIGKILL runs no clean-up):
+        // their process is gone, or is another program now.
+        if let Ok(entries) = std::fs::read_dir(&base) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(pid) = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("deploy-"))
+                    .and_then(|p| p.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if !is_fabric(pid) && entry.path().join("topology.json").exists() {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let dir = base.join(format!("deploy-{}", std::process::id()));
         // Left by an earlier fabric of the same process id, long gone.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::DirBuilder::new()
@@ -569,6 +587,13 @@ impl RuntimeDir {
             .with_context(|| format!("creating {}", dir.display()))?;
         Ok(RuntimeDir(dir))
     }
+}
+
+/// Whether process `pid` runs and is a `deploy` (a fabric).
+fn is_fabric(pid: u32) -> bool {
+    pid == std::process::id()
+        || std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|comm| comm.trim_end() == "deploy")
 }
 
 impl Drop for RuntimeDir {

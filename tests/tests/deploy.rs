@@ -1498,8 +1498,14 @@ roles:
         ),
     )
     .unwrap();
+    // What a killed fabric left (no process has this id: it is over the
+    // kernel's largest) is swept away by the next.
+    let stale = std::env::temp_dir().join("deploy-4294967");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("topology.json"), "{}").unwrap();
     let mut fabric = Fabric::start(&definition, 6);
     fabric.table_where(|t| t.values().all(|(state, _, _)| state == "running"));
+    assert!(!stale.exists(), "a killed fabric's topology is left behind");
     let written = "topology written";
     let topology = match fabric.seen.iter().find(|l| l.contains(written)) {
         Some(line) => line.clone(),
