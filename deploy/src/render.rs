@@ -45,6 +45,24 @@ pub fn container_port(port: u16) -> u16 {
     }
 }
 
+/// What a role's headless Service is named after the role: `<role>-headless`.
+pub const HEADLESS_SUFFIX: &str = "-headless";
+
+/// The namespace's NetworkPolicy that admits nothing: what no role's own
+/// policy admits is refused, for pods the rendering did not make too.
+pub const DEFAULT_DENY: &str = "default-deny";
+
+/// The name of a role's headless Service, whose DNS records list its
+/// ready instances (A records, and SRV records per named port).
+pub fn headless_service(role: &Role) -> String {
+    format!("{}{HEADLESS_SUFFIX}", role.name)
+}
+
+/// The labels that select a role's pods (the Deployment's selector).
+fn role_selector(role: &str) -> Value {
+    json!({"app.kubernetes.io/name": role})
+}
+
 fn labels(definition: &Definition, role: &Role) -> Value {
     json!({
         "app.kubernetes.io/name": role.name,
@@ -232,7 +250,7 @@ pub fn kubernetes_role(definition: &Definition, role: &Role) -> Vec<Value> {
         "metadata": with_annotations(json!({"name": role.name, "labels": labels})),
         "spec": {
             "replicas": role.count(),
-            "selector": {"matchLabels": {"app.kubernetes.io/name": role.name}},
+            "selector": {"matchLabels": role_selector(&role.name)},
             "template": {
                 "metadata": {"labels": labels},
                 "spec": pod,
@@ -246,7 +264,7 @@ pub fn kubernetes_role(definition: &Definition, role: &Role) -> Vec<Value> {
                 Visibility::Public => "LoadBalancer",
                 Visibility::Internal => "ClusterIP",
             },
-            "selector": {"app.kubernetes.io/name": role.name},
+            "selector": role_selector(&role.name),
             "ports": [{
                 "name": port_name(&endpoint.name),
                 "port": endpoint.port,
@@ -267,14 +285,42 @@ pub fn kubernetes_role(definition: &Definition, role: &Role) -> Vec<Value> {
             "spec": spec,
         }));
     }
+    if !role.endpoints.is_empty() {
+        // No cluster IP: the name resolves to the ready pods' own
+        // addresses, and each named port has SRV records giving the port
+        // to use with them (the container's).
+        let ports: Vec<Value> = role
+            .endpoints
+            .iter()
+            .map(|e| {
+                json!({
+                    "name": port_name(&e.name),
+                    "port": container_port(e.port),
+                    "targetPort": port_name(&e.name),
+                    "protocol": "TCP",
+                })
+            })
+            .collect();
+        docs.push(json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": headless_service(role), "labels": labels},
+            "spec": {
+                "clusterIP": "None",
+                "selector": role_selector(&role.name),
+                "ports": ports,
+            },
+        }));
+    }
     docs
 }
 
 /// Who may connect to a role's pods: anyone to a public endpoint (the
-/// load balancer filters by `loadBalancerSourceRanges`), pods of the
-/// cluster to an internal one and to the admin endpoint, nobody else to
-/// anything (the kubelet's probes come from the node, which policies let
-/// through).
+/// load balancer filters by `loadBalancerSourceRanges`); to an internal
+/// one, the pods of the roles its `allow_from` lists, or without it every
+/// pod of the cluster; pods of the cluster to the admin endpoint; nobody
+/// else to anything (the kubelet's probes come from the node, which
+/// policies let through).
 fn network_policy(definition: &Definition, role: &Role, admin: Option<u16>) -> Value {
     let cluster = json!([{"namespaceSelector": {}}]);
     let mut ingress: Vec<Value> = role
@@ -283,7 +329,14 @@ fn network_policy(definition: &Definition, role: &Role, admin: Option<u16>) -> V
         .map(|e| {
             let mut rule = json!({"ports": [{"port": port_name(&e.name), "protocol": "TCP"}]});
             if e.visibility == Visibility::Internal {
-                rule["from"] = cluster.clone();
+                rule["from"] = match e.allowed_roles() {
+                    // A podSelector alone: pods of this namespace only.
+                    Some(roles) => json!(roles
+                        .iter()
+                        .map(|r| json!({"podSelector": {"matchLabels": role_selector(r)}}))
+                        .collect::<Vec<_>>()),
+                    None => cluster.clone(),
+                };
             }
             rule
         })
@@ -296,7 +349,7 @@ fn network_policy(definition: &Definition, role: &Role, admin: Option<u16>) -> V
         "kind": "NetworkPolicy",
         "metadata": {"name": role.name, "labels": labels(definition, role)},
         "spec": {
-            "podSelector": {"matchLabels": {"app.kubernetes.io/name": role.name}},
+            "podSelector": {"matchLabels": role_selector(&role.name)},
             "policyTypes": ["Ingress"],
             "ingress": ingress,
         },
@@ -349,9 +402,27 @@ pub fn kubernetes(definition: &Definition) -> Vec<(String, String)> {
             },
         },
     });
+    // Every pod of the namespace is selected, so what no role's policy
+    // admits is refused. Policies add up: each role's own policy still
+    // admits its public endpoints from anywhere and the others as it says.
+    // The namespace is written here as well, so that `kubectl apply -f
+    // namespace.yaml` alone puts the policy beside the namespace.
+    let default_deny = json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": DEFAULT_DENY,
+            "namespace": definition.name,
+            "labels": {"app.kubernetes.io/part-of": definition.name},
+        },
+        "spec": {
+            "podSelector": {},
+            "policyTypes": ["Ingress"],
+        },
+    });
     let mut files = vec![(
         "namespace.yaml".to_string(),
-        format!("{HEADER}{}", yaml_docs(&[namespace])),
+        format!("{HEADER}{}", yaml_docs(&[namespace, default_deny])),
     )];
     let mut resources = vec!["namespace.yaml".to_string()];
     let mut programs: Vec<&str> = Vec::new();

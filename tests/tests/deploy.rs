@@ -205,7 +205,7 @@ fn the_manifests_pass_the_real_validators() {
     );
     assert_eq!(
         report.matches("passed for resource").count(),
-        13,
+        17,
         "{report}"
     );
     let rendered = run_ok(
@@ -213,17 +213,25 @@ fn the_manifests_pass_the_real_validators() {
         &["kustomize", "deploy/kubernetes"],
         "kubectl kustomize",
     );
-    for kind in [
-        "kind: Deployment",
-        "kind: Service",
-        "kind: ConfigMap",
-        "kind: NetworkPolicy",
+    // Per role a Deployment, a ConfigMap, a NetworkPolicy and two
+    // Services (its balanced address and its headless one); and the
+    // namespace's default-deny NetworkPolicy.
+    for (kind, count) in [
+        ("kind: Deployment", 3),
+        ("kind: Service", 6),
+        ("kind: ConfigMap", 3),
+        ("kind: NetworkPolicy", 4),
     ] {
-        assert_eq!(rendered.matches(kind).count(), 3, "{kind} in\n{rendered}");
+        assert_eq!(
+            rendered.matches(kind).count(),
+            count,
+            "{kind} in\n{rendered}"
+        );
     }
+    assert_eq!(rendered.matches("clusterIP: None").count(), 3, "{rendered}");
     assert_eq!(
         rendered.matches("namespace: tcp-roles").count(),
-        12,
+        16,
         "{rendered}"
     );
     assert!(rendered.contains("enforce: restricted"), "{rendered}");
@@ -285,7 +293,7 @@ fn the_manifests_pass_the_policy_checker() {
     let k8s = summary("kubernetes");
     assert_eq!(k8s["failed"], 0, "{k8s}");
     assert_eq!(k8s["parsing_errors"], 0, "{k8s}");
-    assert_eq!(k8s["resource_count"], 16, "{k8s}");
+    assert_eq!(k8s["resource_count"], 20, "{k8s}");
     assert!(k8s["passed"].as_u64().unwrap() > 200, "{k8s}");
     let docker = summary("dockerfile");
     assert_eq!(docker["failed"], 0, "{docker}");

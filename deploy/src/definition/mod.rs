@@ -50,8 +50,32 @@ pub struct Endpoint {
     pub visibility: Visibility,
     /// The port clients use.
     pub port: u16,
+    /// Which roles may call it (internal endpoints only); `None`: every
+    /// role, and in a cluster every pod of the cluster.
+    pub allow_from: Option<AllowFrom>,
     /// Where it is written.
     pub pos: Pos,
+}
+
+/// The roles whose instances alone may call an internal endpoint
+/// (`allow_from: [tunnel]`): in Kubernetes, a NetworkPolicy admits only
+/// their pods to its port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowFrom {
+    /// The roles, each with where it is written; checked to be roles of
+    /// the definition, each once, at least one.
+    pub roles: Vec<(String, Pos)>,
+    /// Where the `allow_from` key is written.
+    pub pos: Pos,
+}
+
+impl Endpoint {
+    /// The names of the roles that may call it, when it says.
+    pub fn allowed_roles(&self) -> Option<Vec<&str>> {
+        self.allow_from
+            .as_ref()
+            .map(|a| a.roles.iter().map(|(name, _)| name.as_str()).collect())
+    }
 }
 
 /// A role: a program run as some number of identical instances.
@@ -610,6 +634,70 @@ mod tests {
             shown[2]
         );
         assert!(shown[1].ends_with("(such as \"etc\")"), "{}", shown[1]);
+    }
+
+    const CALLED: &str = "name: demo\nroles:\n  - name: sq\n    program: square-server\n    endpoints:\n      - name: SquareEndpoint\n        visibility: internal\n        port: 2345\n        allow_from: [gate, sq]\n  - name: gate\n    program: tunnel\n    endpoints: [{name: Incoming, visibility: public, port: 443}]\n    settings: {target: sq/SquareEndpoint, allow: [10.0.0.0/8]}\n";
+
+    #[test]
+    fn allow_from_names_the_roles_that_may_call_an_internal_endpoint() {
+        let d = Definition::parse(CALLED, Path::new("s.yaml")).unwrap();
+        let endpoint = &d.roles[0].endpoints[0];
+        assert_eq!(endpoint.allowed_roles(), Some(vec!["gate", "sq"]));
+        let allow = endpoint.allow_from.as_ref().unwrap();
+        assert_eq!(allow.pos, Pos { line: 9, column: 9 });
+        assert_eq!(
+            allow.roles[1].1,
+            Pos {
+                line: 9,
+                column: 28
+            }
+        );
+        // Without it, every role may call.
+        assert_eq!(d.roles[1].endpoints[0].allowed_roles(), None);
+        assert!(shown(CALLED).is_empty(), "{:#?}", shown(CALLED));
+    }
+
+    #[test]
+    fn allow_from_mistakes_are_reported_where_they_are() {
+        let text = CALLED
+            .replace("[gate, sq]", "[gate, gates, sq, gate, 7]")
+            .replace("port: 443}]", "port: 443, allow_from: [sq]}]");
+        let expected = [
+            "s.yaml:9:28: role sq: endpoint SquareEndpoint: allow_from names \"gates\", which is no role of the definition; did you mean gate? the roles are sq, gate",
+            "s.yaml:9:39: role sq: endpoint SquareEndpoint: allow_from names role gate twice; name each role once",
+            "s.yaml:9:45: role sq: endpoint SquareEndpoint: allow_from: an entry is 7; it should be a role name",
+            "s.yaml:12:65: role gate: endpoint Incoming: allow_from is for internal endpoints: a public one is called from outside, where there are no roles; to choose who may reach it, list their networks in the role's allow setting (allow: [203.0.113.0/24]), or make the endpoint internal",
+        ];
+        assert_starts(&shown(&text), &expected);
+        // A role of its own is fine: its instances call each other.
+        let text = CALLED.replace("[gate, sq]", "[sq]");
+        assert!(shown(&text).is_empty(), "{:#?}", shown(&text));
+        for empty in ["[]", "", "~"] {
+            let text = CALLED.replace(" [gate, sq]", &format!(" {empty}"));
+            assert_starts(
+                &shown(&text),
+                &["s.yaml:9:9: role sq: endpoint SquareEndpoint: allow_from names no role, so nothing could call the endpoint; list the roles that may call it (allow_from: [tunnel]), or leave allow_from out to let every role call it"],
+            );
+        }
+        let text = CALLED.replace("[gate, sq]", "gate");
+        assert_starts(
+            &shown(&text),
+            &["s.yaml:9:21: role sq: endpoint SquareEndpoint: allow_from should be a list of role names, such as [tunnel], not"],
+        );
+    }
+
+    #[test]
+    fn headless_service_names_are_kept_free_and_short_enough() {
+        let long = "a".repeat(55);
+        let text = format!("name: demo\nroles:\n  - name: {long}\n    program: echo-server\n    endpoints: [{{name: EchoEndpoint, visibility: public, port: 1234}}]\n  - name: sq\n    program: square-server\n    endpoints: [{{name: SquareEndpoint, visibility: public, port: 2345}}]\n  - name: sq-headless\n    program: echo-server\n    endpoints: [{{name: EchoEndpoint, visibility: public, port: 1235}}]\n  - name: default-deny\n    program: echo-server\n  - name: {}\n    program: echo-server\n", "b".repeat(63));
+        let expected = [
+            "s.yaml:3:5: role name \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\" is 55 characters long: its headless Service, aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-headless, would be longer than the 63 a Service name may have; use at most 54 for a role with an endpoint",
+            "s.yaml:9:5: role name \"sq-headless\" is taken: `deploy render kubernetes` names role sq's headless Service so",
+            "s.yaml:12:5: role name \"default-deny\" is taken: `deploy render kubernetes` names the namespace's default NetworkPolicy so",
+        ];
+        // The role of 63 characters has no endpoint, so no headless
+        // Service, and is fine.
+        assert_starts(&shown(&text), &expected);
     }
 
     #[test]

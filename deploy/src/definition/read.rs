@@ -13,8 +13,8 @@ use super::names::{
     tag_problem, NameUse,
 };
 use super::{
-    Definition, Endpoint, Environment, Image, Problem, Problems, Role, RoleLayer, SecretMount,
-    Severity, Visibility, MAX_INSTANCES,
+    AllowFrom, Definition, Endpoint, Environment, Image, Problem, Problems, Role, RoleLayer,
+    SecretMount, Severity, Visibility, MAX_INSTANCES,
 };
 use crate::programs::Program;
 
@@ -214,7 +214,7 @@ fn nearest<'k>(word: &str, known: &[&'k str]) -> Option<&'k str> {
 
 const TOP_KEYS: [&str; 4] = ["name", "image", "roles", "environments"];
 const ROLE_KEYS: [&str; 5] = ["name", "program", "instances", "endpoints", "settings"];
-const ENDPOINT_KEYS: [&str; 3] = ["name", "visibility", "port"];
+const ENDPOINT_KEYS: [&str; 4] = ["name", "visibility", "port", "allow_from"];
 const IMAGE_KEYS: [&str; 2] = ["registry", "tag"];
 const LAYER_KEYS: [&str; 3] = ["instances", "settings", "secrets"];
 
@@ -350,12 +350,47 @@ fn read_endpoint(r: &mut Reader<'_>, node: &Node, role: &str) -> Option<Endpoint
                 *p != 0
             })
     });
+    let allow_from = get(entries, "allow_from").and_then(|(key, list)| {
+        Some(AllowFrom {
+            roles: read_role_names(r, list, &format!("{what}: allow_from"))?,
+            pos: key.pos,
+        })
+    });
     Some(Endpoint {
         name: name?,
         visibility: visibility?,
         port: port?,
+        allow_from,
         pos: node.pos,
     })
+}
+
+/// A list of role names (`[tunnel, square-server]`), each with its place
+/// (nothing written is an empty list); what is not a name is reported and
+/// left out, and what is not a list is reported. Whether each is a role
+/// is checked with the other roles, in [`check_roles`].
+fn read_role_names(r: &mut Reader<'_>, node: &Node, what: &str) -> Option<Vec<(String, Pos)>> {
+    let Some(items) = node.items() else {
+        if node.value == yaml::Value::Null {
+            return Some(Vec::new());
+        }
+        r.error(
+            Some(node.pos),
+            format!(
+                "{what} should be a list of role names, such as [tunnel], not {}",
+                node.kind()
+            ),
+        );
+        return None;
+    };
+    let names = items
+        .iter()
+        .filter_map(|item| {
+            r.typed::<String>(item, &format!("{what}: an entry"), "a role name")
+                .map(|name| (name, item.pos))
+        })
+        .collect();
+    Some(names)
 }
 
 fn read_settings(
@@ -400,6 +435,39 @@ fn check_roles(r: &mut Reader<'_>, roles: &[Role]) {
                 role.place("name"),
                 format!("role name {:?} is taken: `deploy render kubernetes` writes {}.yaml itself; choose another name", role.name, role.name),
             );
+        } else if role.name == crate::render::DEFAULT_DENY {
+            r.error(
+                role.place("name"),
+                format!("role name {:?} is taken: `deploy render kubernetes` names the namespace's default NetworkPolicy so; choose another name", role.name),
+            );
+        } else if !role.endpoints.is_empty()
+            && role.name.len() + crate::render::HEADLESS_SUFFIX.len() > 63
+        {
+            r.error(
+                role.place("name"),
+                format!(
+                    "role name {:?} is {} characters long: its headless Service, {}{}, would be longer than the 63 a Service name may have; use at most {} for a role with an endpoint",
+                    role.name,
+                    role.name.len(),
+                    role.name,
+                    crate::render::HEADLESS_SUFFIX,
+                    63 - crate::render::HEADLESS_SUFFIX.len()
+                ),
+            );
+        } else if let Some(base) = role
+            .name
+            .strip_suffix(crate::render::HEADLESS_SUFFIX)
+            .filter(|base| {
+                !role.endpoints.is_empty()
+                    && roles
+                        .iter()
+                        .any(|o| o.name == *base && !o.endpoints.is_empty())
+            })
+        {
+            r.error(
+                role.place("name"),
+                format!("role name {:?} is taken: `deploy render kubernetes` names role {base}'s headless Service so; choose another name", role.name),
+            );
         } else if let Some(base) = role.name.strip_suffix("-balancer") {
             if roles
                 .iter()
@@ -438,6 +506,9 @@ fn check_roles(r: &mut Reader<'_>, roles: &[Role]) {
                     role.name, role.instances
                 ),
             );
+        }
+        for endpoint in &role.endpoints {
+            check_allow_from(r, roles, role, endpoint);
         }
         if role.program.is_empty() {
             continue;
@@ -494,6 +565,57 @@ fn check_roles(r: &mut Reader<'_>, roles: &[Role]) {
             r.error(
                 role.place(&format!("settings.{key}")),
                 format!("role {}: setting {key}: {message}", role.name),
+            );
+        }
+    }
+}
+
+/// An endpoint's `allow_from`: only on an internal endpoint, naming at
+/// least one role, each a role of the definition, once.
+fn check_allow_from(r: &mut Reader<'_>, roles: &[Role], role: &Role, endpoint: &Endpoint) {
+    let Some(allow) = &endpoint.allow_from else {
+        return;
+    };
+    let what = format!("role {}: endpoint {}: allow_from", role.name, endpoint.name);
+    if endpoint.visibility == Visibility::Public {
+        r.error(
+            Some(allow.pos),
+            format!(
+                "{what} is for internal endpoints: a public one is called from outside, where there are no roles; to choose who may reach it, list their networks in the role's allow setting (allow: [203.0.113.0/24]), or make the endpoint internal"
+            ),
+        );
+        return;
+    }
+    if allow.roles.is_empty() {
+        // An empty list is refused rather than read as "no role": it is
+        // most likely meant as "no restriction" (a NetworkPolicy rule's
+        // empty `from` admits everyone), and an endpoint no role may call
+        // is better written as no endpoint.
+        r.error(
+            Some(allow.pos),
+            format!(
+                "{what} names no role, so nothing could call the endpoint; list the roles that may call it (allow_from: [tunnel]), or leave allow_from out to let every role call it"
+            ),
+        );
+        return;
+    }
+    let known: Vec<&str> = roles.iter().map(|o| o.name.as_str()).collect();
+    for (i, (name, pos)) in allow.roles.iter().enumerate() {
+        if allow.roles[..i].iter().any(|(earlier, _)| earlier == name) {
+            r.error(
+                Some(*pos),
+                format!("{what} names role {name} twice; name each role once"),
+            );
+        } else if !known.contains(&name.as_str()) {
+            let hint = nearest(name, &known)
+                .map(|k| format!("did you mean {k}? "))
+                .unwrap_or_default();
+            r.error(
+                Some(*pos),
+                format!(
+                    "{what} names {name:?}, which is no role of the definition; {hint}the roles are {}",
+                    known.join(", ")
+                ),
             );
         }
     }
