@@ -70,6 +70,88 @@ fn labels(definition: &Definition, role: &Role) -> Value {
     })
 }
 
+/// Where a peer named `role/Endpoint` is reached from inside a rendering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerAddress {
+    /// Kubernetes: the endpoint's Service, `<role>:<port>` (in the
+    /// namespace; kube-proxy spreads connections over the ready pods).
+    Service,
+    /// Compose: the endpoint's balancer, `<role>-balancer:<its port>`.
+    Balancer,
+}
+
+/// `settings` with every target named `role/Endpoint` (in `target` or
+/// `targets`, at the top or in a route) replaced by the address that
+/// reaches that endpoint in the rendering: there is no topology file
+/// there, and the address never changes while the pods behind it do.
+/// Names of no endpoint are left as written (`deploy check` reports them).
+fn peers_resolved(
+    definition: &Definition,
+    settings: &BTreeMap<String, Value>,
+    how: PeerAddress,
+) -> BTreeMap<String, Value> {
+    let address = |text: &str| -> Option<String> {
+        let text = text.trim();
+        if !common::discovery::PeerName::looks_like(text) {
+            return None;
+        }
+        let peer: common::discovery::PeerName = text.parse().ok()?;
+        let role = definition.roles.iter().find(|r| r.name == peer.role)?;
+        let endpoint = role.endpoints.iter().find(|e| e.name == peer.endpoint)?;
+        Some(match how {
+            PeerAddress::Service => format!("{}:{}", role.name, endpoint.port),
+            PeerAddress::Balancer => {
+                format!("{}-balancer:{}", role.name, container_port(endpoint.port))
+            }
+        })
+    };
+    let resolve_list = |value: &Value| -> Value {
+        match value {
+            Value::String(list) => Value::String(
+                list.split(',')
+                    .map(|item| address(item).unwrap_or_else(|| item.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|item| match item.as_str().and_then(address) {
+                        Some(found) => Value::String(found),
+                        None => item.clone(),
+                    })
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    };
+    let resolve_targets = |map: &mut serde_json::Map<String, Value>| {
+        for key in ["target", "targets"] {
+            if let Some(value) = map.get_mut(key) {
+                *value = resolve_list(value);
+            }
+        }
+    };
+    let mut top: serde_json::Map<String, Value> = settings
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    resolve_targets(&mut top);
+    if let Some(routes) = top.get_mut("routes") {
+        let each: Vec<&mut Value> = match routes {
+            Value::Array(list) => list.iter_mut().collect(),
+            Value::Object(map) => map.values_mut().collect(),
+            _ => Vec::new(),
+        };
+        for route in each {
+            if let Value::Object(route) = route {
+                resolve_targets(route);
+            }
+        }
+    }
+    top.into_iter().collect()
+}
+
 /// What an instance is given in a cluster: the settings as `<PREFIX>_*`
 /// variables and where to listen; a tunnel also serves its admin
 /// endpoint, where its readiness is probed.
@@ -144,6 +226,9 @@ fn secret_volume(index: usize) -> String {
 /// `definition` is the one for Kubernetes
 /// ([`Definition::in_environment`]).
 pub fn kubernetes_role(definition: &Definition, role: &Role) -> Vec<Value> {
+    let mut resolved = role.clone();
+    resolved.settings = peers_resolved(definition, &role.settings, PeerAddress::Service);
+    let role = &resolved;
     let program = role.program();
     let labels = labels(definition, role);
     let config_name = format!("{}-settings", role.name);
@@ -487,7 +572,9 @@ pub fn compose(definition: &Definition, context: Option<&str>) -> String {
     let mut services = serde_json::Map::new();
     for role in &definition.roles {
         let program = role.program();
-        let mut env = settings_env(role, None);
+        let mut resolved = role.clone();
+        resolved.settings = peers_resolved(definition, &role.settings, PeerAddress::Balancer);
+        let mut env = settings_env(&resolved, None);
         // Replicas take their id from their container's host name.
         env.remove(&format!("{}INSTANCE", program.prefix()));
         let mut service = container(program.name);
@@ -651,6 +738,47 @@ mod tests {
         }
         assert!(!dir.path().join("escape.yaml").exists());
         assert!(!out.exists(), "nothing is created for a refused write");
+    }
+
+    const CALLERS: &str = "name: demo\nroles:\n  - name: sq\n    program: square-server\n    endpoints: [{name: SquareEndpoint, visibility: internal, port: 2345, allow_from: [gate]}]\n  - name: db\n    program: tunnel\n    endpoints: [{name: Incoming, visibility: internal, port: 1001}]\n    settings: {target: \"db.internal:5432\"}\n  - name: gate\n    program: tunnel\n    endpoints: [{name: Incoming, visibility: public, port: 443}]\n    settings: {target: sq/SquareEndpoint, allow: [10.0.0.0/8]}\n";
+
+    #[test]
+    fn peers_are_named_by_the_address_that_reaches_them_there() {
+        let d = Definition::parse(CALLERS, Path::new("s.yaml"))
+            .unwrap()
+            .in_environment(crate::definition::Environment::Kubernetes);
+        let docs = kubernetes_role(&d, &d.roles[2]);
+        assert_eq!(docs[0]["data"]["TUNNEL_TARGET"], "sq:2345");
+        assert_eq!(docs[0]["data"]["TUNNEL_ALLOW"], "10.0.0.0/8");
+        let compose = compose(&d, None);
+        assert!(
+            compose.contains("TUNNEL_TARGET: sq-balancer:2345"),
+            "{compose}"
+        );
+        // Lists, routes, and an internal endpoint below 1024 (whose
+        // container, and compose balancer, listen 10000 higher).
+        let settings: BTreeMap<String, Value> = serde_json::from_value(json!({
+            "target": "sq/SquareEndpoint, db/Incoming,db.internal:5432",
+            "routes": [
+                {"name": "a", "listen": "0.0.0.0:1", "targets": ["db/Incoming", "x/Y", "certs/x.pem"]},
+                {"name": "b", "listen": "0.0.0.0:2", "target": "sq/SquareEndpoint"},
+            ],
+            "tls_cert": "sq/SquareEndpoint",
+        }))
+        .unwrap();
+        let service = peers_resolved(&d, &settings, PeerAddress::Service);
+        assert_eq!(service["target"], "sq:2345,db:1001,db.internal:5432");
+        assert_eq!(
+            service["routes"][0]["targets"],
+            json!(["db:1001", "x/Y", "certs/x.pem"])
+        );
+        assert_eq!(service["routes"][1]["target"], "sq:2345");
+        assert_eq!(service["tls_cert"], "sq/SquareEndpoint", "only targets");
+        let balancer = peers_resolved(&d, &settings, PeerAddress::Balancer);
+        assert_eq!(
+            balancer["target"],
+            "sq-balancer:2345,db-balancer:11001,db.internal:5432"
+        );
     }
 
     #[test]
