@@ -356,8 +356,6 @@ roles:
     program: tunnel
     endpoints: [{name: Incoming, visibility: internal, port: 1002}]
     settings: {target: \"db.internal:5432\"}
-  - name: quiet
-    program: echo-server
 ";
 
 #[test]
@@ -384,6 +382,7 @@ fn allow_from_admits_exactly_the_roles_it_lists() {
     let objects = kustomized(&out);
     check(&definition, &objects);
     check_names(&definition, &objects);
+    validated(&out);
 
     // The policies themselves, as written: square-server's port admits
     // the pods of exactly the two roles listed, in the namespace.
@@ -415,6 +414,53 @@ fn allow_from_admits_exactly_the_roles_it_lists() {
         json!({"podSelector": {}, "policyTypes": ["Ingress"]})
     );
     assert_eq!(deny["metadata"]["namespace"], "callers");
+}
+
+/// The rendering in `dir` passes `kubernetes-validate --strict` and
+/// checkov's policies, as the committed one does (tests/tests/deploy.rs).
+fn validated(dir: &Path) {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap() != "kustomization.yaml")
+        .collect();
+    files.sort();
+    let out = Command::new(require("kubernetes-validate"))
+        .args(["--strict", "--kubernetes-version", "1.37.0"])
+        .args(&files)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kubernetes-validate --strict:\n{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!report.contains("failed"), "{report}");
+    let kustomized = Command::new(require("kubectl"))
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap();
+    let manifests = dir.join("..").join("rendered.yaml");
+    std::fs::write(&manifests, kustomized.stdout).unwrap();
+    let out = Command::new(require("checkov"))
+        .env("BC_SKIP_MAPPING", "TRUE")
+        .env("CKV_SKIP_PACKAGE_UPDATE_CHECK", "true")
+        .args(["--skip-download", "--quiet", "--compact", "-o", "json"])
+        .args(["--framework", "kubernetes", "-f"])
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "checkov failed:\n{text}");
+    let report: Value = serde_json::from_str(&text).expect("checkov's JSON report");
+    assert_eq!(report["summary"]["failed"], 0, "{text}");
+    assert!(
+        report["summary"]["resource_count"].as_u64().unwrap() > 20,
+        "{}",
+        report["summary"]
+    );
 }
 
 /// Every role with an endpoint has the two names `role/Endpoint` resolves
