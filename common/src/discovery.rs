@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -211,13 +211,7 @@ impl Topology {
     /// never a part.
     pub fn write(&self, path: &Path) -> io::Result<()> {
         let text = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
-        let mut partial = path.as_os_str().to_owned();
-        partial.push(format!(".{}.new", std::process::id()));
-        let partial = PathBuf::from(partial);
-        std::fs::write(&partial, text)?;
-        std::fs::rename(&partial, path).inspect_err(|_| {
-            let _ = std::fs::remove_file(&partial);
-        })
+        crate::files::write_atomically(path, &text)
     }
 
     /// The entry of `peer`, or why there is none (naming what there is).

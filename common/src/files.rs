@@ -1,6 +1,21 @@
-//! Files a program watches for changes (TLS certificates, a topology).
+//! Files a program watches for changes (TLS certificates, a topology), and
+//! files written for others to watch.
 
-use std::path::Path;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Writes `bytes` to `path` atomically: to a new file beside it, then
+/// renamed over it, so a reader sees the old file or the new one, never a
+/// part.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(format!(".{}.new", std::process::id()));
+    let partial = PathBuf::from(partial);
+    std::fs::write(&partial, bytes)?;
+    std::fs::rename(&partial, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&partial);
+    })
+}
 
 /// The modification stamp of a file, to see that it changed (a rename
 /// into place changes its inode).

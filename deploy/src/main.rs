@@ -39,7 +39,15 @@ enum Command {
         /// The service definition [default: deploy/service.yaml]
         file: Option<PathBuf>,
     },
-    /// Run every role's instances on this machine behind load balancers
+    /// Show the fabrics running on this machine: roles, instances, state, address, restarts, connections, uptime
+    Status {
+        /// Only the fabric that follows this definition
+        file: Option<PathBuf>,
+        /// What the fabrics publish, as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run every role's instances on this machine behind load balancers; edits of the definition apply while it runs
     Run {
         /// The service definition [default: deploy/service.yaml]
         file: Option<PathBuf>,
@@ -191,6 +199,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status { file, json } => status(file.as_deref(), json),
         Command::Run { file, programs } => {
             let definition = match load_for(&file, Environment::Local) {
                 Ok(d) => d,
@@ -208,6 +217,7 @@ fn main() -> ExitCode {
             }
             let options = Options {
                 programs: programs.unwrap_or(here),
+                follow: Some(file.unwrap_or_else(|| PathBuf::from(DEFAULT_DEFINITION))),
                 ..Options::default()
             };
             let runtime = match runtime(PROGRAM, Flavor::MultiThread) {
@@ -242,6 +252,47 @@ fn main() -> ExitCode {
 /// Under `cargo run`, builds every program of the workspace with the same
 /// profile (the roles' programs, and square-client and deploy beside
 /// them), so one command builds the whole system and its client.
+/// `deploy status`: each running fabric's table (or JSON), or why there
+/// is none.
+fn status(file: Option<&Path>, json: bool) -> ExitCode {
+    let mut fabrics = fabric::state::running();
+    if let Some(file) = file {
+        let wanted = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+        fabrics.retain(|f| {
+            f.definition
+                .as_ref()
+                .and_then(|d| std::fs::canonicalize(d).ok())
+                .is_some_and(|d| d == wanted)
+        });
+    }
+    if fabrics.is_empty() {
+        say(format_args!(
+            "{PROGRAM}: no fabric runs on this machine{}; start one with `deploy run`",
+            file.map(|f| format!(" for {}", f.display()))
+                .unwrap_or_default()
+        ));
+        return ExitCode::from(EXIT_FAILED);
+    }
+    if json {
+        match serde_json::to_string_pretty(&fabrics) {
+            Ok(text) => show(format_args!("{text}\n")),
+            Err(e) => {
+                say(format_args!("{PROGRAM}: {e}"));
+                return ExitCode::from(EXIT_FAILED);
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    let connections = fabric::state::connections_by_port();
+    let now = std::time::SystemTime::now();
+    let tables: Vec<String> = fabrics
+        .iter()
+        .map(|f| fabric::state::render(f, &connections, now))
+        .collect();
+    show(format_args!("{}", tables.join("\n")));
+    ExitCode::SUCCESS
+}
+
 fn build_programs(here: &Path) -> anyhow::Result<()> {
     let (Some(cargo), Some(manifest)) = (
         std::env::var_os("CARGO"),

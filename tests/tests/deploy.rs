@@ -1305,7 +1305,7 @@ fn mounted_secrets_pass_the_real_validators() {
         ],
         "kubernetes-validate --strict",
     );
-    assert_eq!(report.matches("passed for resource").count(), 5, "{report}");
+    assert_eq!(report.matches("passed for resource").count(), 7, "{report}");
     let rendered = run_ok(
         require("kubectl"),
         &["kustomize", out.to_str().unwrap()],
@@ -1343,7 +1343,7 @@ fn mounted_secrets_pass_the_real_validators() {
     let summary = &report["summary"];
     assert_eq!(summary["failed"], 0, "{summary}");
     assert_eq!(summary["parsing_errors"], 0, "{summary}");
-    assert_eq!(summary["resource_count"], 6, "{summary}");
+    assert_eq!(summary["resource_count"], 8, "{summary}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -302,6 +302,23 @@ pub struct RouteSettings {
     pub retry_before_first_byte: Option<bool>,
 }
 
+/// The settings a reload (SIGHUP) does not apply: they are read at start
+/// only, and a changed one is named in the reload's warning.
+pub const START_ONLY: [&str; 12] = [
+    "admin",
+    "admin_allow",
+    "admin_deny",
+    "workers",
+    "access_log",
+    "log_empty_connections",
+    "shutdown_grace",
+    "pid_file",
+    "log_level",
+    "log_format",
+    "instance",
+    "topology",
+];
+
 /// The tunnel's settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]

@@ -15,12 +15,23 @@
 //! short. Instances also get SIGKILL from the kernel when the fabric dies
 //! without stopping them (see [`crate::parent_death`]).
 //!
+//! The fabric follows its definition file while it runs (see [`live`]):
+//! an edit is checked, and a bad one reported and ignored; a good one is
+//! applied as a difference (instances added, or drained and removed;
+//! settings reloaded with SIGHUP where the program can, else instances
+//! replaced one at a time, each new one serving before the old one
+//! drains; endpoints added or removed), each change printed as it
+//! happens. What runs is published in the fabric's directory for
+//! `deploy status` (see [`state`]).
+//!
 //! Output is a side channel: the fabric's stdout and stderr are written
 //! through bounded queues by threads of their own, so a reader that stops
 //! reading, or went away, neither blocks nor breaks the fabric (lines are
 //! dropped and counted instead), and instances' output is always drained.
 
-use std::collections::HashMap;
+pub mod live;
+pub mod state;
+
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::SocketAddr;
@@ -32,20 +43,16 @@ use std::time::Duration;
 use std::os::unix::fs::DirBuilderExt;
 
 use anyhow::{bail, Context};
-use common::discovery::{EndpointEntry, Topology};
-use common::endpoint::{bind_error, bind_listener};
 use common::settings::{ListenAddr, Period};
 pub use common::signal::Shutdown;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tunnel::access_log::AccessLog;
 use tunnel::settings::{HealthCheck, Policy};
-use tunnel::{Route, Tunnel};
+use tunnel::Route;
 
-use crate::definition::{Definition, Role, Visibility};
+use crate::definition::{Definition, Role};
 
 /// How the fabric runs.
 #[derive(Debug, Clone)]
@@ -58,6 +65,9 @@ pub struct Options {
     pub backoff: Duration,
     /// Longest restart delay.
     pub max_backoff: Duration,
+    /// The definition's file, followed while the fabric runs (none: the
+    /// definition it started with runs unchanged).
+    pub follow: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -67,6 +77,7 @@ impl Default for Options {
             grace: Duration::from_secs(10),
             backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(10),
+            follow: None,
         }
     }
 }
@@ -80,6 +91,9 @@ pub enum State {
     Running,
     /// Exited; waiting to be started again.
     Crashed(String),
+    /// Out of rotation, finishing its connections before it stops (its
+    /// role scaled down, or a replacement took its place).
+    Draining,
     /// Stopped by the fabric.
     Stopped,
 }
@@ -90,6 +104,7 @@ impl std::fmt::Display for State {
             State::Starting => f.write_str("starting"),
             State::Running => f.write_str("running"),
             State::Crashed(why) => write!(f, "crashed ({why})"),
+            State::Draining => f.write_str("draining"),
             State::Stopped => f.write_str("stopped"),
         }
     }
@@ -98,6 +113,9 @@ impl std::fmt::Display for State {
 /// One instance as the status table shows it.
 #[derive(Debug, Clone)]
 pub struct Instance {
+    /// What tells it apart for the fabric's lifetime (a replacement has the
+    /// id of the instance it replaces, and a key of its own).
+    pub key: u64,
     /// Its role.
     pub role: String,
     /// Its id (`echo-server_IN_2`).
@@ -110,35 +128,74 @@ pub struct Instance {
     pub pid: Option<u32>,
     /// How often it was started again.
     pub restarts: u32,
+    /// When its process last started.
+    pub since: Option<std::time::SystemTime>,
 }
 
-/// The fabric's instances, shared between supervisors and the table.
+/// The fabric's instances and endpoints, shared between the supervisors,
+/// the fabric's control and the status it prints and publishes.
 #[derive(Debug, Clone)]
 struct Board {
     instances: Arc<Mutex<Vec<Instance>>>,
+    endpoints: Arc<Mutex<Vec<EndpointLine>>>,
     changed: watch::Sender<u64>,
 }
 
 impl Board {
-    fn update(&self, index: usize, change: impl FnOnce(&mut Instance)) {
-        // A panic elsewhere while the lock was held leaves the table as it
-        // was; the supervisors go on with it.
-        let mut instances = self
-            .instances
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(instance) = instances.get_mut(index) {
-            change(instance);
+    fn new() -> Board {
+        Board {
+            instances: Arc::default(),
+            endpoints: Arc::default(),
+            changed: watch::channel(0).0,
         }
-        drop(instances);
-        self.changed.send_modify(|n| *n += 1);
     }
 
-    fn snapshot(&self) -> Vec<Instance> {
+    fn instances(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
+        // A panic elsewhere while the lock was held leaves the table as it
+        // was; the supervisors go on with it.
         self.instances
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn update(&self, key: u64, change: impl FnOnce(&mut Instance)) {
+        if let Some(instance) = self.instances().iter_mut().find(|i| i.key == key) {
+            change(instance);
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn add(&self, instance: Instance) {
+        self.instances().push(instance);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn remove(&self, key: u64) {
+        self.instances().retain(|i| i.key != key);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn get(&self, key: u64) -> Option<Instance> {
+        self.instances().iter().find(|i| i.key == key).cloned()
+    }
+
+    fn set_endpoints(&self, endpoints: Vec<EndpointLine>) {
+        *self
+            .endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = endpoints;
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn endpoints(&self) -> Vec<EndpointLine> {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    fn snapshot(&self) -> Vec<Instance> {
+        self.instances().clone()
     }
 
     fn all_started(&self) -> bool {
@@ -154,6 +211,12 @@ pub struct EndpointLine {
     pub text: String,
     /// The role whose instances serve it.
     pub role: String,
+    /// The endpoint's name.
+    pub endpoint: String,
+    /// `public` or `internal`.
+    pub visibility: &'static str,
+    /// Where it listens.
+    pub address: SocketAddr,
 }
 
 /// The status: a table printed once when everything has started, then a
@@ -236,8 +299,8 @@ impl Status {
     /// A row for each instance that changed since last shown.
     pub fn changes(&mut self, instances: &[Instance]) -> String {
         let mut out = String::new();
-        for (n, i) in instances.iter().enumerate() {
-            let before = self.shown.get(n);
+        for i in instances {
+            let before = self.shown.iter().find(|b| b.key == i.key);
             if before
                 .is_none_or(|b| b.state != i.state || b.pid != i.pid || b.restarts != i.restarts)
             {
@@ -312,160 +375,63 @@ impl Spawner {
 
 /// Runs the fabric for `definition` until `shutdown` begins, then stops
 /// everything: within the grace period, or at once when it is hurried.
+/// With [`Options::follow`], changes to the definition's file are applied
+/// while it runs.
 pub async fn run(
     definition: &Definition,
     options: &Options,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    // Bind every endpoint first: a port in use is reported before anything
-    // starts.
-    let mut listeners = HashMap::new();
-    let mut routes = Vec::new();
-    let mut endpoint_lines = Vec::new();
-    let mut instances = Vec::new();
-    let mut plans = Vec::new();
-    for role in &definition.roles {
-        let program = role.program();
-        let binary = locate(&options.programs, program.name)?;
-        let mut targets = Vec::new();
-        for index in 0..role.count() {
-            let addr = free_loopback_port()?;
-            targets.push(tunnel::Target {
-                host: addr.ip().to_string(),
-                port: addr.port(),
-            });
-            instances.push(Instance {
-                role: role.name.clone(),
-                id: role.instance_id(index),
-                addr,
-                state: State::Starting,
-                pid: None,
-                restarts: 0,
-            });
-            plans.push((role.clone(), index, binary.clone(), addr));
-        }
-        for endpoint in &role.endpoints {
-            let ip = match endpoint.visibility {
-                Visibility::Public => [0, 0, 0, 0],
-                Visibility::Internal => [127, 0, 0, 1],
-            };
-            let addr = ListenAddr(SocketAddr::from((ip, endpoint.port)));
-            let listener = bind_listener(addr).map_err(|e| {
-                anyhow::anyhow!(bind_error(
-                    &format!("{}/{}", role.name, endpoint.name),
-                    addr,
-                    &e,
-                    "change its port in the service definition"
-                ))
-            })?;
-            let listen = listener.local_addr()?;
-            listeners.insert(addr, listener);
-            endpoint_lines.push(EndpointLine {
-                text: format!(
-                    "{} endpoint {}/{} on {listen}",
-                    match endpoint.visibility {
-                        Visibility::Public => "public",
-                        Visibility::Internal => "internal",
-                    },
-                    role.name,
-                    endpoint.name,
-                ),
-                role: role.name.clone(),
-            });
-            routes.push(balancer_route(role, &endpoint.name, addr, targets.clone()));
-        }
-    }
-
-    // Where each role finds the others: written before any instance
-    // starts, in a directory of this fabric's own.
-    let runtime_dir = RuntimeDir::create()?;
-    let topology_file = runtime_dir.0.join("topology.json");
-    topology(definition, &instances)
-        .write(&topology_file)
-        .with_context(|| format!("writing the topology to {}", topology_file.display()))?;
-    tracing::info!(
-        topology = %topology_file.display(),
-        "topology written: a ROLE/Endpoint name is looked up there (--topology FILE; every instance has it in <PREFIX>_TOPOLOGY)"
-    );
-
     // Dropping the guards at the end flushes what is queued, for at most
     // about a second each.
     let (out, _out_guard) = common::telemetry::non_blocking(io::stdout(), "fabric-stdout");
     let (err, _err_guard) = common::telemetry::non_blocking(io::stderr(), "fabric-stderr");
-    let spawner = Spawner::start().context("starting the instance spawner thread")?;
-
-    let (changed, mut watch_changes) = watch::channel(0u64);
-    let board = Board {
-        instances: Arc::new(Mutex::new(instances)),
-        changed,
-    };
     // Cancelled on a shutdown, or when the fabric cannot go on.
     let stop = shutdown.begun().child_token();
-    let supervisors = TaskTracker::new();
-    for (index, (role, instance, binary, addr)) in plans.into_iter().enumerate() {
-        let supervisor = Supervisor {
-            board: board.clone(),
-            index,
-            role,
-            instance,
-            binary,
-            addr,
-            topology: topology_file.clone(),
-            options: options.clone(),
-            stop: stop.clone(),
-            now: shutdown.hurried().clone(),
-            spawner: spawner.clone(),
-            out: out.clone(),
-            err: err.clone(),
-        };
-        supervisors.spawn(supervisor.run());
-    }
-    supervisors.close();
-    drop(spawner);
+    let mut fabric = live::Fabric::start(
+        definition,
+        options,
+        stop.clone(),
+        shutdown.hurried().clone(),
+        out.clone(),
+        err,
+    )
+    .await?;
+    let board = fabric.board();
 
-    // Balance only once the instances listen, or the first health checks
-    // would eject them all while they start (clients wait in the backlog).
-    wait_started(&board, &stop).await;
-    let balancer = Tunnel::new(options.grace, AccessLog::to_log());
-    let mut failed = None;
-    if !stop.is_cancelled() {
-        if let Err(e) = balancer.apply(routes, listeners).await {
-            failed = Some(anyhow::anyhow!("{e}"));
-            stop.cancel();
-        }
-    }
-
-    // The table once everything has started, then a row per change.
+    // The table once everything has started, then a row per change; the
+    // published status on every change.
     let table_board = board.clone();
     let table_stop = stop.clone();
     let mut table_out = out.clone();
+    let published = fabric.status_file();
+    let followed = options.follow.clone();
     let printer = tokio::spawn(async move {
+        let mut watch_changes = table_board.changed.subscribe();
         wait_started(&table_board, &table_stop).await;
         let snapshot = table_board.snapshot();
         let mut status = Status::new(&snapshot);
-        let _ = table_out.write_all(status.table(&snapshot, &endpoint_lines).as_bytes());
+        let endpoints = table_board.endpoints();
+        let _ = table_out.write_all(status.table(&snapshot, &endpoints).as_bytes());
+        state::publish(&published, followed.as_deref(), &snapshot, &endpoints);
         loop {
             tokio::select! {
                 _ = table_stop.cancelled() => return status,
                 changed = watch_changes.changed() => if changed.is_err() { return status },
             }
-            let changes = status.changes(&table_board.snapshot());
+            let snapshot = table_board.snapshot();
+            let changes = status.changes(&snapshot);
             let _ = table_out.write_all(changes.as_bytes());
+            state::publish(&published, followed.as_deref(), &snapshot, &table_board.endpoints());
         }
     });
 
-    stop.cancelled().await;
+    let failed = fabric.follow_until_stopped().await;
     if failed.is_none() {
         tracing::info!("stopping: draining the balancers, then the instances");
     }
     let status = printer.await;
-    let drain = async {
-        tokio::select! {
-            _ = balancer.shutdown() => {}
-            _ = shutdown.hurried().cancelled() => {}
-        }
-    };
-    tokio::join!(drain, supervisors.wait());
+    fabric.stop().await;
     // How each instance ended.
     let snapshot = board.snapshot();
     let mut status = status.unwrap_or_else(|_| Status::new(&snapshot));
@@ -524,36 +490,6 @@ fn balancer_route(
     }
 }
 
-/// The topology of `definition` run as `instances`: each endpoint's
-/// balanced address (on loopback) and its role's instances.
-fn topology(definition: &Definition, instances: &[Instance]) -> Topology {
-    let mut topology = Topology::default();
-    for role in &definition.roles {
-        let endpoints = topology.roles.entry(role.name.clone()).or_default();
-        for endpoint in &role.endpoints {
-            endpoints.insert(
-                endpoint.name.clone(),
-                EndpointEntry {
-                    address: SocketAddr::from(([127, 0, 0, 1], endpoint.port)).to_string(),
-                    instances: Some(
-                        instances
-                            .iter()
-                            .filter(|i| i.role == role.name)
-                            .map(|i| common::discovery::Instance {
-                                id: i.id.clone(),
-                                addr: i.addr,
-                            })
-                            .collect(),
-                    ),
-                    // Instances trust loopback to name the client.
-                    proxy: Some(common::proxy::Version::V2),
-                },
-            );
-        }
-    }
-    topology
-}
-
 /// A directory of the fabric's own for what it shares with its instances
 /// (the topology), removed when the fabric ends.
 struct RuntimeDir(PathBuf);
@@ -608,13 +544,27 @@ pub const BALANCER_SOURCES: &str = "127.0.0.0/8,::1/128";
 
 /// An instance's environment: its role's settings, and the balancers
 /// trusted to name clients with a PROXY header (added to any networks the
-/// role trusts itself).
-fn instance_environment(program: &crate::programs::Program, role: &Role) -> Vec<(String, String)> {
+/// role trusts itself). A program that reloads its settings on SIGHUP
+/// (`reloads`) takes them from `config` instead, a file the fabric
+/// rewrites before the signal (the trusted networks stay in the
+/// environment: changing them restarts the instance).
+fn instance_environment(
+    program: &crate::programs::Program,
+    role: &Role,
+    config: Option<&Path>,
+) -> Vec<(String, String)> {
     let mut env = program.environment(&role.settings);
     let key = format!("{}ACCEPT_PROXY", program.prefix());
     match env.iter_mut().find(|(k, _)| *k == key) {
         Some((_, networks)) => *networks = format!("{networks},{BALANCER_SOURCES}"),
-        None => env.push((key, BALANCER_SOURCES.into())),
+        None => env.push((key.clone(), BALANCER_SOURCES.into())),
+    }
+    if let Some(config) = config {
+        env.retain(|(k, _)| *k == key);
+        env.push((
+            format!("{}CONFIG", program.prefix()),
+            config.display().to_string(),
+        ));
     }
     env
 }
@@ -623,9 +573,13 @@ fn instance_environment(program: &crate::programs::Program, role: &Role) -> Vec<
 /// crash with exponential backoff.
 struct Supervisor<O, E> {
     board: Board,
-    index: usize,
-    role: Role,
-    instance: usize,
+    key: u64,
+    /// `echo-server/2`, the prefix of its output lines.
+    label: String,
+    id: String,
+    /// Its program's environment prefix (`ECHO_SERVER_`).
+    prefix: String,
+    env: Vec<(String, String)>,
     binary: PathBuf,
     addr: SocketAddr,
     topology: PathBuf,
@@ -645,9 +599,11 @@ where
     async fn run(self) {
         let Supervisor {
             board,
-            index,
-            role,
-            instance,
+            key: index,
+            label,
+            id,
+            prefix,
+            env,
             binary,
             addr,
             topology,
@@ -658,17 +614,14 @@ where
             out,
             err,
         } = self;
-        let program = role.program();
-        let id = role.instance_id(instance);
-        let label = format!("{}/{instance}", role.name);
         let mut backoff = options.backoff;
         loop {
             let mut command = Command::new(&binary);
             command
-                .envs(instance_environment(&program, &role))
-                .env(format!("{}TOPOLOGY", program.prefix()), &topology)
-                .env(format!("{}LISTEN", program.prefix()), addr.to_string())
-                .env(format!("{}INSTANCE", program.prefix()), &id)
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .env(format!("{prefix}TOPOLOGY"), &topology)
+                .env(format!("{prefix}LISTEN"), addr.to_string())
+                .env(format!("{prefix}INSTANCE"), &id)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -695,6 +648,7 @@ where
             board.update(index, |i| {
                 i.pid = pid;
                 i.state = State::Starting;
+                i.since = Some(std::time::SystemTime::now());
             });
             if let Some(stream) = child.stdout.take() {
                 tokio::spawn(forward(stream, label.clone(), out.clone()));
