@@ -1582,3 +1582,171 @@ roles:
         "the fabric leaves its topology behind"
     );
 }
+
+/// One whole session through `addr`: the greeting, a date asked for and
+/// answered, goodbye. Any failure on the way says what happened.
+fn whole_session(addr: SocketAddr) -> Result<String, String> {
+    let (mut s, id) = greeted(addr).map_err(|e| format!("greeting: {e}"))?;
+    s.write_all(b"1\r\n")
+        .map_err(|e| format!("{id}: asking: {e}"))?;
+    let mut text = String::new();
+    let mut buf = [0u8; 256];
+    while !text.contains("Goodbye.") {
+        if text.contains("Current date: ") && text.ends_with("Your choice: ") {
+            s.write_all(b"9\r\n")
+                .map_err(|e| format!("{id}: leaving: {e}"))?;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => return Err(format!("{id}: closed in the middle: {text:?}")),
+            Ok(n) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) => return Err(format!("{id}: {e} after {text:?}")),
+        }
+    }
+    Ok(id)
+}
+
+/// The instances' `ECHO_SERVER_IDLE_TIMEOUT`, by pid.
+fn idle_timeouts(parent: u32) -> HashMap<u32, String> {
+    instances_of(parent)
+        .iter()
+        .map(|i| {
+            let environ = std::fs::read(format!("/proc/{}/environ", i.pid)).unwrap_or_default();
+            let value = environ
+                .split(|&b| b == 0)
+                .filter_map(|v| {
+                    String::from_utf8_lossy(v)
+                        .strip_prefix("ECHO_SERVER_IDLE_TIMEOUT=")
+                        .map(str::to_string)
+                })
+                .next()
+                .unwrap_or_default();
+            (i.pid, value)
+        })
+        .collect()
+}
+
+#[test]
+fn the_fabric_follows_edits_of_its_definition_without_losing_a_connection() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let port = free_port();
+    let dir = temp_dir("follow");
+    let definition = echo_definition(&dir, port, 4, "idle_timeout: 5m");
+    let mut fabric = Fabric::start(&definition, 4);
+    fabric.table_where(|t| t.values().all(|(state, _, _)| state == "running"));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let parent = fabric.child.id();
+
+    // Clients all along: a whole session every 10 ms or so.
+    let done = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let served = Arc::new(Mutex::new(HashSet::new()));
+    let mut count = 0usize;
+    let client = {
+        let (done, failures, served) = (done.clone(), failures.clone(), served.clone());
+        std::thread::spawn(move || {
+            let mut sessions = 0usize;
+            while !done.load(Ordering::Relaxed) {
+                match whole_session(addr) {
+                    Ok(id) => {
+                        served.lock().unwrap().insert(id);
+                    }
+                    Err(e) => failures.lock().unwrap().push(e),
+                }
+                sessions += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            sessions
+        })
+    };
+    let edit = |instances: usize, settings: &str| {
+        echo_definition(&dir, port, instances, settings);
+    };
+
+    // 4 -> 6.
+    edit(6, "idle_timeout: 5m");
+    fabric.wait_line("4 -> 6 instances: starting echo_IN_4, echo_IN_5");
+    fabric.wait_line("the definition's changes are applied");
+    assert_eq!(instances_of(parent).len(), 6);
+    std::thread::sleep(Duration::from_millis(500));
+    served.lock().unwrap().clear();
+    eventually("the new instances serve", Duration::from_secs(10), || {
+        let served = served.lock().unwrap();
+        (served.contains("echo_IN_4") && served.contains("echo_IN_5")).then_some(())
+    });
+
+    // 6 -> 2: the four highest drain.
+    edit(2, "idle_timeout: 5m");
+    fabric.wait_line("6 -> 2 instances: draining echo_IN_2, echo_IN_3, echo_IN_4, echo_IN_5");
+    fabric.wait_line("the definition's changes are applied");
+    let left = eventually("two instances left", Duration::from_secs(15), || {
+        let ids: Vec<String> = instances_of(parent).into_iter().map(|i| i.id).collect();
+        (ids.len() == 2).then_some(ids)
+    });
+    assert_eq!(left, ["echo_IN_0", "echo_IN_1"]);
+    served.lock().unwrap().clear();
+    std::thread::sleep(Duration::from_secs(1));
+    let now: Vec<String> = {
+        let mut ids: Vec<String> = served.lock().unwrap().iter().cloned().collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(now, ["echo_IN_0", "echo_IN_1"], "only the two left serve");
+
+    // A setting reaches every instance: echo-server does not reload, so
+    // each is replaced, one at a time.
+    let before = idle_timeouts(parent);
+    edit(2, "idle_timeout: 7m");
+    fabric.wait_line("idle_timeout changed: replacing its instances one at a time");
+    fabric.wait_line("the definition's changes are applied");
+    let after = eventually(
+        "the replaced instances only",
+        Duration::from_secs(15),
+        || {
+            let after = idle_timeouts(parent);
+            (after.len() == 2).then_some(after)
+        },
+    );
+    assert!(
+        after.keys().all(|pid| !before.contains_key(pid)),
+        "{before:?} {after:?}"
+    );
+    assert!(after.values().all(|v| v == "7m"), "{after:?}");
+
+    // A broken edit changes nothing.
+    std::fs::write(
+        &definition,
+        "name: fabric-test\nroles:\n  - name: echo\n    program: echo-server\n    instances: [\n",
+    )
+    .unwrap();
+    fabric.wait_line("cannot be used; the fabric goes on with the one it runs");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(idle_timeouts(parent), after);
+
+    // deploy status, from another process.
+    let out = deploy(&["status", definition.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rows: Vec<&str> = shown.lines().filter(|l| l.contains("_IN_")).collect();
+    assert_eq!(rows.len(), 2, "{shown}");
+    assert!(rows.iter().all(|r| r.ends_with("running")), "{shown}");
+    assert!(
+        shown.contains(&format!(
+            "public endpoint echo/EchoEndpoint on 0.0.0.0:{port} -> 2 instances (2 live)"
+        )),
+        "{shown}"
+    );
+    for pid in after.keys() {
+        assert!(shown.contains(&pid.to_string()), "{shown}");
+    }
+
+    done.store(true, Ordering::Relaxed);
+    count += client.join().unwrap();
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {count} sessions failed: {failures:?}",
+        failures.len()
+    );
+    assert!(count > 100, "only {count} sessions");
+}

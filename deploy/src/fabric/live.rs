@@ -433,14 +433,16 @@ impl Fabric {
     fn endpoint_lines(&self) -> Vec<EndpointLine> {
         let mut lines = Vec::new();
         for run in &self.roles {
-            for (endpoint, (name, addr)) in run.role.endpoints.iter().zip(listen_addrs(&run.role))
-            {
+            for (endpoint, (name, addr)) in run.role.endpoints.iter().zip(listen_addrs(&run.role)) {
                 let visibility = match endpoint.visibility {
                     Visibility::Public => "public",
                     Visibility::Internal => "internal",
                 };
                 lines.push(EndpointLine {
-                    text: format!("{visibility} endpoint {}/{name} on {}", run.role.name, addr.0),
+                    text: format!(
+                        "{visibility} endpoint {}/{name} on {}",
+                        run.role.name, addr.0
+                    ),
                     role: run.role.name.clone(),
                     endpoint: name,
                     visibility,
@@ -525,11 +527,8 @@ impl Fabric {
             }
         }
         let stopped = || {
-            keys.iter().all(|k| {
-                self.board
-                    .get(*k)
-                    .is_none_or(|i| i.state == State::Stopped)
-            })
+            keys.iter()
+                .all(|k| self.board.get(*k).is_none_or(|i| i.state == State::Stopped))
         };
         // The supervisor waits the grace period, then kills.
         let bound = self.options.grace + Duration::from_secs(10);
@@ -746,12 +745,18 @@ impl Fabric {
             changed = true;
             for (endpoint, addr) in &after {
                 if !before.contains(&(endpoint.clone(), *addr)) {
-                    self.say(format_args!("endpoint {name}/{endpoint} opens on {}", addr.0));
+                    self.say(format_args!(
+                        "endpoint {name}/{endpoint} opens on {}",
+                        addr.0
+                    ));
                 }
             }
             for (endpoint, addr) in &before {
                 if !after.contains(&(endpoint.clone(), *addr)) {
-                    self.say(format_args!("endpoint {name}/{endpoint} on {} closes", addr.0));
+                    self.say(format_args!(
+                        "endpoint {name}/{endpoint} on {} closes",
+                        addr.0
+                    ));
                 }
             }
             self.roles[r].role.endpoints = new.endpoints.clone();
@@ -876,9 +881,7 @@ impl Fabric {
             match self.add(r, &[index]).await {
                 Ok(new) => {
                     let id = self.ids(&new);
-                    self.say(format_args!(
-                        "{id}: the new instance serves; the old one drains"
-                    ));
+                    self.say(format_args!("the new {id} serves; the old one drains"));
                     self.drain(&[key]).await;
                 }
                 Err(e) => {
@@ -901,5 +904,8 @@ pub fn load(path: &Path) -> Result<(Definition, Problems), Problems> {
     if found.iter().any(|p| p.severity == Severity::Error) {
         return Err(Problems(found));
     }
-    Ok((definition.in_environment(Environment::Local), Problems(found)))
+    Ok((
+        definition.in_environment(Environment::Local),
+        Problems(found),
+    ))
 }

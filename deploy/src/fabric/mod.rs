@@ -165,8 +165,16 @@ impl Board {
         self.changed.send_modify(|n| *n += 1);
     }
 
+    /// Adds `instance` after the others of its role (the table lists a
+    /// role's instances together).
     fn add(&self, instance: Instance) {
-        self.instances().push(instance);
+        let mut instances = self.instances();
+        let at = instances
+            .iter()
+            .rposition(|i| i.role == instance.role)
+            .map_or(instances.len(), |p| p + 1);
+        instances.insert(at, instance);
+        drop(instances);
         self.changed.send_modify(|n| *n += 1);
     }
 
@@ -296,9 +304,20 @@ impl Status {
         out
     }
 
-    /// A row for each instance that changed since last shown.
+    /// A row for each instance that changed since last shown, and a
+    /// `stopped` row for one removed before its stop was shown.
     pub fn changes(&mut self, instances: &[Instance]) -> String {
         let mut out = String::new();
+        for gone in &self.shown {
+            if gone.state != State::Stopped && !instances.iter().any(|i| i.key == gone.key) {
+                let stopped = Instance {
+                    state: State::Stopped,
+                    pid: None,
+                    ..gone.clone()
+                };
+                self.instance_row(&mut out, &stopped);
+            }
+        }
         for i in instances {
             let before = self.shown.iter().find(|b| b.key == i.key);
             if before
@@ -422,7 +441,12 @@ pub async fn run(
             let snapshot = table_board.snapshot();
             let changes = status.changes(&snapshot);
             let _ = table_out.write_all(changes.as_bytes());
-            state::publish(&published, followed.as_deref(), &snapshot, &table_board.endpoints());
+            state::publish(
+                &published,
+                followed.as_deref(),
+                &snapshot,
+                &table_board.endpoints(),
+            );
         }
     });
 

@@ -215,7 +215,11 @@ pub fn render(
                 i.pid.map_or("-".into(), |p| p.to_string()),
                 i.addr.to_string(),
                 i.restarts.to_string(),
-                connections.get(&i.addr.port()).copied().unwrap_or(0).to_string(),
+                connections
+                    .get(&i.addr.port())
+                    .copied()
+                    .unwrap_or(0)
+                    .to_string(),
                 match (alive, i.since) {
                     (true, Some(since)) => uptime(
                         now.duration_since(UNIX_EPOCH + Duration::from_secs(since))
