@@ -1540,6 +1540,34 @@ roles:
         ["echo-server_IN_0", "echo-server_IN_1", "echo-server_IN_2"]
     );
 
+    // An edit of the definition scales echo-server to 5: the fabric
+    // rewrites the topology, and the tunnel balances over the new set.
+    let text = std::fs::read_to_string(&definition).unwrap();
+    std::fs::write(
+        &definition,
+        text.replacen("instances: 3", "instances: 5", 1),
+    )
+    .unwrap();
+    fabric.wait_line("3 -> 5 instances: starting echo-server_IN_3, echo-server_IN_4");
+    fabric.wait_line("the definition's changes are applied");
+    let listed = std::fs::read_to_string(&topology).unwrap();
+    assert!(listed.contains("echo-server_IN_4"), "{listed}");
+    let all = eventually(
+        "the tunnel calls the new instances",
+        Duration::from_secs(10),
+        || {
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..10 {
+                seen.insert(greeting_from([127, 0, 0, 5], addr));
+            }
+            (seen.len() == 5).then_some(seen)
+        },
+    );
+    assert!(
+        all.contains("echo-server_IN_3") && all.contains("echo-server_IN_4"),
+        "{all:?}"
+    );
+
     // square-client names the square service; the topology gives its
     // balanced address.
     let out = Command::new(binary("square-client"))
