@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod endpoint;
+pub mod fabric;
 pub mod files;
 pub mod limits;
 pub mod proxy;

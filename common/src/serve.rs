@@ -145,6 +145,8 @@ pub struct ServeOptions {
     /// Limits on each client address or prefix, when there are any; its
     /// owner keeps it, like the cap.
     pub per_source: Option<Arc<PerSource>>,
+    /// Only these processes may connect (`allow_roles`, in a fabric).
+    pub callers: Option<crate::fabric::Callers>,
 }
 
 impl From<&ServeSettings> for ServeOptions {
@@ -157,6 +159,7 @@ impl From<&ServeSettings> for ServeOptions {
             accept_proxy: s.accept_proxy.clone(),
             header_timeout: crate::tls::HANDSHAKE_TIMEOUT,
             per_source: s.per_source.as_ref().and_then(|p| p.limiter()),
+            callers: crate::fabric::Callers::beside(&s.allow_roles.0, s.topology.as_deref()),
         }
     }
 }
@@ -437,6 +440,7 @@ where
 /// task, shared by all of them.
 #[derive(Debug)]
 struct ProxyGate {
+    callers: Option<crate::fabric::Callers>,
     from: CidrList,
     access: AccessRules,
     per_source: Option<Arc<PerSource>>,
@@ -445,8 +449,9 @@ struct ProxyGate {
 
 impl ProxyGate {
     fn new(options: &ServeOptions) -> Option<Arc<ProxyGate>> {
-        (!options.accept_proxy.0.is_empty()).then(|| {
+        (!options.accept_proxy.0.is_empty() || options.callers.is_some()).then(|| {
             Arc::new(ProxyGate {
+                callers: options.callers.clone(),
                 from: options.accept_proxy.clone(),
                 access: options.access.clone(),
                 per_source: options.per_source.clone(),
@@ -467,6 +472,16 @@ async fn gated<H: Handler<TcpStream>>(
     trusted: bool,
 ) -> anyhow::Result<()> {
     let hop = conn.peer;
+    if let Some(callers) = gate.callers.clone() {
+        let local = stream.local_addr()?;
+        let verdict = tokio::task::spawn_blocking(move || callers.admit(hop, local))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(why) = verdict {
+            info!(conn = conn.id, peer = %hop, reason = %why, "refused: not a role allowed to call");
+            return Ok(());
+        }
+    }
     if trusted {
         let read = tokio::select! {
             biased;
@@ -509,7 +524,7 @@ async fn gated<H: Handler<TcpStream>>(
         };
         debug!(peer = %conn.peer, via = ?conn.via, "PROXY header read");
         return handler.handle(stream, conn).await;
-    } else {
+    } else if !gate.from.0.is_empty() {
         let watched = tokio::select! {
             biased;
             seen = crate::proxy::sends_header(&stream, crate::proxy::UNTRUSTED_WATCH) => seen,
@@ -735,6 +750,7 @@ mod tests {
             idle_timeout: Duration::from_secs(10),
             grace: Duration::from_secs(1),
             per_source: None,
+            callers: None,
             accept_proxy: Default::default(),
             header_timeout: Duration::from_secs(1),
         };

@@ -255,6 +255,7 @@ text_serde!(
     HostPort: "HOST:PORT",
     crate::discovery::Destination: "HOST:PORT, or a peer's ROLE/Endpoint",
     crate::proxy::Version: "a PROXY protocol version, v1 or v2",
+    crate::fabric::RoleName: "a role name",
 );
 
 /// How a program serves connections: the part of every program's settings
@@ -278,6 +279,10 @@ pub struct ServeSettings {
     /// topology file, see [`crate::discovery`]; the development fabric
     /// sets it for every instance).
     pub topology: Option<std::path::PathBuf>,
+    /// Only instances of these roles may connect (the development fabric
+    /// sets it for an internal endpoint's `allow_from`; it needs the
+    /// topology, see [`crate::fabric`]).
+    pub allow_roles: List<crate::fabric::RoleName>,
     /// A connection with no traffic for this long is closed.
     #[serde(deserialize_with = "nonzero_duration")]
     pub idle_timeout: Period,
@@ -307,6 +312,7 @@ impl Default for ServeSettings {
             deny: CidrList::default(),
             accept_proxy: CidrList::default(),
             topology: None,
+            allow_roles: List::default(),
             idle_timeout: Period::from_secs(300),
             shutdown_grace: Period::from_secs(10),
             tls_cert: None,

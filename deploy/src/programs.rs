@@ -87,7 +87,7 @@ pub const PROGRAMS: [Program; 3] = [
 
 /// Settings the fabric and the manifests set per instance; a definition
 /// may not set them.
-pub const MANAGED: [&str; 2] = ["listen", "instance"];
+pub const MANAGED: [&str; 4] = ["listen", "instance", "topology", "allow_roles"];
 
 impl Program {
     /// The program called `name`.
@@ -122,7 +122,7 @@ impl Program {
             if MANAGED.contains(&key.as_str()) {
                 problems.push((
                     key.clone(),
-                    format!("{key} is set for each instance from the role's endpoint; remove it"),
+                    format!("{key} is set for each instance by the fabric and the rendering (from the role's endpoints and the topology); remove it"),
                 ));
             } else if !known.contains(key) {
                 problems.push((

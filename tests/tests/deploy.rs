@@ -1778,3 +1778,98 @@ fn the_fabric_follows_edits_of_its_definition_without_losing_a_connection() {
     );
     assert!(count > 100, "only {count} sessions");
 }
+
+/// What square-client answers for 12 through `addr`, or its error.
+fn square_through(addr: SocketAddr) -> Result<String, String> {
+    let out = Command::new(binary("square-client"))
+        .args(["--server", &addr.to_string(), "12"])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn an_internal_endpoint_takes_calls_only_from_the_roles_of_its_allow_from() {
+    let (square, gate, other) = (free_port(), free_port(), free_port());
+    let dir = temp_dir("allow-from");
+    let definition = dir.join("service.yaml");
+    std::fs::write(
+        &definition,
+        format!(
+            "name: allow-test
+roles:
+  - name: square-server
+    program: square-server
+    instances: 2
+    endpoints:
+      - {{name: SquareEndpoint, visibility: internal, port: {square}, allow_from: [gate]}}
+  - name: gate
+    program: tunnel
+    endpoints: [{{name: Incoming, visibility: public, port: {gate}}}]
+    settings: {{target: square-server/SquareEndpoint}}
+  - name: other
+    program: tunnel
+    endpoints: [{{name: Incoming, visibility: internal, port: {other}}}]
+    settings: {{target: square-server/SquareEndpoint}}
+"
+        ),
+    )
+    .unwrap();
+    let mut fabric = Fabric::start(&definition, 4);
+    fabric.table_where(|t| t.values().all(|(state, _, _)| state == "running"));
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+
+    // The gate's instances may call: through its endpoint, squares.
+    for _ in 0..4 {
+        assert_eq!(square_through(at(gate)).as_deref(), Ok("144"));
+    }
+    // Another role may not, nor may a process that is no instance: not
+    // through the endpoint's balancer, not straight to an instance with
+    // the header a balancer would send.
+    let refused = square_through(at(other)).unwrap_err();
+    assert!(refused.contains("without answering"), "{refused}");
+    let refused = square_through(at(square)).unwrap_err();
+    assert!(
+        refused.contains("reset") || refused.contains("without answering"),
+        "{refused}"
+    );
+    let instance = instances_of(fabric.child.id())
+        .into_iter()
+        .find(|i| i.id.starts_with("square-server"))
+        .expect("a square-server instance");
+    let mut direct = TcpStream::connect(instance.listen).unwrap();
+    let me = direct.local_addr().unwrap();
+    write!(
+        direct,
+        "PROXY TCP4 127.0.0.9 127.0.0.1 {} {}\r\n12\n",
+        me.port(),
+        instance.listen.port()
+    )
+    .unwrap();
+    direct
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = direct.read_to_string(&mut answer);
+    assert!(!answer.contains("144"), "{answer}");
+    let said = fabric.wait_line("refused: not a role allowed to call");
+    assert!(said.contains("is no instance of gate"), "{said}");
+
+    // An edit that lets the other role call too applies while it runs.
+    let text = std::fs::read_to_string(&definition).unwrap();
+    std::fs::write(
+        &definition,
+        text.replace("allow_from: [gate]", "allow_from: [gate, other]"),
+    )
+    .unwrap();
+    fabric.wait_line("the definition's changes are applied");
+    let answer = eventually("the other role may call", Duration::from_secs(10), || {
+        square_through(at(other)).ok()
+    });
+    assert_eq!(answer, "144");
+    assert_eq!(square_through(at(gate)).as_deref(), Ok("144"));
+}

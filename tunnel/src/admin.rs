@@ -62,6 +62,7 @@ impl Admin {
             accept_proxy: Default::default(),
             header_timeout: REQUEST_TIMEOUT,
             per_source: None,
+            callers: None,
         }
     }
 }

@@ -724,6 +724,7 @@ impl Tunnel {
                 &route.per_source,
                 &self.metrics.route(&route.name).per_source,
             ),
+            callers: route.callers.clone(),
         };
         let stats = self.metrics.route(&route.name);
         let balancer = balancer.unwrap_or_else(|| {
@@ -847,6 +848,8 @@ impl Tunnel {
                     .unwrap_or(tls::HELLO_TIMEOUT),
                 // Each route's own limits apply once its name is known.
                 per_source: None,
+                // Every route of a fabric's tunnel has the same callers.
+                callers: routes.first().and_then(|r| r.handler.route.callers.clone()),
             };
             let router = Arc::new(tls::SniRouter {
                 listen,

@@ -419,6 +419,10 @@ pub struct Settings {
     /// sent so far to another target (see [`crate::retry`]). Off: only for
     /// protocols where a request not yet answered may be sent twice.
     pub retry_before_first_byte: bool,
+    /// Only instances of these roles may connect to any route (the
+    /// development fabric sets it for an internal endpoint's
+    /// `allow_from`; it needs the topology, see [`common::fabric`]).
+    pub allow_roles: List<common::fabric::RoleName>,
     /// Log level and format.
     #[serde(flatten)]
     pub log: LogSettings,
@@ -464,6 +468,7 @@ impl Default for Settings {
             target_key: None,
             per_source: None,
             retry_before_first_byte: false,
+            allow_roles: List::default(),
             log: LogSettings::default(),
         }
     }
@@ -519,6 +524,9 @@ pub struct Route {
     /// replay what the client sent (held, up to [`crate::retry::HOLD_MAX`])
     /// to another target (see [`crate::retry`]). TCP routes only.
     pub retry_before_first_byte: bool,
+    /// Only these processes may connect: instances of the roles of
+    /// `allow_roles` (see [`common::fabric`]).
+    pub callers: Option<common::fabric::Callers>,
 }
 
 impl Route {
@@ -548,6 +556,7 @@ impl Route {
             protocol: Protocol::Tcp,
             per_source: PerSourceSettings::default(),
             retry_before_first_byte: defaults.retry_before_first_byte,
+            callers: None,
         }
     }
 
@@ -559,6 +568,10 @@ impl Route {
 }
 
 impl Settings {
+    /// Who may connect to the routes, when `allow_roles` says.
+    fn callers(&self) -> Option<common::fabric::Callers> {
+        common::fabric::Callers::beside(&self.allow_roles.0, self.topology.as_deref())
+    }
     /// A route's health checks: its own setting, else the global one, else
     /// on when it has several targets.
     fn health(&self, own: Option<HealthSetting>, targets: usize) -> (HealthCheck, bool) {
@@ -726,6 +739,7 @@ impl Settings {
                     protocol: Protocol::Tcp,
                     per_source: self.per_source.clone().unwrap_or_default(),
                     retry_before_first_byte: self.retry_before_first_byte,
+                    callers: self.callers(),
                 });
                 prefixes.push(String::new());
             }
@@ -882,6 +896,7 @@ impl Settings {
                     retry_before_first_byte: protocol == Protocol::Tcp
                         && r.retry_before_first_byte
                             .unwrap_or(self.retry_before_first_byte),
+                    callers: self.callers(),
                 });
                 prefixes.push(key(""));
             }

@@ -89,7 +89,7 @@ pub struct Fabric {
 /// A settings key whose change a program applies only at start, so the
 /// fabric replaces instances rather than signal them.
 fn restart_needed(program: &str, old: &Role, new: &Role) -> bool {
-    if old.program != new.program {
+    if old.program != new.program || super::allowed_callers(old) != super::allowed_callers(new) {
         return true;
     }
     let Some(start_only) = reload_keys(program) else {
@@ -115,7 +115,9 @@ fn reload_keys(program: &str) -> Option<Vec<&'static str>> {
 /// What a role's instances are started with, to tell whether a change
 /// touches them.
 fn same_instances(old: &Role, new: &Role) -> bool {
-    old.program == new.program && old.settings == new.settings
+    old.program == new.program
+        && old.settings == new.settings
+        && super::allowed_callers(old) == super::allowed_callers(new)
 }
 
 /// What of a role's endpoints the fabric acts on (not where they are
@@ -216,6 +218,30 @@ impl Fabric {
             topology = %topology.display(),
             "topology written: a ROLE/Endpoint name is looked up there (--topology FILE; every instance has it in <PREFIX>_TOPOLOGY)"
         );
+        // The status, for `deploy status` and for the checks of
+        // `allow_from`, which need each instance's process as soon as it
+        // has one.
+        let (board, published, followed, stop) = (
+            fabric.board.clone(),
+            fabric.status_file(),
+            options.follow.clone(),
+            fabric.stop.clone(),
+        );
+        tokio::spawn(async move {
+            let mut changes = board.changed.subscribe();
+            loop {
+                super::state::publish(
+                    &published,
+                    followed.as_deref(),
+                    &board.snapshot(),
+                    &board.endpoints(),
+                );
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
+            }
+        });
         for r in 0..fabric.roles.len() {
             for s in 0..fabric.roles[r].slots.len() {
                 fabric.launch(r, s);
@@ -394,7 +420,13 @@ impl Fabric {
                 })
                 .collect();
             for (name, addr) in listen_addrs(&run.role) {
-                routes.push(balancer_route(&run.role, &name, addr, targets.clone()));
+                routes.push(balancer_route(
+                    &run.role,
+                    &name,
+                    addr,
+                    targets.clone(),
+                    &self.status_file(),
+                ));
             }
         }
         routes
@@ -786,7 +818,7 @@ impl Fabric {
         if !same_instances(&old, new) {
             changed = true;
             let restart = restart_needed(&old.program, &old, new);
-            let keys: Vec<String> = old
+            let mut keys: Vec<String> = old
                 .settings
                 .keys()
                 .chain(new.settings.keys())
@@ -795,6 +827,9 @@ impl Fabric {
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
+            if keys.is_empty() {
+                keys.push("allow_from".into());
+            }
             self.roles[r].role.settings = new.settings.clone();
             self.roles[r].role.program = new.program.clone();
             self.roles[r].binary = binary;

@@ -418,13 +418,10 @@ pub async fn run(
     .await?;
     let board = fabric.board();
 
-    // The table once everything has started, then a row per change; the
-    // published status on every change.
+    // The table once everything has started, then a row per change.
     let table_board = board.clone();
     let table_stop = stop.clone();
     let mut table_out = out.clone();
-    let published = fabric.status_file();
-    let followed = options.follow.clone();
     let printer = tokio::spawn(async move {
         let mut watch_changes = table_board.changed.subscribe();
         wait_started(&table_board, &table_stop).await;
@@ -432,21 +429,13 @@ pub async fn run(
         let mut status = Status::new(&snapshot);
         let endpoints = table_board.endpoints();
         let _ = table_out.write_all(status.table(&snapshot, &endpoints).as_bytes());
-        state::publish(&published, followed.as_deref(), &snapshot, &endpoints);
         loop {
             tokio::select! {
                 _ = table_stop.cancelled() => return status,
                 changed = watch_changes.changed() => if changed.is_err() { return status },
             }
-            let snapshot = table_board.snapshot();
-            let changes = status.changes(&snapshot);
+            let changes = status.changes(&table_board.snapshot());
             let _ = table_out.write_all(changes.as_bytes());
-            state::publish(
-                &published,
-                followed.as_deref(),
-                &snapshot,
-                &table_board.endpoints(),
-            );
         }
     });
 
@@ -489,7 +478,22 @@ fn balancer_route(
     endpoint: &str,
     listen: ListenAddr,
     targets: Vec<tunnel::Target>,
+    status: &Path,
 ) -> Route {
+    // An internal endpoint with `allow_from` admits only those roles'
+    // instances.
+    let callers = role
+        .endpoints
+        .iter()
+        .find(|e| e.name == endpoint)
+        .and_then(|e| e.allowed_roles())
+        .map(|roles| {
+            common::fabric::Callers::new(
+                roles.iter().map(|r| r.to_string()).collect(),
+                status.to_path_buf(),
+                false,
+            )
+        });
     Route {
         balance: Policy::RoundRobin,
         // Instances are local: check every second and act on the first
@@ -510,6 +514,7 @@ fn balancer_route(
         // answered (in its accept queue, or just read) loses none of
         // them: they go on to another instance.
         retry_before_first_byte: true,
+        callers,
         ..Route::new(&format!("{}/{endpoint}", role.name), vec![listen], targets)
     }
 }
@@ -583,14 +588,38 @@ fn instance_environment(
         Some((_, networks)) => *networks = format!("{networks},{BALANCER_SOURCES}"),
         None => env.push((key.clone(), BALANCER_SOURCES.into())),
     }
+    let callers = format!("{}ALLOW_ROLES", program.prefix());
+    if let Some(roles) = allowed_callers(role) {
+        env.push((callers.clone(), roles.join(",")));
+    }
     if let Some(config) = config {
-        env.retain(|(k, _)| *k == key);
+        env.retain(|(k, _)| *k == key || *k == callers);
         env.push((
             format!("{}CONFIG", program.prefix()),
             config.display().to_string(),
         ));
     }
     env
+}
+
+/// The roles whose instances alone may call `role`'s instances: when every
+/// endpoint of the role has `allow_from`, all that they list (an instance
+/// serves all its role's endpoints on one address, so one endpoint open to
+/// every role opens the instance to every role; its balancer still checks
+/// each endpoint's own list).
+fn allowed_callers(role: &Role) -> Option<Vec<String>> {
+    if role.endpoints.is_empty() {
+        return None;
+    }
+    let mut roles: Vec<String> = Vec::new();
+    for endpoint in &role.endpoints {
+        for name in endpoint.allowed_roles()? {
+            if !roles.iter().any(|r| r == name) {
+                roles.push(name.to_string());
+            }
+        }
+    }
+    Some(roles)
 }
 
 /// Keeps one instance running until `stop`, starting it again after a

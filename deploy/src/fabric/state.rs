@@ -11,61 +11,12 @@
 //! socket tables) and uptimes.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use serde::{Deserialize, Serialize};
 
 use super::{EndpointLine, Instance, State};
 
-/// The status file's name in a fabric's directory.
-pub const STATUS_FILE: &str = "status.json";
-
-/// A fabric as it publishes itself.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Published {
-    /// The fabric's process.
-    pub pid: u32,
-    /// The definition file it follows, when it follows one.
-    pub definition: Option<PathBuf>,
-    /// Its endpoints.
-    pub endpoints: Vec<PublishedEndpoint>,
-    /// Its instances.
-    pub instances: Vec<PublishedInstance>,
-}
-
-/// An endpoint in the published status.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PublishedEndpoint {
-    /// Its role.
-    pub role: String,
-    /// Its name.
-    pub endpoint: String,
-    /// `public` or `internal`.
-    pub visibility: String,
-    /// Where the balancer listens.
-    pub address: SocketAddr,
-}
-
-/// An instance in the published status.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PublishedInstance {
-    /// Its role.
-    pub role: String,
-    /// Its id.
-    pub id: String,
-    /// Where it listens.
-    pub addr: SocketAddr,
-    /// What it is doing (`running`, `crashed (...)`, `draining`, ...).
-    pub state: String,
-    /// Its process, while it has one.
-    pub pid: Option<u32>,
-    /// How often it was started again.
-    pub restarts: u32,
-    /// When its process last started, in seconds since the Unix epoch.
-    pub since: Option<u64>,
-}
+pub use common::fabric::{Published, PublishedEndpoint, PublishedInstance, STATUS_FILE};
 
 fn epoch_seconds(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -296,6 +247,7 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn uptimes_read_at_a_glance() {
