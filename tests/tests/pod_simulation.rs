@@ -22,10 +22,16 @@
 //! It runs twice: as rendered (`enableServiceLinks: false`), and with the
 //! Service links a kubelet adds once that line is removed by hand.
 //!
+//! A role that calls another by its Service (the square-gateway's target,
+//! `square-server:2346`) reaches it as in a cluster: the pod's DNS (its
+//! `/etc/hosts` here) names every Service, and what kube-proxy does, a
+//! forwarder on the node does: one route per pod and Service port, from the
+//! node's end of the pod's link to the pod behind the Service.
+//!
 //! Not simulated: the read-only root filesystem, seccomp, resource limits,
-//! the pod's own hostname (a UTS namespace), and the Services themselves
-//! (their cluster IPs are made up and route nowhere; only the links that
-//! name them are given).
+//! the pod's own hostname (a UTS namespace), the Services' cluster IPs
+//! (made up, and only in the links that name them), and NetworkPolicies
+//! (tests/tests/cluster_network.rs works those out).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -139,11 +145,15 @@ fn simulate(links: Links) {
         assert_eq!(linked, expected, "{}: Service links", pod.name);
     }
 
-    // The tunnel's target, which the test runs on the node.
+    // What kube-proxy does for the Services: from each pod's link, each
+    // Service port reaches the pod behind it.
+    let _kube_proxy = KubeProxy::start(&pods, &services);
+
+    // The database tunnel's target, which the test runs on the node.
     let tunnel = pods
         .iter()
-        .position(|p| p.program == "tunnel")
-        .expect("no tunnel pod");
+        .position(|p| p.program == "tunnel" && p.env.contains_key("TUNNEL_HOST"))
+        .expect("no tunnel pod with a database host");
     let db_host = pods[tunnel].env_var("TUNNEL_HOST");
     assert_eq!(db_host, DATABASE, "the tunnel's target host");
     let db_port: u16 = pods[tunnel]
@@ -156,7 +166,7 @@ fn simulate(links: Links) {
     for pod in &pods {
         pod.wait_initial_delay("readinessProbe");
         let ready = pod.probe("readinessProbe");
-        if pod.program == "tunnel" {
+        if pod.program == "tunnel" && pod.env.contains_key("TUNNEL_HOST") {
             match ready {
                 Err(why) if why.starts_with("HTTP 503") => {}
                 other => pod.fail(&format!(
@@ -177,6 +187,20 @@ fn simulate(links: Links) {
         match pod.program.as_str() {
             "echo-server" => echo_serves(pod),
             "square-server" => square_serves(pod),
+            // A role that calls another through its Service: what it
+            // publishes is the other's service.
+            "tunnel" if !pod.env.contains_key("TUNNEL_HOST") => {
+                let target = pod.env_var("TUNNEL_TARGET");
+                let service = target.split(':').next().unwrap_or_default();
+                let called = pods
+                    .iter()
+                    .find(|p| p.deployment == service)
+                    .unwrap_or_else(|| pod.fail(&format!("no pod behind {target}")));
+                match called.program.as_str() {
+                    "square-server" => square_serves_inside(pod),
+                    other => pod.fail(&format!("no check for a gateway to {other}")),
+                }
+            }
             "tunnel" => {}
             other => panic!("the simulation has no check for the program {other}"),
         }
@@ -310,6 +334,10 @@ struct Service {
     cluster_ip: Ipv4Addr,
     /// Each port's number, protocol and name.
     ports: Vec<(u16, String, String)>,
+    /// Each port's target on the pods: a number or a container port's name.
+    targets: Vec<String>,
+    /// The Deployment whose pods it selects (`app.kubernetes.io/name`).
+    selects: String,
     /// Whether its links are given with `enableServiceLinks: false` too.
     master: bool,
 }
@@ -321,6 +349,8 @@ fn cluster_services(objects: &[Value]) -> Vec<Service> {
         name: "kubernetes".into(),
         cluster_ip: API_SERVER,
         ports: vec![(443, "TCP".into(), "https".into())],
+        targets: Vec::new(),
+        selects: String::new(),
         master: true,
     }];
     // A headless Service (the instances of a role, by DNS) has no cluster
@@ -346,10 +376,25 @@ fn cluster_services(objects: &[Value]) -> Vec<Service> {
                 )
             })
             .collect();
+        let targets = spec["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| match &p["targetPort"] {
+                Value::String(name) => name.clone(),
+                Value::Number(n) => n.to_string(),
+                _ => p["port"].to_string(),
+            })
+            .collect();
         services.push(Service {
             name: name(service).to_string(),
             cluster_ip: Ipv4Addr::new(10, 96, 0, 10 + u8::try_from(n).unwrap()),
             ports,
+            targets,
+            selects: spec["selector"]["app.kubernetes.io/name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             master: false,
         });
     }
@@ -438,6 +483,8 @@ fn service_links_are_named_as_the_kubelet_names_them() {
             (1234, "TCP".into(), "x-y".into()),
             (53, "UDP".into(), "dns".into()),
         ],
+        targets: Vec::new(),
+        selects: String::new(),
         master: false,
     };
     let vars: Vec<String> = link_variables(&service)
@@ -610,8 +657,15 @@ impl PodNet {
 
     /// The pod's `/etc/hosts`, as the kubelet manages it, naming the
     /// database as the cluster would: the node, over this pod's link.
-    fn write_hosts(&self, pod_name: &str) {
+    fn write_hosts(&self, pod_name: &str, services: &[Service]) {
         fs::create_dir_all(&self.etc).unwrap();
+        // Every Service by name, at the node's end of the link, where the
+        // test's kube-proxy forwards its ports.
+        let names: String = services
+            .iter()
+            .filter(|s| !s.master)
+            .map(|s| format!("{}\t{}\n", self.ns.host_addr, s.name))
+            .collect();
         let hosts = format!(
             "# Kubernetes-managed hosts file.\n\
              127.0.0.1\tlocalhost\n\
@@ -621,7 +675,8 @@ impl PodNet {
              fe00::1\tip6-allnodes\n\
              fe00::2\tip6-allrouters\n\
              {}\t{pod_name}\n\
-             {}\t{DATABASE}\n",
+             {}\t{DATABASE}\n\
+             {names}",
             self.ns.ns_addr, self.ns.host_addr
         );
         fs::write(self.etc.join("hosts"), hosts).unwrap();
@@ -751,7 +806,7 @@ impl Pod {
         let pod_name = format!("{deployment_name}-5d8f7c6b9-x2x4q");
 
         let net = PodNet::create();
-        net.write_hosts(&pod_name);
+        net.write_hosts(&pod_name, services);
         let ip = net.ns.ns_addr;
         let env = PodContext {
             objects,
@@ -1275,6 +1330,102 @@ fn square_serves(pod: &Pod) {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ));
+    }
+}
+
+/// [`square_serves`] from inside the pod, to its own loopback: a gateway
+/// admits only the networks of its `allow` list, and the node's end of the
+/// link is in none of them.
+fn square_serves_inside(pod: &Pod) {
+    let (_, port) = pod.ports()[0].clone();
+    let server = SocketAddr::from(([127, 0, 0, 1], port)).to_string();
+    let mut client = pod.net.ns.exec(
+        binary("square-client"),
+        ["--server", server.as_str(), "-4", "12"],
+    );
+    client.env_clear().env("PATH", IMAGE_PATH);
+    let out = bounded(&mut client, Duration::from_secs(20));
+    if out.status.code() != Some(0) || out.stdout != b"16\n144\n" {
+        pod.fail(&format!(
+            "square-client to {server} in the pod: {}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+}
+
+/// The test's kube-proxy: one tunnel on the node with a route per pod and
+/// Service port, from the node's end of the pod's link to the selected
+/// pod's container port.
+struct KubeProxy {
+    child: Child,
+    _dir: TempDir,
+}
+
+impl KubeProxy {
+    fn start(pods: &[Pod], services: &[Service]) -> KubeProxy {
+        let mut routes = String::from("routes:\n");
+        let mut count = 0;
+        for (n, from) in pods.iter().enumerate() {
+            for service in services.iter().filter(|s| !s.master) {
+                let Some(behind) = pods.iter().find(|p| p.deployment == service.selects) else {
+                    continue;
+                };
+                for ((port, protocol, _), target) in service.ports.iter().zip(&service.targets) {
+                    if protocol != "TCP" {
+                        continue;
+                    }
+                    let to = target
+                        .parse::<u16>()
+                        .unwrap_or_else(|_| behind.port(target));
+                    routes.push_str(&format!(
+                        "  - {{name: p{n}-{}-{port}, listen: \"{}:{port}\", target: \"{}:{to}\"}}\n",
+                        service.name, from.net.ns.host_addr, behind.ip
+                    ));
+                    count += 1;
+                }
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("kube-proxy.yaml");
+        fs::write(&config, &routes).unwrap();
+        let log = File::create(dir.path().join("kube-proxy.log")).unwrap();
+        let child = Command::new(binary("tunnel"))
+            .args(["--config", config.to_str().unwrap(), "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        // Its routes accept once it has bound them.
+        let last = pods.last().map(|p| p.net.ns.host_addr);
+        let until = Instant::now() + Duration::from_secs(10);
+        while count > 0 && Instant::now() < until {
+            let bound = last.is_some_and(|addr| {
+                services.iter().filter(|s| !s.master).all(|s| {
+                    s.ports.iter().all(|(port, _, _)| {
+                        TcpStream::connect_timeout(
+                            &SocketAddr::from((addr, *port)),
+                            Duration::from_millis(200),
+                        )
+                        .is_ok()
+                    })
+                })
+            });
+            if bound {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        KubeProxy { child, _dir: dir }
+    }
+}
+
+impl Drop for KubeProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
