@@ -90,22 +90,55 @@ fn peers_resolved(
     settings: &BTreeMap<String, Value>,
     how: PeerAddress,
 ) -> BTreeMap<String, Value> {
-    let address = |text: &str| -> Option<String> {
-        let text = text.trim();
-        if !common::discovery::PeerName::looks_like(text) {
-            return None;
-        }
-        let peer: common::discovery::PeerName = text.parse().ok()?;
-        let role = definition.roles.iter().find(|r| r.name == peer.role)?;
-        let endpoint = role.endpoints.iter().find(|e| e.name == peer.endpoint)?;
+    map_targets(settings, |text| {
+        let (role, endpoint) = peer_endpoint(definition, text)?;
         Some(match how {
             PeerAddress::Service => format!("{}:{}", role.name, endpoint.port),
             PeerAddress::Balancer => {
                 format!("{}-balancer:{}", role.name, container_port(endpoint.port))
             }
         })
-    };
-    let resolve_list = |value: &Value| -> Value {
+    })
+}
+
+/// The role and endpoint a target written `role/Endpoint` names, if it is
+/// one of the definition's.
+fn peer_endpoint<'d>(
+    definition: &'d Definition,
+    text: &str,
+) -> Option<(&'d Role, &'d crate::definition::Endpoint)> {
+    let text = text.trim();
+    if !common::discovery::PeerName::looks_like(text) {
+        return None;
+    }
+    let peer: common::discovery::PeerName = text.parse().ok()?;
+    let role = definition.roles.iter().find(|r| r.name == peer.role)?;
+    let endpoint = role.endpoints.iter().find(|e| e.name == peer.endpoint)?;
+    Some((role, endpoint))
+}
+
+/// The roles whose endpoints `settings` name as targets.
+fn called_roles(definition: &Definition, settings: &BTreeMap<String, Value>) -> Vec<String> {
+    let mut called = Vec::new();
+    map_targets(settings, |text| {
+        if let Some((role, _)) = peer_endpoint(definition, text) {
+            if !called.contains(&role.name) {
+                called.push(role.name.clone());
+            }
+        }
+        None
+    });
+    called
+}
+
+/// `settings` with every target (in `target` or `targets`, at the top or
+/// in a route) replaced by what `address` makes of it, when it makes
+/// something.
+fn map_targets(
+    settings: &BTreeMap<String, Value>,
+    mut address: impl FnMut(&str) -> Option<String>,
+) -> BTreeMap<String, Value> {
+    let mut resolve_list = |value: &Value| -> Value {
         match value {
             Value::String(list) => Value::String(
                 list.split(',')
@@ -116,7 +149,7 @@ fn peers_resolved(
             Value::Array(items) => Value::Array(
                 items
                     .iter()
-                    .map(|item| match item.as_str().and_then(address) {
+                    .map(|item| match item.as_str().and_then(&mut address) {
                         Some(found) => Value::String(found),
                         None => item.clone(),
                     })
@@ -125,7 +158,7 @@ fn peers_resolved(
             other => other.clone(),
         }
     };
-    let resolve_targets = |map: &mut serde_json::Map<String, Value>| {
+    let mut resolve_targets = |map: &mut serde_json::Map<String, Value>| {
         for key in ["target", "targets"] {
             if let Some(value) = map.get_mut(key) {
                 *value = resolve_list(value);
@@ -569,18 +602,62 @@ pub fn compose(definition: &Definition, context: Option<&str>) -> String {
         }
         service
     };
+    // `allow_from`, held to by networks: a role that only some roles may
+    // call has its containers on a network of its own with its balancer
+    // (`<role>-internal`), and its balancer also on `<role>-callers`, which
+    // only the containers of the roles it admits join. Neither is on the
+    // default network, so no other container can reach them, and its
+    // port is not published on the host.
+    let restricted = |name: &str| {
+        definition
+            .roles
+            .iter()
+            .find(|r| r.name == name)
+            .and_then(Role::allowed_callers)
+    };
+    let mut networks = serde_json::Map::new();
     let mut services = serde_json::Map::new();
     for role in &definition.roles {
         let program = role.program();
         let mut resolved = role.clone();
         resolved.settings = peers_resolved(definition, &role.settings, PeerAddress::Balancer);
+        // The networks its containers join: its own when it is
+        // restricted, the callers' network of each restricted role that
+        // admits it and that it calls, and the default one for the rest.
+        let own = restricted(&role.name);
+        let called = called_roles(definition, &role.settings);
+        let mut joined: Vec<String> = Vec::new();
+        if own.is_some() {
+            joined.push(format!("{}-internal", role.name));
+        }
+        let mut needs_default = own.is_none();
+        for callee in &called {
+            match restricted(callee) {
+                Some(admitted) if admitted.contains(&role.name) => {
+                    joined.push(format!("{callee}-callers"))
+                }
+                Some(_) => {}
+                None => needs_default = true,
+            }
+        }
+        if needs_default {
+            joined.insert(0, "default".into());
+        }
         let mut env = settings_env(&resolved, None);
         // Replicas take their id from their container's host name.
         env.remove(&format!("{}INSTANCE", program.prefix()));
         let mut service = container(program.name);
         service["environment"] = json!(env);
         service["deploy"] = json!({"replicas": role.count()});
+        if joined != ["default"] {
+            service["networks"] = json!(joined);
+        }
         services.insert(role.name.clone(), service);
+        if own.is_some() {
+            for suffix in ["internal", "callers"] {
+                networks.insert(format!("{}-{suffix}", role.name), json!({"internal": true}));
+            }
+        }
         for endpoint in &role.endpoints {
             let published = match endpoint.visibility {
                 Visibility::Public => {
@@ -602,12 +679,22 @@ pub fn compose(definition: &Definition, context: Option<&str>) -> String {
             }
             let mut balancer = container("tunnel");
             balancer["environment"] = balancer_env;
-            balancer["ports"] = json!([published]);
+            if own.is_some() {
+                balancer["networks"] = json!([
+                    format!("{}-internal", role.name),
+                    format!("{}-callers", role.name)
+                ]);
+            } else {
+                balancer["ports"] = json!([published]);
+            }
             balancer["depends_on"] = json!([role.name]);
             services.insert(format!("{}-balancer", role.name), balancer);
         }
     }
-    let file = json!({"name": definition.name, "services": services});
+    let mut file = json!({"name": definition.name, "services": services});
+    if !networks.is_empty() {
+        file["networks"] = Value::Object(networks);
+    }
     format!(
         "{HEADER}{}",
         common::yaml::to_string(&file).expect("JSON values are YAML")
@@ -754,6 +841,25 @@ mod tests {
         assert!(
             compose.contains("TUNNEL_TARGET: sq-balancer:2345"),
             "{compose}"
+        );
+        // allow_from by networks: sq and its balancer on their own, the
+        // balancer also on the one gate joins; db alone on the default.
+        let file: Value = common::yaml::from_str(&compose).unwrap();
+        let services = &file["services"];
+        assert_eq!(services["sq"]["networks"], json!(["sq-internal"]));
+        assert_eq!(
+            services["sq-balancer"]["networks"],
+            json!(["sq-internal", "sq-callers"])
+        );
+        assert!(services["sq-balancer"].get("ports").is_none(), "{compose}");
+        assert_eq!(
+            services["gate"]["networks"],
+            json!(["default", "sq-callers"])
+        );
+        assert!(services["db"].get("networks").is_none(), "{compose}");
+        assert_eq!(
+            file["networks"],
+            json!({"sq-internal": {"internal": true}, "sq-callers": {"internal": true}})
         );
         // Lists, routes, and an internal endpoint below 1024 (whose
         // container, and compose balancer, listen 10000 higher).

@@ -54,7 +54,7 @@ fn the_default_definition_checks() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "tcp-roles: 3 roles, 7 instances: ok\n"
+        "tcp-roles: 4 roles, 8 instances: ok\n"
     );
 }
 
@@ -217,10 +217,10 @@ fn the_manifests_pass_the_real_validators() {
     // Services (its balanced address and its headless one); and the
     // namespace's default-deny NetworkPolicy.
     for (kind, count) in [
-        ("kind: Deployment", 3),
-        ("kind: Service", 6),
-        ("kind: ConfigMap", 3),
-        ("kind: NetworkPolicy", 4),
+        ("kind: Deployment", 4),
+        ("kind: Service", 8),
+        ("kind: ConfigMap", 4),
+        ("kind: NetworkPolicy", 5),
     ] {
         assert_eq!(
             rendered.matches(kind).count(),
@@ -228,16 +228,16 @@ fn the_manifests_pass_the_real_validators() {
             "{kind} in\n{rendered}"
         );
     }
-    assert_eq!(rendered.matches("clusterIP: None").count(), 3, "{rendered}");
+    assert_eq!(rendered.matches("clusterIP: None").count(), 4, "{rendered}");
     assert_eq!(
         rendered.matches("namespace: tcp-roles").count(),
-        16,
+        21,
         "{rendered}"
     );
     assert!(rendered.contains("enforce: restricted"), "{rendered}");
     assert_eq!(
         rendered.matches("enableServiceLinks: false").count(),
-        3,
+        4,
         "{rendered}"
     );
     assert_eq!(
@@ -293,7 +293,7 @@ fn the_manifests_pass_the_policy_checker() {
     let k8s = summary("kubernetes");
     assert_eq!(k8s["failed"], 0, "{k8s}");
     assert_eq!(k8s["parsing_errors"], 0, "{k8s}");
-    assert_eq!(k8s["resource_count"], 20, "{k8s}");
+    assert_eq!(k8s["resource_count"], 26, "{k8s}");
     assert!(k8s["passed"].as_u64().unwrap() > 200, "{k8s}");
     let docker = summary("dockerfile");
     assert_eq!(docker["failed"], 0, "{docker}");

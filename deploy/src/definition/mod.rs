@@ -301,6 +301,26 @@ impl Role {
         format!("{}_IN_{index}", self.name)
     }
 
+    /// The roles whose instances alone may call this role's instances:
+    /// when every endpoint of the role has `allow_from`, all that they list
+    /// (an instance serves all its role's endpoints, so one endpoint open
+    /// to every role opens the instance to every role; the endpoint's own
+    /// balancer still holds to its own list). `None`: every role may.
+    pub fn allowed_callers(&self) -> Option<Vec<String>> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let mut roles: Vec<String> = Vec::new();
+        for endpoint in &self.endpoints {
+            for name in endpoint.allowed_roles()? {
+                if !roles.iter().any(|r| r == name) {
+                    roles.push(name.to_string());
+                }
+            }
+        }
+        Some(roles)
+    }
+
     /// Where `part` of the role is written, else the role itself.
     pub fn place(&self, part: &str) -> Option<Pos> {
         self.places.get(part).or(self.places.get("")).copied()
@@ -435,20 +455,6 @@ impl Definition {
                 }
             }
             found.extend(files::findings(role, environment));
-            if environment == Environment::Compose {
-                for endpoint in &role.endpoints {
-                    if let Some(allow) = &endpoint.allow_from {
-                        found.push((
-                            Some(allow.pos),
-                            Severity::Warning,
-                            format!(
-                                "endpoint {}/{}: allow_from is not enforced by the compose rendering: every container of the project can call it, and every process of the host on 127.0.0.1",
-                                role.name, endpoint.name
-                            ),
-                        ));
-                    }
-                }
-            }
             if program.name == "tunnel" {
                 for endpoint in &role.endpoints {
                     if endpoint.visibility == Visibility::Public
@@ -668,13 +674,8 @@ mod tests {
         );
         // Without it, every role may call.
         assert_eq!(d.roles[1].endpoints[0].allowed_roles(), None);
-        // Only the compose rendering cannot hold to it.
-        assert_starts(
-            &shown(CALLED),
-            &["s.yaml:9:9: warning: compose: endpoint sq/SquareEndpoint: allow_from is not enforced by the compose rendering"],
-        );
-        assert!(d.findings(Environment::Kubernetes).is_empty());
-        assert!(d.findings(Environment::Local).is_empty());
+        // Every rendering holds to it: nothing to warn about.
+        assert!(shown(CALLED).is_empty(), "{:?}", shown(CALLED));
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub struct Fabric {
 /// A settings key whose change a program applies only at start, so the
 /// fabric replaces instances rather than signal them.
 fn restart_needed(program: &str, old: &Role, new: &Role) -> bool {
-    if old.program != new.program || super::allowed_callers(old) != super::allowed_callers(new) {
+    if old.program != new.program || old.allowed_callers() != new.allowed_callers() {
         return true;
     }
     let Some(start_only) = reload_keys(program) else {
@@ -117,7 +117,7 @@ fn reload_keys(program: &str) -> Option<Vec<&'static str>> {
 fn same_instances(old: &Role, new: &Role) -> bool {
     old.program == new.program
         && old.settings == new.settings
-        && super::allowed_callers(old) == super::allowed_callers(new)
+        && old.allowed_callers() == new.allowed_callers()
 }
 
 /// What of a role's endpoints the fabric acts on (not where they are

@@ -589,7 +589,7 @@ fn instance_environment(
         None => env.push((key.clone(), BALANCER_SOURCES.into())),
     }
     let callers = format!("{}ALLOW_ROLES", program.prefix());
-    if let Some(roles) = allowed_callers(role) {
+    if let Some(roles) = role.allowed_callers() {
         env.push((callers.clone(), roles.join(",")));
     }
     if let Some(config) = config {
@@ -600,26 +600,6 @@ fn instance_environment(
         ));
     }
     env
-}
-
-/// The roles whose instances alone may call `role`'s instances: when every
-/// endpoint of the role has `allow_from`, all that they list (an instance
-/// serves all its role's endpoints on one address, so one endpoint open to
-/// every role opens the instance to every role; its balancer still checks
-/// each endpoint's own list).
-fn allowed_callers(role: &Role) -> Option<Vec<String>> {
-    if role.endpoints.is_empty() {
-        return None;
-    }
-    let mut roles: Vec<String> = Vec::new();
-    for endpoint in &role.endpoints {
-        for name in endpoint.allowed_roles()? {
-            if !roles.iter().any(|r| r == name) {
-                roles.push(name.to_string());
-            }
-        }
-    }
-    Some(roles)
 }
 
 /// Keeps one instance running until `stop`, starting it again after a
