@@ -496,3 +496,28 @@ pub fn promtool_check(body: &str) {
         String::from_utf8_lossy(&checked.stderr)
     );
 }
+
+/// Runs checkov's Kubernetes policies on the manifests in `file` and
+/// returns its summary (`passed`, `failed`, `resource_count`, ...), after
+/// checking that it ran and failed no check.
+pub fn checkov_kubernetes(file: &Path) -> serde_json::Value {
+    let checked = Command::new(require("checkov"))
+        .env("BC_SKIP_MAPPING", "TRUE")
+        .env("CKV_SKIP_PACKAGE_UPDATE_CHECK", "true")
+        .args(["--skip-download", "--quiet", "--compact", "-o", "json"])
+        .args(["--framework", "kubernetes", "-f"])
+        .arg(file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.status.success(),
+        "checkov failed:\n{text}\n{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&text).expect("checkov's JSON report");
+    let summary = report["summary"].clone();
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(summary["parsing_errors"], 0, "{summary}");
+    summary
+}

@@ -444,22 +444,10 @@ fn validated(dir: &Path) {
         .unwrap();
     let manifests = dir.join("..").join("rendered.yaml");
     std::fs::write(&manifests, kustomized.stdout).unwrap();
-    let out = Command::new(require("checkov"))
-        .env("BC_SKIP_MAPPING", "TRUE")
-        .env("CKV_SKIP_PACKAGE_UPDATE_CHECK", "true")
-        .args(["--skip-download", "--quiet", "--compact", "-o", "json"])
-        .args(["--framework", "kubernetes", "-f"])
-        .arg(&manifests)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "checkov failed:\n{text}");
-    let report: Value = serde_json::from_str(&text).expect("checkov's JSON report");
-    assert_eq!(report["summary"]["failed"], 0, "{text}");
+    let summary = tests::checkov_kubernetes(&manifests);
     assert!(
-        report["summary"]["resource_count"].as_u64().unwrap() > 20,
-        "{}",
-        report["summary"]
+        summary["resource_count"].as_u64().unwrap() > 20,
+        "{summary}"
     );
 }
 

@@ -1325,24 +1325,7 @@ fn mounted_secrets_pass_the_real_validators() {
     }
     let manifests = dir.join("rendered.yaml");
     std::fs::write(&manifests, &rendered).unwrap();
-    let checked = Command::new(require("checkov"))
-        .env("BC_SKIP_MAPPING", "TRUE")
-        .env("CKV_SKIP_PACKAGE_UPDATE_CHECK", "true")
-        .args(["--skip-download", "--quiet", "--compact", "-o", "json"])
-        .args(["--framework", "kubernetes", "-f"])
-        .arg(&manifests)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&checked.stdout);
-    assert!(
-        checked.status.success(),
-        "checkov failed:\n{text}\n{}",
-        String::from_utf8_lossy(&checked.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(&text).expect("checkov's JSON report");
-    let summary = &report["summary"];
-    assert_eq!(summary["failed"], 0, "{summary}");
-    assert_eq!(summary["parsing_errors"], 0, "{summary}");
+    let summary = tests::checkov_kubernetes(&manifests);
     assert_eq!(summary["resource_count"], 8, "{summary}");
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -528,19 +528,9 @@ impl RuntimeDir {
         let base = std::env::temp_dir();
         // Those of fabrics that were killed (SIGKILL runs no clean-up):
         // their process is gone, or is another program now.
-        if let Ok(entries) = std::fs::read_dir(&base) {
-            for entry in entries.flatten() {
-                let name = entry.file_name();
-                let Some(pid) = name
-                    .to_str()
-                    .and_then(|n| n.strip_prefix("deploy-"))
-                    .and_then(|p| p.parse::<u32>().ok())
-                else {
-                    continue;
-                };
-                if !is_fabric(pid) && entry.path().join("topology.json").exists() {
-                    let _ = std::fs::remove_dir_all(entry.path());
-                }
+        for (pid, dir) in fabric_dirs() {
+            if !is_fabric(pid) && dir.join("topology.json").exists() {
+                let _ = std::fs::remove_dir_all(dir);
             }
         }
         let dir = base.join(format!("deploy-{}", std::process::id()));
@@ -552,6 +542,26 @@ impl RuntimeDir {
             .with_context(|| format!("creating {}", dir.display()))?;
         Ok(RuntimeDir(dir))
     }
+}
+
+/// The directories fabrics made (`deploy-<pid>` in the temporary
+/// directory), with the process id each names.
+fn fabric_dirs() -> Vec<(u32, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry
+                .file_name()
+                .to_str()?
+                .strip_prefix("deploy-")?
+                .parse::<u32>()
+                .ok()?;
+            Some((pid, entry.path()))
+        })
+        .collect()
 }
 
 /// Whether process `pid` runs and is a `deploy` (a fabric).

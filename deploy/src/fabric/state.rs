@@ -67,22 +67,11 @@ pub(super) fn publish(
 /// those whose process is a live `deploy`, oldest process first.
 pub fn running() -> Vec<Published> {
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("deploy-"))
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for (pid, dir) in super::fabric_dirs() {
         if !super::is_fabric(pid) {
             continue;
         }
-        let file = entry.path().join(STATUS_FILE);
+        let file = dir.join(STATUS_FILE);
         let Ok(text) = std::fs::read(&file) else {
             continue;
         };
