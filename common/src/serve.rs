@@ -272,6 +272,13 @@ pub async fn accept_until<H: Handler<TcpStream>>(
     let mut backoff = Duration::from_millis(5);
     let gate = ProxyGate::new(options);
     let nodelay_inherited = nodelay_inherited(listener);
+    // A listener on one address gives every connection that address: no
+    // system call per connection to ask (on a wildcard one, the kernel
+    // knows which of the machine's addresses the client reached).
+    let fixed_local = listener
+        .local_addr()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified());
     tokio::pin!(stop);
     loop {
         let (stream, accepted_from) = tokio::select! {
@@ -333,7 +340,10 @@ pub async fn accept_until<H: Handler<TcpStream>>(
                 permit = options.cap.acquire() => permit,
             },
         };
-        let local = stream.local_addr().unwrap_or(peer);
+        let local = match fixed_local {
+            Some(local) => local,
+            None => stream.local_addr().unwrap_or(peer),
+        };
         if !nodelay_inherited {
             let _ = stream.set_nodelay(true);
         }

@@ -279,6 +279,20 @@ pub fn tune_accepted(stream: &TcpStream, keepalive: Option<Duration>) {
     }
 }
 
+/// Gives `listener` the keepalive probes of [`tune`] (or none), which every
+/// socket it accepts then inherits (Linux): the connections need no system
+/// call of their own for them. Whether it took.
+pub fn keepalive_on_listener(listener: &tokio::net::TcpListener, keepalive: Option<Duration>) -> bool {
+    if !cfg!(target_os = "linux") {
+        return false;
+    }
+    let socket = SockRef::from(listener);
+    match keepalive {
+        Some(time) => socket.set_tcp_keepalive(&probes(time)).is_ok(),
+        None => socket.set_keepalive(false).is_ok(),
+    }
+}
+
 /// Most bytes [`close_politely`] reads before it stops listening.
 const CLOSE_READ_MAX: usize = 64 * 1024;
 

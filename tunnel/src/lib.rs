@@ -60,6 +60,9 @@ pub struct RouteHandler {
     stats: Arc<RouteStats>,
     log: Arc<AccessLog>,
     tls: tls::RouteTls,
+    /// Whether the route's listeners give their sockets its keepalive
+    /// (see [`connect::keepalive_on_listener`]).
+    keepalive_inherited: bool,
 }
 
 /// A client's connection as it reaches a route.
@@ -136,7 +139,9 @@ impl RouteHandler {
         let keepalive = route.keepalive.time();
         let mut client = match client {
             Client::Plain(s) => {
-                connect::tune_accepted(&s, keepalive);
+                if !self.keepalive_inherited {
+                    connect::tune_accepted(&s, keepalive);
+                }
                 match &self.tls.server {
                     None => ClientSide::Plain(s),
                     Some(tls) => match Box::pin(self.terminate(
@@ -751,13 +756,6 @@ impl Tunnel {
                     .watch(route.name.clone(), stop.clone().cancelled_owned()),
             );
         }
-        let handler = Arc::new(RouteHandler {
-            route: route.clone(),
-            balancer: balancer.clone(),
-            stats,
-            log: self.log.clone(),
-            tls,
-        });
         // A route chosen by server name is served by its address's shared
         // loop (see `start_shared`).
         let own = if route.sni.is_empty() {
@@ -765,6 +763,18 @@ impl Tunnel {
         } else {
             &[]
         };
+        let keepalive_inherited = !own.is_empty()
+            && own.iter().all(|(_, listener)| {
+                connect::keepalive_on_listener(listener, route.keepalive.time())
+            });
+        let handler = Arc::new(RouteHandler {
+            route: route.clone(),
+            balancer: balancer.clone(),
+            stats,
+            log: self.log.clone(),
+            tls,
+            keepalive_inherited,
+        });
         let loops = own
             .iter()
             .map(|(addr, listener)| {
