@@ -282,7 +282,10 @@ pub fn tune_accepted(stream: &TcpStream, keepalive: Option<Duration>) {
 /// Gives `listener` the keepalive probes of [`tune`] (or none), which every
 /// socket it accepts then inherits (Linux): the connections need no system
 /// call of their own for them. Whether it took.
-pub fn keepalive_on_listener(listener: &tokio::net::TcpListener, keepalive: Option<Duration>) -> bool {
+pub fn keepalive_on_listener(
+    listener: &tokio::net::TcpListener,
+    keepalive: Option<Duration>,
+) -> bool {
     if !cfg!(target_os = "linux") {
         return false;
     }

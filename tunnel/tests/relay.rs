@@ -449,3 +449,60 @@ async fn timeouts_beyond_the_clocks_range_mean_never_not_a_panic() {
     assert_eq!(roundtrip(addr, b"still works").await, b"still works");
     tunnel.shutdown().await;
 }
+
+/// The keepalive timers `ss` shows for the established sockets with local
+/// port `port` (`timer:(keepalive,29sec,0)`); empty when none has one.
+fn keepalive_timers(port: u16) -> Vec<String> {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tnoH",
+            "state",
+            "established",
+            "sport",
+            "=",
+            &format!(":{port}"),
+        ])
+        .output()
+        .expect("ss (iproute2) runs");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split("timer:(").nth(1))
+        .filter(|t| t.starts_with("keepalive"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn relayed_sockets_probe_their_peers_as_the_route_says() {
+    use tunnel::settings::Keepalive;
+    let (target, _) = echo_target().await;
+    for (keepalive, wanted) in [
+        (Keepalive::After(Period::from_secs(45)), true),
+        (Keepalive::Off, false),
+    ] {
+        let (tunnel, addr, _log) = tunnel_to(target, |r| r.keepalive = keepalive).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        client.read_exact(&mut buf).await.unwrap();
+        // The client's socket in the tunnel (inherited from the listener).
+        let timers = keepalive_timers(addr.port());
+        if wanted {
+            assert_eq!(timers.len(), 1, "{timers:?}");
+            // Under 45 s to the first probe: the route's time, not the
+            // system's two hours.
+            let secs: u64 = timers[0]
+                .split(',')
+                .nth(1)
+                .and_then(|t| t.trim_end_matches("sec").parse().ok())
+                .or_else(|| timers[0].contains("min").then_some(3600))
+                .unwrap_or(0);
+            assert!(secs <= 45, "{timers:?}");
+        } else {
+            assert!(timers.is_empty(), "{timers:?}");
+        }
+        drop(client);
+        tunnel.shutdown().await;
+    }
+}
