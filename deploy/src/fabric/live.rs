@@ -57,6 +57,8 @@ struct Slot {
     stop: CancellationToken,
     /// Whether the balancers and the topology give it connections.
     serving: bool,
+    /// Keeps the port the instance's (see `free_loopback_port`).
+    _port: socket2::Socket,
 }
 
 /// A role as it runs.
@@ -332,7 +334,7 @@ impl Fabric {
     /// A slot for instance `index` of role `r`, on an address of its own,
     /// on the board as starting; not yet running, not yet serving.
     fn plan(&mut self, r: usize, index: usize) -> anyhow::Result<Slot> {
-        let addr = free_loopback_port()?;
+        let (addr, port) = free_loopback_port()?;
         let key = self.next_key;
         self.next_key += 1;
         let role = &self.roles[r].role;
@@ -352,6 +354,7 @@ impl Fabric {
             addr,
             stop: self.stop.child_token(),
             serving: false,
+            _port: port,
         })
     }
 

@@ -351,9 +351,24 @@ pub fn locate(dir: &Path, program: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
-fn free_loopback_port() -> anyhow::Result<SocketAddr> {
-    let socket = std::net::TcpListener::bind("127.0.0.1:0").context("picking a loopback port")?;
-    Ok(socket.local_addr()?)
+/// A loopback port for an instance, and a socket that keeps it: bound
+/// (with address reuse) but not listening, so the instance can still bind
+/// and listen on it, while no one else is handed the port by the kernel
+/// meanwhile (another fabric starting at the same moment, say). Keep the
+/// socket as long as the instance has the port.
+fn free_loopback_port() -> anyhow::Result<(SocketAddr, socket2::Socket)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let reserve = || -> std::io::Result<(SocketAddr, Socket)> {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+        let addr = socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| std::io::Error::other("not an IP address"))?;
+        Ok((addr, socket))
+    };
+    reserve().context("picking a loopback port")
 }
 
 /// Starts instances, all from one thread that lives as long as the fabric.
