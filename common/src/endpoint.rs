@@ -90,8 +90,31 @@ pub fn bind_listener(addr: ListenAddr) -> io::Result<TcpListener> {
         return TcpListener::from_std(passed?);
     }
     let addr = addr.0;
+    if addr.port() != 0 {
+        // Taken, by anyone (another process's group of port-sharing
+        // sockets included): the same error as ever, not a second
+        // program silently sharing the port.
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            let _ = probe.set_only_v6(false);
+        }
+        // Bound, never listening: no client can reach it meanwhile.
+        probe.bind(&addr.into())?;
+    }
+    let socket = listening_socket(addr, cfg!(target_os = "linux"))?;
+    TcpListener::from_std(socket.into())
+}
+
+/// A socket listening on `addr`, as every listener here is made; with
+/// `shared`, other sockets of this process may listen on the same address
+/// (`SO_REUSEPORT`), the kernel spreading new connections over them.
+fn listening_socket(addr: std::net::SocketAddr, shared: bool) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         // `[::]` takes IPv4 clients too, whatever the system default.
         let _ = socket.set_only_v6(false);
@@ -102,7 +125,23 @@ pub fn bind_listener(addr: ListenAddr) -> io::Result<TcpListener> {
     let _ = socket.set_tcp_nodelay(true);
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket)
+}
+
+/// Another socket listening on `listener`'s address, sharing its
+/// connections (the kernel gives each new one to one of them): for an
+/// accept loop on another thread. Fails for a listener not made to share
+/// (one passed by the service manager, or bound elsewhere).
+pub fn sibling(listener: &TcpListener) -> io::Result<std::net::TcpListener> {
+    let shared = socket2::SockRef::from(listener).reuse_port()?;
+    if !shared {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "the listener does not share its address",
+        ));
+    }
+    let socket = listening_socket(listener.local_addr()?, true)?;
+    Ok(socket.into())
 }
 
 #[cfg(test)]

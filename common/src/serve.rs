@@ -223,6 +223,21 @@ impl LiveConnections {
         connections
     }
 
+    /// The runtimes connections are spread over (none: the accept loop's).
+    pub fn worker_handles(&self) -> &[tokio::runtime::Handle] {
+        &self.workers.handles
+    }
+
+    /// The same set, with each connection served on the runtime of the
+    /// loop that accepted it: for accept loops that run on the workers
+    /// themselves.
+    pub fn local(&self) -> LiveConnections {
+        LiveConnections {
+            workers: Arc::default(),
+            ..self.clone()
+        }
+    }
+
     /// How many connections are live.
     pub fn len(&self) -> usize {
         self.tracker.len()

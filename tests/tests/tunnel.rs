@@ -439,20 +439,61 @@ fn relay_threads_serve_and_drain_like_the_main_thread() {
     command
         .args(["--listen", "127.0.0.1:0", "--target", &target.to_string()])
         .env("TUNNEL_WORKERS", "3");
-    let tunnel = Running::start_reporting(command, "listen");
+    let mut tunnel = Running::start_reporting(command, "listen");
     let listen = tunnel.addr;
+    // One listening socket per relay thread, sharing the address: each
+    // thread accepts its own connections.
+    assert_eq!(listening_sockets(listen.port()), 3);
     let mut held: Vec<TcpStream> = (0..9).map(|_| connect(listen)).collect();
     for (i, s) in held.iter_mut().enumerate() {
         let msg = format!("conn {i}");
         assert_eq!(echo(s, msg.as_bytes()), msg.as_bytes());
     }
+    // A reload keeps them, and the connections open through it.
+    tunnel.signal("HUP");
+    tunnel.wait_line("reloaded");
+    assert_eq!(listening_sockets(listen.port()), 3);
+    for (i, s) in held.iter_mut().enumerate() {
+        let msg = format!("again {i}");
+        assert_eq!(echo(s, msg.as_bytes()), msg.as_bytes());
+    }
+    for i in 0..9 {
+        let mut s = connect(listen);
+        let msg = format!("after {i}");
+        assert_eq!(echo(&mut s, msg.as_bytes()), msg.as_bytes());
+    }
+    // The address is still this tunnel's alone: a second one is refused.
+    let out = Command::new(binary("tunnel"))
+        .args([
+            "--listen",
+            &listen.to_string(),
+            "--target",
+            &target.to_string(),
+        ])
+        .env("TUNNEL_WORKERS", "3")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is already in use"),
+        "{out:?}"
+    );
     drop(held);
     let (code, stderr) = tunnel.stop();
     assert_eq!(code, Some(0), "{stderr}");
-    // Nine lines, one per connection.
+    // A line per connection.
     assert_eq!(
         stderr.matches("end=\"closed by client\"").count(),
-        9,
+        18,
         "{stderr}"
     );
+}
+
+/// How many sockets listen on `port` (`ss`).
+fn listening_sockets(port: u16) -> usize {
+    let out = Command::new("ss")
+        .args(["-ltnH", "sport", "=", &format!(":{port}")])
+        .output()
+        .expect("ss (iproute2) runs");
+    String::from_utf8_lossy(&out.stdout).lines().count()
 }

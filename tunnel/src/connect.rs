@@ -282,8 +282,8 @@ pub fn tune_accepted(stream: &TcpStream, keepalive: Option<Duration>) {
 /// Gives `listener` the keepalive probes of [`tune`] (or none), which every
 /// socket it accepts then inherits (Linux): the connections need no system
 /// call of their own for them. Whether it took.
-pub fn keepalive_on_listener(
-    listener: &tokio::net::TcpListener,
+pub fn keepalive_on_listener<L: std::os::fd::AsFd>(
+    listener: &L,
     keepalive: Option<Duration>,
 ) -> bool {
     if !cfg!(target_os = "linux") {

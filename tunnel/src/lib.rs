@@ -496,6 +496,11 @@ pub struct Tunnel {
     metrics: Arc<Metrics>,
     /// The routes with `protocol: udp`; locked after `running`.
     udp: Mutex<udp::UdpRoutes>,
+    /// For each listen address, with several relay threads: the sockets
+    /// that share its connections, one for each relay thread after the
+    /// first (see [`Tunnel::loops`]). Kept across reloads like the
+    /// listeners, so no connection waiting in one is lost.
+    siblings: std::sync::Mutex<HashMap<ListenAddr, Vec<Arc<std::net::TcpListener>>>>,
 }
 
 /// Why a new set of routes could not be applied; the old set still runs.
@@ -535,6 +540,7 @@ impl Tunnel {
             log: Arc::new(log),
             metrics: Arc::new(Metrics::default()),
             udp: Mutex::new(udp::UdpRoutes::default()),
+            siblings: std::sync::Mutex::default(),
         }
     }
 
@@ -630,6 +636,11 @@ impl Tunnel {
         if !errors.is_empty() {
             return Err(ApplyError(errors));
         }
+        // Addresses no route listens on any more close their siblings too.
+        self.siblings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|addr, _| taken.contains_key(addr));
         // Stop the old accept loops (their connections go on), keeping the
         // caps, balancers and readiness probes that carry over, then start
         // the new ones on the planned listeners.
@@ -777,13 +788,9 @@ impl Tunnel {
         });
         let loops = own
             .iter()
-            .map(|(addr, listener)| {
+            .flat_map(|(addr, listener)| {
                 tracing::info!(route = %route.name, listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| addr.to_string()), targets = %handler.targets(), balance = %route.balance, "route ready");
-                let (listener, options, handler, connections, stop) =
-                    (listener.clone(), options.clone(), handler.clone(), self.connections.clone(), stop.clone());
-                tokio::spawn(async move {
-                    accept_until(&listener, &options, &handler, &connections, stop.cancelled()).await;
-                })
+                self.loops(*addr, listener, &options, &handler, &stop)
             })
             .collect();
         Running {
@@ -797,6 +804,111 @@ impl Tunnel {
             handler,
             options,
         }
+    }
+
+    /// The accept loops of one listener. With one relay thread, or a
+    /// listener that cannot share its address (one the service manager
+    /// passed): one loop here, handing connections to the relay threads in
+    /// turn. With several: one loop per relay thread, each on a socket of
+    /// its own bound to the address, serving what it accepts on its own
+    /// thread; the kernel spreads new connections over the sockets, and
+    /// no connection crosses threads.
+    fn loops(
+        &self,
+        addr: ListenAddr,
+        listener: &Arc<TcpListener>,
+        options: &ServeOptions,
+        handler: &Arc<RouteHandler>,
+        stop: &CancellationToken,
+    ) -> Vec<JoinHandle<()>> {
+        let workers = self.connections.worker_handles();
+        let siblings = if workers.len() > 1 {
+            let mut all = self
+                .siblings
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match all.get(&addr) {
+                Some(found) => Some(found.clone()),
+                None => {
+                    let made: std::io::Result<Vec<_>> = (1..workers.len())
+                        .map(|_| common::endpoint::sibling(listener).map(Arc::new))
+                        .collect();
+                    match made {
+                        Ok(made) => {
+                            all.insert(addr, made.clone());
+                            Some(made)
+                        }
+                        Err(e) => {
+                            tracing::debug!(listen = %addr, error = %e, "one accept loop hands connections to the relay threads");
+                            None
+                        }
+                    }
+                }
+            }
+        } else {
+            None
+        };
+        let connections = match siblings {
+            Some(_) => self.connections.local(),
+            None => self.connections.clone(),
+        };
+        let mut loops = Vec::new();
+        {
+            let (listener, options, handler, connections, stop) = (
+                listener.clone(),
+                options.clone(),
+                handler.clone(),
+                connections.clone(),
+                stop.clone(),
+            );
+            loops.push(tokio::spawn(async move {
+                accept_until(
+                    &listener,
+                    &options,
+                    &handler,
+                    &connections,
+                    stop.cancelled(),
+                )
+                .await;
+            }));
+        }
+        for (sibling, worker) in siblings
+            .unwrap_or_default()
+            .iter()
+            .zip(workers.iter().skip(1))
+        {
+            // As on the first socket (see `start`): what its connections
+            // inherit.
+            connect::keepalive_on_listener(&**sibling, handler.route.keepalive.time());
+            let Ok(socket) = sibling.try_clone() else {
+                continue;
+            };
+            let (options, handler, connections, stop) = (
+                options.clone(),
+                handler.clone(),
+                connections.clone(),
+                stop.clone(),
+            );
+            loops.push(worker.spawn(async move {
+                // Registered with this thread's own event loop.
+                match TcpListener::from_std(socket) {
+                    Ok(listener) => {
+                        accept_until(
+                            &listener,
+                            &options,
+                            &handler,
+                            &connections,
+                            stop.cancelled(),
+                        )
+                        .await
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "a relay thread cannot accept on its socket")
+                    }
+                }
+            }));
+        }
+        loops
     }
 
     /// Starts one accept loop per address shared by server name, which
@@ -937,6 +1049,10 @@ impl Tunnel {
             }
         }
         drop(running);
+        self.siblings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         self.udp.lock().await.shutdown().await;
         self.connections.drain().await;
     }

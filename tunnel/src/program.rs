@@ -233,9 +233,9 @@ where
     Ok(())
 }
 
-/// Threads with a single-threaded runtime each, for the connections; with
-/// one worker, connections stay on the calling thread. `0` is one per
-/// core.
+/// The relay threads' runtimes: this thread's, then `count - 1` threads
+/// with a single-threaded runtime each; with one, none (connections stay
+/// on this thread). `0` is one per core.
 fn start_workers(count: usize) -> anyhow::Result<Vec<Handle>> {
     let count = if count == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -245,7 +245,7 @@ fn start_workers(count: usize) -> anyhow::Result<Vec<Handle>> {
     if count <= 1 {
         return Ok(Vec::new());
     }
-    (0..count)
+    let others: anyhow::Result<Vec<Handle>> = (1..count)
         .map(|i| {
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::Builder::new()
@@ -266,7 +266,8 @@ fn start_workers(count: usize) -> anyhow::Result<Vec<Handle>> {
                 .recv()
                 .map_err(|_| anyhow::anyhow!("a relay thread ended as it started"))??)
         })
-        .collect()
+        .collect();
+    Ok(std::iter::once(Handle::current()).chain(others?).collect())
 }
 
 /// The service manager's status line while `count` routes run.
