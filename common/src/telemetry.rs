@@ -163,6 +163,8 @@ pub fn init(settings: &LogSettings) -> LogGuard {
     };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (writer, guard) = non_blocking(std::io::stderr(), "log-writer");
+    let plain = settings.log_format == LogFormat::Text && !ansi;
+    let own = writer.clone();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Its own complaint about a failed write would go to stderr with
@@ -174,6 +176,9 @@ pub fn init(settings: &LogSettings) -> LogGuard {
         LogFormat::Text => builder.with_ansi(ansi).try_init(),
         LogFormat::Json => builder.json().with_current_span(true).try_init(),
     };
+    if installed.is_ok() && plain {
+        let _ = PLAIN.set(own);
+    }
     if let Some(e) = bad {
         tracing::warn!(filter = %spec, error = %e, "unusable log level; using info");
     }
@@ -201,9 +206,24 @@ thread_local! {
 
 impl FormatTime for Stamp {
     fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+        match Stamp::now(|second, tail| {
+            w.write_str(second)?;
+            w.write_str(tail)
+        }) {
+            Some(written) => written,
+            None => SystemTime.format_time(w),
+        }
+    }
+}
+
+impl Stamp {
+    /// Calls `write` with the time stamp of now in two parts (up to the
+    /// second, then the fraction and `Z`); `None` outside the years this
+    /// formats.
+    fn now<R>(write: impl FnOnce(&str, &str) -> R) -> Option<R> {
         let since = match std::time::SystemTime::now().duration_since(UNIX_EPOCH) {
             Ok(since) if since.as_secs() <= LAST_FOUR_DIGIT_SECOND => since,
-            _ => return SystemTime.format_time(w),
+            _ => return None,
         };
         let mut tail = *b".000000Z";
         let mut micros = since.subsec_micros();
@@ -212,15 +232,48 @@ impl FormatTime for Stamp {
             micros /= 10;
         }
         let tail = std::str::from_utf8(&tail).expect("ASCII digits");
-        SECOND.with(|second| {
+        Some(SECOND.with(|second| {
             let mut second = second.borrow_mut();
             if second.0 != since.as_secs() {
                 *second = (since.as_secs(), to_the_second(since.as_secs()));
             }
-            w.write_str(&second.1)?;
-            w.write_str(tail)
-        })
+            write(&second.1, tail)
+        }))
     }
+}
+
+/// The log's writer, when its lines are plain text (no colours, not
+/// JSON): see [`plain_info`].
+static PLAIN: std::sync::OnceLock<NonBlocking> = std::sync::OnceLock::new();
+
+/// Writes an info line of `target` straight to the log's writer, as the
+/// text format writes one (`<time>  INFO <target>: `, then what `body`
+/// appends: the message and ` key=value` fields, `&str` values quoted),
+/// without the formatter's work per field: for a line per connection.
+/// False when the log is not plain text (colours, JSON, or not installed
+/// here): the caller logs through `tracing` then. Whether the level is on
+/// is the caller's to check (`tracing::enabled!`).
+pub fn plain_info(target: &str, body: impl FnOnce(&mut String)) -> bool {
+    let Some(writer) = PLAIN.get() else {
+        return false;
+    };
+    let mut line = String::with_capacity(256);
+    if Stamp::now(|second, tail| {
+        line.push_str(second);
+        line.push_str(tail);
+    })
+    .is_none()
+    {
+        return false;
+    }
+    line.push_str("  INFO ");
+    line.push_str(target);
+    line.push_str(": ");
+    body(&mut line);
+    line.push('\n');
+    // One write is one queued line, whole.
+    let _ = writer.clone().write_all(line.as_bytes());
+    true
 }
 
 /// `secs` after the epoch as `YYYY-MM-DDTHH:MM:SS` (UTC, proleptic
