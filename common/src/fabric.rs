@@ -228,9 +228,24 @@ impl Callers {
     }
 }
 
-/// The inode of the socket whose own address is `from` and whose other
-/// end is `to`, from the kernel's TCP tables.
-fn socket_inode(from: SocketAddr, to: SocketAddr) -> Option<u64> {
+/// One TCP socket of the kernel's tables (`/proc/net/tcp`, `tcp6`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSocket {
+    /// Its own address (IPv4-mapped addresses as IPv4).
+    pub local: SocketAddr,
+    /// The other end's.
+    pub remote: SocketAddr,
+    /// Its state as the kernel numbers it (1: established, 10: listening).
+    pub state: u8,
+    /// Its inode, which names it in `/proc/PID/fd` (0 for one no process
+    /// holds any more).
+    pub inode: u64,
+}
+
+/// The machine's TCP sockets, from the kernel's tables; none of a table
+/// that cannot be read.
+pub fn tcp_sockets() -> Vec<TcpSocket> {
+    let mut sockets = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
             continue;
@@ -241,14 +256,34 @@ fn socket_inode(from: SocketAddr, to: SocketAddr) -> Option<u64> {
             if fields.len() < 10 {
                 continue;
             }
-            if parse_addr(fields[1]) == Some(canonical(from))
-                && parse_addr(fields[2]) == Some(canonical(to))
-            {
-                return fields[9].parse().ok().filter(|i| *i != 0);
-            }
+            let (Some(local), Some(remote), Ok(state), Ok(inode)) = (
+                parse_addr(fields[1]),
+                parse_addr(fields[2]),
+                u8::from_str_radix(fields[3], 16),
+                fields[9].parse(),
+            ) else {
+                continue;
+            };
+            sockets.push(TcpSocket {
+                local,
+                remote,
+                state,
+                inode,
+            });
         }
     }
-    None
+    sockets
+}
+
+/// The inode of the socket whose own address is `from` and whose other
+/// end is `to`.
+fn socket_inode(from: SocketAddr, to: SocketAddr) -> Option<u64> {
+    let (from, to) = (canonical(from), canonical(to));
+    tcp_sockets()
+        .into_iter()
+        .find(|s| s.local == from && s.remote == to)
+        .map(|s| s.inode)
+        .filter(|i| *i != 0)
 }
 
 fn canonical(addr: SocketAddr) -> SocketAddr {

@@ -85,30 +85,13 @@ pub fn running() -> Vec<Published> {
 }
 
 /// Established TCP connections by local port, from the kernel's tables
-/// (`/proc/net/tcp` and `tcp6`); empty where they cannot be read.
+/// (see [`common::fabric::tcp_sockets`]); empty where they cannot be read.
 pub fn connections_by_port() -> std::collections::HashMap<u16, usize> {
     let mut counts = std::collections::HashMap::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let mut fields = line.split_whitespace();
-            let (Some(local), Some(_remote), Some(state)) =
-                (fields.nth(1), fields.next(), fields.next())
-            else {
-                continue;
-            };
-            // 01: ESTABLISHED.
-            if state != "01" {
-                continue;
-            }
-            let port = local
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if let Some(port) = port {
-                *counts.entry(port).or_insert(0) += 1;
-            }
+    for socket in common::fabric::tcp_sockets() {
+        // 1: established.
+        if socket.state == 1 {
+            *counts.entry(socket.local.port()).or_insert(0) += 1;
         }
     }
     counts
