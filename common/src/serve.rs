@@ -498,7 +498,8 @@ async fn gated<H: Handler<TcpStream>>(
 ) -> anyhow::Result<()> {
     let hop = conn.peer;
     if let Some(callers) = gate.callers.clone() {
-        let local = stream.local_addr()?;
+        // Before any header: the connection's own ends.
+        let local = conn.local;
         let verdict = tokio::task::spawn_blocking(move || callers.admit(hop, local))
             .await
             .unwrap_or_else(|e| Err(e.to_string()));
